@@ -1,0 +1,232 @@
+"""Adapter checkpoints: one directory, a JSON that describes everything, one safetensors file.
+
+Keys are ``{entry}.{target module}.{parameter}``, so two entries never collide. The JSON records
+the method configs, the library version, the base model's identity, the targeted modules' shapes
+and the weights file's sha256, so a load can say exactly what does not fit. Files are written to
+a temporary name and renamed; nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from .config import HybridConfig
+from .errors import CheckpointError, TargetError
+from .inject import describe_target
+from .model import HybridModel, inject
+
+CONFIG_NAME = "hybridtune_config.json"
+WEIGHTS_NAME = "hybridtune_model.safetensors"
+FORMAT = "hybridtune-adapters"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` holds either the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def base_identity(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    return {
+        "name_or_path": getattr(config, "_name_or_path", "") or "",
+        "model_type": getattr(config, "model_type", None),
+        "architectures": getattr(config, "architectures", None),
+    }
+
+
+def adapter_state(model: HybridModel) -> dict[str, torch.Tensor]:
+    state = {}
+    for entry, target, _, branch in model.branches():
+        for name, tensor in branch.state_dict().items():
+            state[f"{entry}.{target}.{name}"] = tensor.detach().to("cpu").contiguous()
+    return state
+
+
+def save_adapters(model: HybridModel, directory: str | Path) -> Path:
+    directory = Path(directory)
+    from . import __version__
+
+    weights = save_safetensors(adapter_state(model), metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hybridtune_version": __version__,
+        "base_model": base_identity(model.base_model),
+        "targets": model.targets,
+        "fingerprint": model.fingerprint,
+        "methods": model.hybrid_config.to_dict()["methods"],
+        "weights_file": WEIGHTS_NAME,
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+    }
+    atomic_write(directory / WEIGHTS_NAME, weights)
+    atomic_write(directory / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} in '{directory}': not a hybridtune adapter directory")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt or truncated (not valid JSON: {exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a hybridtune adapter config (format should be '{FORMAT}')")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {meta['format_version']}, newer than this hybridtune "
+            f"understands ({FORMAT_VERSION}); upgrade hybridtune"
+        )
+    return meta
+
+
+def read_weights(directory: str | Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = Path(directory) / meta.get("weights_file", WEIGHTS_NAME)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} is missing")
+    data = path.read_bytes()
+    expected = meta.get("weights_sha256")
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(
+            f"{path} is corrupt or truncated: its sha256 does not match the one recorded in {CONFIG_NAME}"
+        )
+    try:
+        return load_safetensors(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is corrupt or truncated: {exc}") from exc
+
+
+def _check_base(model: nn.Module, meta: dict[str, Any], allow_base_mismatch: bool) -> None:
+    saved, here = meta.get("base_model", {}), base_identity(model)
+    if saved.get("model_type") and here["model_type"] and saved["model_type"] != here["model_type"]:
+        raise CheckpointError(
+            f"these adapters were trained on a '{saved['model_type']}' model ({saved.get('name_or_path') or 'unnamed'})"
+            f", but the base model given is a '{here['model_type']}'"
+        )
+    if (
+        not allow_base_mismatch
+        and saved.get("name_or_path")
+        and here["name_or_path"]
+        and saved["name_or_path"] != here["name_or_path"]
+    ):
+        raise CheckpointError(
+            f"these adapters were trained on base model '{saved['name_or_path']}', but the base model given is "
+            f"'{here['name_or_path']}'; pass allow_base_mismatch=True if that is intended"
+        )
+
+
+def _check_targets(base: nn.Module, config: HybridConfig, meta: dict[str, Any]) -> None:
+    """Compare the modules the config selects on this base with the ones recorded at save time."""
+    here: dict[str, Any] = {}
+    for entry, cfg in config.methods.items():
+        try:
+            chosen = cfg.select_targets(base, entry)
+        except TargetError as exc:
+            raise CheckpointError(
+                f"the base model does not fit these adapters (a different base model?): {exc}"
+            ) from exc
+        here.update({name: describe_target(module) for name, module in chosen})
+    saved: dict[str, Any] = meta.get("targets", {})
+    missing = sorted(set(saved) - set(here))
+    if missing:
+        raise CheckpointError(
+            f"the base model has no module(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+            "that these adapters were trained on: a different base model"
+        )
+    for name, desc in saved.items():
+        if desc != here[name]:
+            now = here[name]
+            raise CheckpointError(
+                f"module '{name}' is {now['class']} with weight shape {now['shape']} in this base model, but "
+                f"the adapters were trained on {desc['class']} with shape {desc['shape']}: a different base model"
+            )
+
+
+def load(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    trainable: bool = False,
+    allow_base_mismatch: bool = False,
+) -> HybridModel:
+    """Rebuild the saved entries on ``model`` (a fresh base model) and load their weights.
+
+    Every mismatch is an error naming what differs; ``trainable=False`` freezes the loaded
+    entries for inference, ``True`` continues training them.
+    """
+    meta = read_meta(directory)
+    try:
+        config = HybridConfig.model_validate({"methods": meta.get("methods")})
+    except ValidationError as exc:
+        raise CheckpointError(f"the method configs in {directory}/{CONFIG_NAME} are invalid: {exc}") from exc
+    base = model.base_model if isinstance(model, HybridModel) else model
+    _check_base(base, meta, allow_base_mismatch)
+    _check_targets(base, config, meta)
+    state = read_weights(directory, meta)
+    hybrid = inject(model, config)
+    try:
+        load_state(hybrid, state, entries=list(config.methods), source=str(directory))
+    except BaseException:
+        for entry in config.methods:  # leave the model as it was given
+            hybrid.delete_entry(entry)
+        raise
+    for entry in config.methods:
+        for _, _, _, branch in hybrid.branches(entry):
+            branch.requires_grad_(trainable)
+    return hybrid
+
+
+def load_state(model: HybridModel, state: dict[str, torch.Tensor], entries: list[str], source: str) -> None:
+    """Copy ``{entry}.{target}.{param}`` tensors into the entries' branches, checking every key."""
+    expected: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        for _, target, _, branch in model.branches(entry):
+            for name, tensor in branch.state_dict(keep_vars=True).items():
+                expected[f"{entry}.{target}.{name}"] = tensor
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(
+                f"unexpected keys: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+            )
+        raise CheckpointError(f"{source} does not fit the model: {'; '.join(parts)}")
+    for key, target in expected.items():
+        if state[key].shape != target.shape:
+            entry, rest = key.split(".", 1)
+            module, param = rest.rsplit(".", 1)
+            raise CheckpointError(
+                f"{source}: entry '{entry}' at module '{module}': '{param}' has shape {list(state[key].shape)} "
+                f"in the checkpoint but {list(target.shape)} in the model"
+            )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key].to(dtype=target.dtype, device=target.device))

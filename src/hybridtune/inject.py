@@ -1,0 +1,87 @@
+"""Attaching method branches to a base model, and taking them off again.
+
+Branches live in a ``hybridtune`` ModuleDict child of their target module (so device moves,
+dtype casts, FSDP wrapping and gradient checkpointing treat them as part of that layer) and run
+from one forward hook per target, in entry order. The base model's own module names never change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from .config import HybridConfig
+from .methods import Branch
+from .targeting import BRANCH_ATTR
+
+
+def _run_branches(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    for branch in module._modules[BRANCH_ATTR].values():
+        if branch.active:
+            output = branch(args, kwargs, output)
+    return output
+
+
+def attach(module: nn.Module, entry: str, branch: Branch) -> None:
+    branches = module._modules.get(BRANCH_ATTR)
+    if branches is None:
+        branches = nn.ModuleDict()
+        module.add_module(BRANCH_ATTR, branches)
+        module.register_forward_hook(_run_branches, with_kwargs=True)
+    if entry in branches:
+        raise ValueError(f"module already has a branch of entry '{entry}'")
+    branches[entry] = branch
+
+
+def detach(module: nn.Module, entry: str) -> None:
+    branches = module._modules[BRANCH_ATTR]
+    del branches[entry]
+    if len(branches) == 0:
+        del module._modules[BRANCH_ATTR]
+        for key, hook in list(module._forward_hooks.items()):
+            if hook is _run_branches:
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+
+
+def iter_branches(model: nn.Module, entry: str | None = None) -> Iterator[tuple[str, str, nn.Module, Branch]]:
+    """(entry, target name, target module, branch) for every attached branch, in model order."""
+    for name, module in model.named_modules():
+        branches = module._modules.get(BRANCH_ATTR)
+        if branches is None:
+            continue
+        for entry_name, branch in branches.items():
+            if entry is None or entry_name == entry:
+                yield entry_name, name, module, branch
+
+
+def describe_target(module: nn.Module) -> dict[str, Any]:
+    weight = getattr(module, "weight", None)
+    return {
+        "class": type(module).__name__,
+        "shape": list(weight.shape) if weight is not None and hasattr(weight, "shape") else None,
+    }
+
+
+def fingerprint(targets: dict[str, dict[str, Any]]) -> str:
+    """Hash of every targeted module's name, class and weight shape: same base layout, same hash."""
+    blob = json.dumps(targets, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def attach_config(model: nn.Module, config: HybridConfig, existing: set[str]) -> dict[str, dict[str, Any]]:
+    """Select every entry's targets on the untouched model first, then attach; return the targets."""
+    clash = existing & set(config.methods)
+    if clash:
+        raise ValueError(f"entry name(s) already in the model: {', '.join(sorted(clash))}")
+    plan = [(entry, cfg, cfg.select_targets(model, entry)) for entry, cfg in config.methods.items()]
+    targets: dict[str, dict[str, Any]] = {}
+    for entry, cfg, chosen in plan:
+        for name, module in chosen:
+            attach(module, entry, cfg.build_branch(entry, name, module, model))
+            targets[name] = describe_target(module)
+    return targets

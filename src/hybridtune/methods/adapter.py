@@ -1,0 +1,122 @@
+"""Bottleneck Adapter: out = f(x) + s · up(act(down(f(x)))) around a sub-module f.
+
+``after="mlp"`` is the Pfeiffer placement, ``after=["self_attn", "mlp"]`` the Houlsby one. The
+up-projection starts at zero, so the adapter is the identity until trained. Sub-modules that
+return tuples (attention blocks return (hidden, weights, ...)) get the adapter on the first item.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ..targeting import is_linear, linear_features, named_base_modules, select_modules
+from .base import Branch, MethodConfig, param_like
+
+
+class AdapterConfig(MethodConfig):
+    """Sequential bottleneck adapter after the sub-modules named by ``after``.
+
+    The bottleneck is ``bottleneck_size`` when given, else hidden_size // ``reduction_factor``.
+    """
+
+    type: Literal["adapter"] = "adapter"
+
+    after: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1)
+    reduction_factor: float = Field(16.0, gt=0)
+    bottleneck_size: int | None = Field(None, ge=1)
+    activation: str = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    scaling: float = 1.0
+
+    @field_validator("after", mode="before")
+    @classmethod
+    def _one_place_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, value: str) -> str:
+        if value not in ACT2FN:
+            raise ValueError(f"unknown activation '{value}'; expected one of {', '.join(sorted(ACT2FN))}")
+        return value
+
+    def bottleneck_for(self, hidden: int) -> int:
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        return max(1, int(hidden // self.reduction_factor))
+
+    def select_targets(self, model: nn.Module, entry: str) -> list[tuple[str, nn.Module]]:
+        return select_modules(
+            model,
+            self.after,
+            entry=entry,
+            accept=lambda m: m is not model,
+            accepted_what="a sub-module of the model",
+        )
+
+    def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> AdapterBranch:
+        hidden = output_features(module, model, name)
+        return AdapterBranch(
+            hidden,
+            self.bottleneck_for(hidden),
+            activation=self.activation,
+            dropout=self.dropout,
+            scaling=self.scaling,
+            target=name,
+            **param_like(module),
+        )
+
+
+def output_features(module: nn.Module, model: nn.Module, name: str) -> int:
+    """Width of a sub-module's output: its own, or its last linear layer's, or the model's hidden size."""
+    if is_linear(module):
+        return linear_features(module)[1]
+    linears = [m for _, m in named_base_modules(module) if is_linear(m)]
+    if linears:
+        return linear_features(linears[-1])[1]
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if hidden is None:
+        raise ValueError(f"cannot tell the output width of '{name}' ({type(module).__name__}) for an adapter")
+    return int(hidden)
+
+
+class AdapterBranch(Branch):
+    def __init__(
+        self,
+        hidden: int,
+        bottleneck: int,
+        *,
+        activation: str,
+        dropout: float,
+        scaling: float,
+        target: str,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.target, self.scaling = target, scaling
+        self.down = nn.Linear(hidden, bottleneck, dtype=dtype, device=device)
+        self.up = nn.Linear(bottleneck, hidden, dtype=dtype, device=device)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.act = ACT2FN[activation]
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = hidden.to(self.down.weight.dtype)
+        return hidden + (self.dropout(self.up(self.act(self.down(h)))) * self.scaling).to(hidden.dtype)
+
+    def forward(self, args: tuple, kwargs: dict, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return self.adapt(output)
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            return type(output)((self.adapt(output[0]), *output[1:]))
+        raise TypeError(
+            f"adapter after '{self.target}': the module returned {type(output).__name__}; expected a tensor "
+            "or a tuple whose first item is the hidden states"
+        )

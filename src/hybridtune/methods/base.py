@@ -1,0 +1,88 @@
+"""What every PEFT method provides: a validated config and a branch module.
+
+A *branch* is a small nn.Module attached to one target module of the base model. After the target
+runs, each of its branches gets the target's inputs and output and returns the new output. That
+one contract covers additive methods (LoRA: output + B A x), wrappers (Adapter: f(output)) and
+rescalers (IA3), and leaves the base model's module tree and names untouched.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
+from torch import nn
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config. Unknown keys are errors that name the closest valid key."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    type: str
+    mergeable: ClassVar[bool] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            valid = set(cls.model_fields)
+            for key in data:
+                if key not in valid:
+                    close = difflib.get_close_matches(str(key), sorted(valid), n=1)
+                    hint = f"; did you mean '{close[0]}'?" if close else ""
+                    raise ValueError(
+                        f"unknown key '{key}' for a {cls.__name__}{hint} (valid keys: {', '.join(sorted(valid))})"
+                    )
+        return data
+
+    def select_targets(self, model: nn.Module, entry: str) -> list[tuple[str, nn.Module]]:
+        """The (name, module) pairs of ``model`` this entry attaches a branch to."""
+        raise NotImplementedError
+
+    def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> Branch:
+        """A freshly initialised branch for target ``name``; its parameters follow the target's
+        dtype and device."""
+        raise NotImplementedError
+
+
+class Branch(nn.Module):
+    """The trainable part of one method at one target module."""
+
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = True
+
+    def forward(self, args: tuple, kwargs: dict, output: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # Mergeable branches override these three.
+    merged: bool = False
+
+    def merge_into(self, module: nn.Module, keep_original: bool) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base module")
+
+    def unmerge_from(self, module: nn.Module) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base module")
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The tensor a module was called with, positional or keyword (decoder layers use keywords)."""
+    if args:
+        return args[0]
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError("the target module was called without a tensor input")
+
+
+def param_like(module: nn.Module) -> dict[str, Any]:
+    """dtype/device of a module's first parameter, so new parameters sit next to the base weights."""
+    for p in module.parameters():
+        dtype = p.dtype if p.dtype.is_floating_point else torch.get_default_dtype()
+        return {"dtype": dtype, "device": p.device}
+    return {"dtype": torch.get_default_dtype(), "device": torch.device("cpu")}

@@ -1,0 +1,159 @@
+"""LoRA: h = W x + s · B A dropout(x), with s = alpha/r (or alpha/sqrt(r) for rsLoRA).
+
+A starts Kaiming-uniform and B at zero, so an injected model computes exactly what the base
+model computes until the first optimizer step. Merging adds s · B A to W (transposed for GPT-2's
+Conv1D); an exact unmerge restores a saved copy instead of subtracting, so no rounding is left.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..targeting import first_match, is_linear, linear_features, select_modules
+from .base import Branch, MethodConfig, first_input, param_like
+
+
+class LoRAConfig(MethodConfig):
+    """Low-rank update of linear layers chosen by name pattern.
+
+    ``rank_pattern``/``alpha_pattern`` map a pattern (same rules as ``targets``) to a per-module
+    rank/alpha; the first pattern that matches a module, in the order written, wins.
+    """
+
+    type: Literal["lora"] = "lora"
+    mergeable: ClassVar[bool] = True
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(min_length=1)
+    exclude: list[str] = Field(default_factory=list)
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    use_rslora: bool = False
+
+    @field_validator("targets", "exclude", mode="before")
+    @classmethod
+    def _one_pattern_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _positive_ranks(cls, value: dict[str, int]) -> dict[str, int]:
+        for pattern, rank in value.items():
+            if rank < 1:
+                raise ValueError(f"rank_pattern['{pattern}'] is {rank}; ranks must be >= 1")
+        return value
+
+    def rank_for(self, name: str) -> int:
+        key = first_match(self.rank_pattern, name)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, name: str) -> float:
+        key = first_match(self.alpha_pattern, name)
+        return self.alpha_pattern[key] if key is not None else self.alpha
+
+    def scale_for(self, rank: int, alpha: float) -> float:
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+    def select_targets(self, model: nn.Module, entry: str) -> list[tuple[str, nn.Module]]:
+        chosen = select_modules(
+            model,
+            self.targets,
+            entry=entry,
+            accept=is_linear,
+            accepted_what="linear layers (nn.Linear or transformers' Conv1D)",
+            exclude=self.exclude,
+        )
+        names = [n for n, _ in chosen]
+        for field in ("rank_pattern", "alpha_pattern"):
+            for pattern in getattr(self, field):
+                if not any(first_match([pattern], n) for n in names):
+                    raise ValueError(
+                        f"entry '{entry}': {field} key '{pattern}' matches none of the targeted modules "
+                        f"(e.g. {', '.join(names[:4])})"
+                    )
+        return chosen
+
+    def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> LoRABranch:
+        rank, alpha = self.rank_for(name), self.alpha_for(name)
+        fan_in, fan_out = linear_features(module)
+        return LoRABranch(
+            fan_in,
+            fan_out,
+            rank=rank,
+            alpha=alpha,
+            scale=self.scale_for(rank, alpha),
+            dropout=self.dropout,
+            transposed=isinstance(module, Conv1D),
+            **param_like(module),
+        )
+
+
+class LoRABranch(Branch):
+    mergeable: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        alpha: float,
+        scale: float,
+        dropout: float,
+        transposed: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.rank, self.alpha, self.scale, self.transposed = rank, alpha, scale, transposed
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own default init
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._original_weight: torch.Tensor | None = None
+
+    def forward(self, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return output
+        x = self.dropout(first_input(args, kwargs).to(self.lora_A.dtype))
+        delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return output + delta.to(output.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B A in the layout of the base weight, computed in fp32."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        return delta.T if self.transposed else delta
+
+    @torch.no_grad()
+    def merge_into(self, module: nn.Module, keep_original: bool) -> None:
+        if self.merged:
+            return
+        weight = module.weight
+        self._original_weight = weight.detach().to("cpu", copy=True) if keep_original else None
+        weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge_from(self, module: nn.Module) -> None:
+        if not self.merged:
+            return
+        weight = module.weight
+        if self._original_weight is not None:
+            weight.copy_(self._original_weight.to(weight.device))
+        else:
+            weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
+        self._original_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, transposed={self.transposed}"

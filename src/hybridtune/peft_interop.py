@@ -1,0 +1,177 @@
+"""Reading and writing peft's LoRA adapter format, so peft, vLLM and friends can use our LoRA.
+
+Only LoRA travels: other methods have no peft equivalent that loads into the same graph.
+Several LoRA entries on the same module are exported as one LoRA whose rank is the sum
+(A stacked, B side by side with each entry's scale folded in) — the same function exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+from .checkpoint import atomic_write
+from .config import HybridConfig
+from .errors import CheckpointError
+from .methods.lora import LoRABranch, LoRAConfig
+from .model import HybridModel, inject
+from .targeting import linear_features
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None,),
+    "target_parameters": (None, []),
+    "bias": ("none",),
+}
+
+
+def _lora_entries(model: HybridModel, entries: list[str] | None) -> list[str]:
+    loras = [e for e, cfg in model.hybrid_config.methods.items() if isinstance(cfg, LoRAConfig)]
+    if entries is not None:
+        wrong = [e for e in entries if e not in loras]
+        if wrong:
+            raise ValueError(
+                f"not LoRA entries of this model: {', '.join(wrong)} (LoRA entries: {', '.join(loras)})"
+            )
+        loras = list(entries)
+    if not loras:
+        raise ValueError("this model has no LoRA entry to export in peft's format")
+    return loras
+
+
+def export_peft(model: HybridModel, directory: str | Path, entries: list[str] | None = None) -> Path:
+    """Write the LoRA entries (default: all) as one peft LoRA adapter directory."""
+    directory = Path(directory)
+    chosen = _lora_entries(model, entries)
+    per_module: dict[str, list[LoRABranch]] = defaultdict(list)
+    transposed = False
+    for entry, target, _, branch in model.branches():
+        if entry in chosen:
+            per_module[target].append(branch)
+            transposed |= branch.transposed
+    configs = [model.hybrid_config.methods[e] for e in chosen]
+    stacked = any(len(b) > 1 for b in per_module.values()) or len({c.use_rslora for c in configs}) > 1
+    use_rslora = configs[0].use_rslora and not stacked
+
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for target, branches in per_module.items():
+        if stacked:  # one LoRA with scale 1: A = [A1; A2], B = [s1 B1, s2 B2]
+            a = torch.cat([b.lora_A.detach() for b in branches], dim=0)
+            bb = torch.cat([b.lora_B.detach() * b.scale for b in branches], dim=1)
+            ranks[target], alphas[target] = a.shape[0], float(a.shape[0])
+        else:
+            (b,) = branches
+            a, bb = b.lora_A.detach(), b.lora_B.detach()
+            ranks[target], alphas[target] = b.rank, b.alpha
+        tensors[f"{_PEFT_PREFIX}{target}.lora_A.weight"] = a.cpu().contiguous()
+        tensors[f"{_PEFT_PREFIX}{target}.lora_B.weight"] = bb.cpu().contiguous()
+
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    dropouts = {c.dropout for c in configs}
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(model.base_model.config, "_name_or_path", None) or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": max(dropouts),
+        "target_modules": sorted(per_module),
+        "rank_pattern": {re.escape(t): v for t, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(t): v for t, v in alphas.items() if v != alpha},
+        "use_rslora": use_rslora,
+        "fan_in_fan_out": transposed,
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    atomic_write(directory / PEFT_WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    atomic_write(directory / PEFT_CONFIG, (json.dumps(peft_config, indent=2) + "\n").encode())
+    return directory
+
+
+def _peft_alpha(peft_config: dict[str, Any], target: str) -> float:
+    """peft's own rule: the first alpha_pattern key that matches the end of the module name."""
+    for key, value in (peft_config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", target):
+            return float(value)
+    return float(peft_config.get("lora_alpha", 8))
+
+
+def import_peft(
+    model: nn.Module, directory: str | Path, entry: str = "lora", trainable: bool = False
+) -> HybridModel:
+    """Load a peft LoRA adapter directory as a LoRA entry named ``entry`` (added to a HybridModel
+    or injected into a plain base model). Targets and ranks come from the weights themselves."""
+    directory = Path(directory)
+    config_path, weights_path = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
+    if not config_path.is_file():
+        raise CheckpointError(f"no {PEFT_CONFIG} in '{directory}': not a peft adapter directory")
+    if not weights_path.is_file():
+        pickled = " (only a pickled adapter_model.bin is there, which hybridtune never loads)"
+        raise CheckpointError(
+            f"no {PEFT_WEIGHTS} in '{directory}'{pickled if (directory / 'adapter_model.bin').exists() else ''}"
+        )
+    peft_config = json.loads(config_path.read_text())
+    if peft_config.get("peft_type") != "LORA":
+        raise CheckpointError(
+            f"{config_path}: peft_type is {peft_config.get('peft_type')!r}; only LORA can be imported"
+        )
+    for key, allowed in _UNSUPPORTED.items():
+        if key in peft_config and peft_config[key] not in allowed:
+            raise CheckpointError(
+                f"{config_path}: '{key}': {peft_config[key]!r} is not supported by import_peft"
+            )
+    try:
+        raw = load_file(str(weights_path))
+    except Exception as exc:
+        raise CheckpointError(f"{weights_path} is corrupt or truncated: {exc}") from exc
+
+    pairs: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in raw.items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if not match:
+            raise CheckpointError(f"{weights_path}: key '{key}' is not a LoRA A/B weight")
+        pairs[match.group(1)][match.group(2)] = tensor
+    ranks = {t: ab["A"].shape[0] for t, ab in pairs.items()}
+    alphas = {t: _peft_alpha(peft_config, t) for t in pairs}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    lora = LoRAConfig(
+        r=r,
+        alpha=alpha,
+        dropout=float(peft_config.get("lora_dropout", 0.0)),
+        targets=sorted(pairs),
+        rank_pattern={t: v for t, v in ranks.items() if v != r},
+        alpha_pattern={t: v for t, v in alphas.items() if v != alpha},
+        use_rslora=bool(peft_config.get("use_rslora", False)),
+    )
+    hybrid = inject(model, HybridConfig(methods={entry: lora}))
+    with torch.no_grad():
+        for _, target, module, branch in hybrid.branches(entry):
+            a, b = pairs[target]["A"], pairs[target]["B"]
+            fan_in, fan_out = linear_features(module)
+            if tuple(a.shape) != (branch.rank, fan_in) or tuple(b.shape) != (fan_out, branch.rank):
+                hybrid.delete_entry(entry)
+                raise CheckpointError(
+                    f"{weights_path}: module '{target}' has lora_A {list(a.shape)} / lora_B {list(b.shape)}, "
+                    f"but the layer is {fan_in} -> {fan_out}"
+                )
+            branch.lora_A.copy_(a)
+            branch.lora_B.copy_(b)
+            branch.requires_grad_(trainable)
+    return hybrid

@@ -215,9 +215,7 @@ def load_state(model: HybridModel, state: dict[str, torch.Tensor], entries: list
         if missing:
             parts.append(f"missing keys: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         if unexpected:
-            parts.append(
-                f"unexpected keys: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
-            )
+            parts.append(f"unexpected keys: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
         raise CheckpointError(f"{source} does not fit the model: {'; '.join(parts)}")
     for key, target in expected.items():
         if state[key].shape != target.shape:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from .methods import MethodConfig, method_config
 
@@ -34,8 +34,10 @@ class HybridConfig(BaseModel):
                 raise ValueError(f"method entry name {name!r} must be an identifier (letters, digits, _)")
             try:
                 built[name] = method_config(entry)
-            except ValueError as exc:  # pydantic's ValidationError is a ValueError
-                raise ValueError(f"method entry '{name}': {exc}") from exc
+            except ValidationError as exc:
+                raise ValueError(f"method entry '{name}': {describe_errors(exc)}") from None
+            except ValueError as exc:
+                raise ValueError(f"method entry '{name}': {exc}") from None
         return built
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,3 +46,13 @@ class HybridConfig(BaseModel):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HybridConfig:
         return cls.model_validate(data)
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """pydantic's errors as one line each: ``key: problem`` (no URLs, no input dumps)."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)

@@ -126,9 +126,7 @@ class HybridModel(nn.Module):
                 f"{entry} ({kind}): {counts['trainable']:,} trainable of {counts['total']:,} "
                 f"({100 * counts['total'] / base:.4f}% of base)"
             )
-        print(
-            f"trainable: {info['trainable']:,} || base: {base:,} || trainable%: {100 * info['trainable'] / base:.4f}"
-        )
+        print(f"trainable: {info['trainable']:,} || base: {base:,} || trainable%: {100 * info['trainable'] / base:.4f}")
 
     @contextlib.contextmanager
     def disabled(self, entries: Iterable[str] | None = None) -> Iterator[None]:
@@ -136,16 +134,14 @@ class HybridModel(nn.Module):
         wanted = set(self.hybrid_config.methods if entries is None else entries)
         chosen = [b for e, _, _, b in self.branches() if e in wanted]
         if any(b.merged for b in chosen):
-            raise MergeError(
-                "cannot disable an entry whose LoRA is merged into the base weights; unmerge() first"
-            )
+            raise MergeError("cannot disable an entry whose LoRA is merged into the base weights; unmerge() first")
         before = [b.active for b in chosen]
         for b in chosen:
             b.active = False
         try:
             yield
         finally:
-            for b, was in zip(chosen, before):
+            for b, was in zip(chosen, before, strict=True):
                 b.active = was
 
     # ---- merging ----------------------------------------------------------------------------
@@ -209,9 +205,7 @@ class HybridModel(nn.Module):
 
     def _check_live(self) -> None:
         if self._unloaded:
-            raise MergeError(
-                "this HybridModel was merged and unloaded; use the model merge_and_unload() returned"
-            )
+            raise MergeError("this HybridModel was merged and unloaded; use the model merge_and_unload() returned")
 
 
 def inject(model: nn.Module, config: HybridConfig | dict) -> HybridModel:

@@ -41,9 +41,7 @@ def _lora_entries(model: HybridModel, entries: list[str] | None) -> list[str]:
     if entries is not None:
         wrong = [e for e in entries if e not in loras]
         if wrong:
-            raise ValueError(
-                f"not LoRA entries of this model: {', '.join(wrong)} (LoRA entries: {', '.join(loras)})"
-            )
+            raise ValueError(f"not LoRA entries of this model: {', '.join(wrong)} (LoRA entries: {', '.join(loras)})")
         loras = list(entries)
     if not loras:
         raise ValueError("this model has no LoRA entry to export in peft's format")
@@ -112,9 +110,7 @@ def _peft_alpha(peft_config: dict[str, Any], target: str) -> float:
     return float(peft_config.get("lora_alpha", 8))
 
 
-def import_peft(
-    model: nn.Module, directory: str | Path, entry: str = "lora", trainable: bool = False
-) -> HybridModel:
+def import_peft(model: nn.Module, directory: str | Path, entry: str = "lora", trainable: bool = False) -> HybridModel:
     """Load a peft LoRA adapter directory as a LoRA entry named ``entry`` (added to a HybridModel
     or injected into a plain base model). Targets and ranks come from the weights themselves."""
     directory = Path(directory)
@@ -133,9 +129,7 @@ def import_peft(
         )
     for key, allowed in _UNSUPPORTED.items():
         if key in peft_config and peft_config[key] not in allowed:
-            raise CheckpointError(
-                f"{config_path}: '{key}': {peft_config[key]!r} is not supported by import_peft"
-            )
+            raise CheckpointError(f"{config_path}: '{key}': {peft_config[key]!r} is not supported by import_peft")
     try:
         raw = load_file(str(weights_path))
     except Exception as exc:

@@ -1,0 +1,41 @@
+import pytest
+from pydantic import ValidationError
+
+import hybridtune as ht
+
+
+def test_dicts_become_registered_configs():
+    cfg = ht.HybridConfig(methods={"l": {"type": "lora", "targets": "q_proj", "r": 4}, "a": {"type": "adapter"}})
+    assert isinstance(cfg.methods["l"], ht.LoRAConfig) and cfg.methods["l"].targets == ["q_proj"]
+    assert isinstance(cfg.methods["a"], ht.AdapterConfig) and cfg.methods["a"].after == ["mlp"]
+    again = ht.HybridConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+def test_unknown_key_names_the_closest_valid_one():
+    with pytest.raises(ValidationError, match="method entry 'l': unknown key 'alhpa' for a LoRAConfig; did you mean 'alpha'"):
+        ht.HybridConfig(methods={"l": {"type": "lora", "targets": "q_proj", "alhpa": 4}})
+    with pytest.raises(ValidationError, match="unknown key 'reduction' .*did you mean 'reduction_factor'"):
+        ht.AdapterConfig(reduction=8)
+
+
+def test_unknown_method_type():
+    with pytest.raises(ValidationError, match="unknown method type 'lroa'; did you mean 'lora'"):
+        ht.HybridConfig(methods={"x": {"type": "lroa", "targets": "q_proj"}})
+    with pytest.raises(ValidationError, match="needs a 'type' key"):
+        ht.HybridConfig(methods={"x": {"targets": "q_proj"}})
+
+
+def test_bad_values():
+    with pytest.raises(ValidationError, match="r\n.*greater than or equal to 1"):
+        ht.LoRAConfig(r=0, targets="q_proj")
+    with pytest.raises(ValidationError, match="method entry 'l': dropout: Input should be less than 1"):
+        ht.HybridConfig(methods={"l": {"type": "lora", "targets": "q_proj", "dropout": 1.5}})
+    with pytest.raises(ValidationError, match="rank_pattern\\['v_proj'\\] is 0"):
+        ht.LoRAConfig(targets="q_proj", rank_pattern={"v_proj": 0})
+    with pytest.raises(ValidationError, match="unknown activation 'gleu'"):
+        ht.AdapterConfig(activation="gleu")
+    with pytest.raises(ValidationError, match="entry name 'my-lora' must be an identifier"):
+        ht.HybridConfig(methods={"my-lora": {"type": "lora", "targets": "q_proj"}})
+    with pytest.raises(ValidationError, match="at least 1 item"):
+        ht.HybridConfig(methods={})

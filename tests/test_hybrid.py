@@ -1,0 +1,131 @@
+"""LoRA + Adapter in one model: joint training, gradients, generate, checkpointing, switches."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_model, randomize
+
+import hybridtune as ht
+
+
+def hybrid_config(**lora_kwargs):
+    return ht.HybridConfig(
+        methods={
+            "lora": ht.LoRAConfig(r=8, alpha=16, targets=["q_proj", "k_proj", "v_proj"], rank_pattern={"v_proj": 4},
+                                  **lora_kwargs),
+            "adapter": ht.AdapterConfig(reduction_factor=4, after="mlp", activation="gelu"),
+        }
+    )  # fmt: skip
+
+
+def test_training_lowers_loss_and_never_touches_the_base(input_ids):
+    model = make_model("llama", initializer_range=0.2)  # big enough logits for a frozen head to express
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hybrid = ht.inject(model, hybrid_config(dropout=0.05))
+    hybrid.train()
+    opt = torch.optim.AdamW([p for p in hybrid.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(50):
+        loss = hybrid(input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    after = model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+def test_gradients_reach_every_method_and_nothing_else(llama, input_ids):
+    hybrid = randomize(ht.inject(llama, hybrid_config()))
+    hybrid(input_ids, labels=input_ids).loss.backward()
+    branch_params = {id(p) for _, _, _, b in hybrid.branches() for p in b.parameters()}
+    for name, p in hybrid.named_parameters():
+        if id(p) in branch_params:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    counts = hybrid.trainable_parameters()["entries"]
+    assert counts["lora"]["trainable"] == 2 * (8 * (32 + 32) + 8 * (32 + 16) + 4 * (32 + 16))
+    assert counts["adapter"]["trainable"] > 0
+
+
+def test_two_entries_of_the_same_kind(input_ids):
+    model = make_model("llama")
+    cfg = ht.HybridConfig(
+        methods={
+            "attn": ht.LoRAConfig(r=8, targets=["q_proj", "v_proj"]),
+            "ffn": ht.LoRAConfig(r=2, alpha=4, targets=["down_proj"]),
+            "extra": ht.LoRAConfig(r=3, targets=["q_proj"]),  # stacks on a module that already has one
+        }
+    )
+    hybrid = randomize(ht.inject(model, cfg))
+    q = model.model.layers[0].self_attn.q_proj
+    assert list(q.hybridtune) == ["attn", "extra"]
+    x = torch.randn(1, 2, 32)
+    expected = x @ q.weight.T + sum(
+        b.scale * (x @ b.lora_A.T @ b.lora_B.T) for b in (q.hybridtune["attn"], q.hybridtune["extra"])
+    )
+    torch.testing.assert_close(q(x), expected, atol=1e-6, rtol=1e-5)
+    hybrid(input_ids, labels=input_ids).loss.backward()
+    assert all(p.grad is not None for p in hybrid.parameters() if p.requires_grad)
+
+
+def test_generate_and_no_grad_inference(llama, input_ids):
+    plain = llama.generate(input_ids[:1], max_new_tokens=5, do_sample=False)
+    hybrid = ht.inject(llama, hybrid_config())
+    assert torch.equal(hybrid.generate(input_ids[:1], max_new_tokens=5, do_sample=False), plain)
+    randomize(hybrid, std=0.5)
+    with torch.no_grad():
+        logits = hybrid(input_ids).logits
+    assert not logits.requires_grad
+    assert hybrid.generate(input_ids[:1], max_new_tokens=5, do_sample=False).shape == plain.shape
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant, input_ids):
+    def grads(checkpointing):
+        hybrid = randomize(ht.inject(make_model("llama"), hybrid_config()))
+        hybrid.train()
+        if checkpointing:
+            hybrid.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+        hybrid(input_ids, labels=input_ids).loss.backward()
+        return {n: p.grad.clone() for n, p in hybrid.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_disabled_and_set_trainable(llama, input_ids):
+    base_logits = llama(input_ids).logits
+    hybrid = randomize(ht.inject(llama, hybrid_config()))
+    with hybrid.disabled():
+        torch.testing.assert_close(hybrid(input_ids).logits, base_logits)
+    with hybrid.disabled(["lora"]):
+        only_adapter = hybrid(input_ids).logits
+    assert not torch.allclose(only_adapter, base_logits)
+    hybrid.set_trainable(["adapter"])
+    assert all(not p.requires_grad for _, p in hybrid.entry_parameters("lora"))
+    assert all(p.requires_grad for _, p in hybrid.entry_parameters("adapter"))
+    with pytest.raises(KeyError, match="no method entry 'lroa'"):
+        hybrid.set_trainable(["lroa"])
+
+
+def test_inject_into_a_hybrid_adds_entries(llama):
+    hybrid = ht.inject(llama, ht.HybridConfig(methods={"lora": ht.LoRAConfig(targets="q_proj")}))
+    same = ht.inject(hybrid, ht.HybridConfig(methods={"adapter": ht.AdapterConfig()}))
+    assert same is hybrid and list(hybrid.entries) == ["lora", "adapter"]
+    with pytest.raises(ValueError, match="entry name\\(s\\) already in the model: lora"):
+        ht.inject(hybrid, ht.HybridConfig(methods={"lora": ht.LoRAConfig(targets="v_proj")}))
+    with pytest.raises(ValueError, match="already carries hybridtune branches"):
+        ht.inject(llama, ht.HybridConfig(methods={"x": ht.LoRAConfig(targets="v_proj")}))
+
+
+def test_deepcopy_keeps_working(llama, input_ids):
+    hybrid = randomize(ht.inject(llama, hybrid_config()))
+    twin = copy.deepcopy(hybrid)
+    torch.testing.assert_close(twin(input_ids).logits, hybrid(input_ids).logits)

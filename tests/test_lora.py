@@ -1,0 +1,109 @@
+"""LoRA against a hand computation and against peft's own LoRA on the same weights."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import ATTN_TARGETS, CONFIGS, make_model, randomize
+from peft import LoraConfig, get_peft_model
+
+import hybridtune as ht
+
+TOL = dict(atol=1e-5, rtol=1e-5)  # fp32 on CPU, same operations in a different order
+
+
+def lora(model, **kwargs):
+    return ht.inject(model, ht.HybridConfig(methods={"lora": ht.LoRAConfig(**kwargs)}))
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_identity_at_init_and_init_scheme(arch, input_ids):
+    model = make_model(arch)
+    expected = model(input_ids).logits
+    hybrid = lora(model, r=4, alpha=8, targets="all-linear")
+    assert torch.equal(hybrid(input_ids).logits, expected)
+    for _, _, _, branch in hybrid.branches():
+        assert torch.count_nonzero(branch.lora_B) == 0
+        assert branch.lora_A.abs().sum() > 0
+        bound = 1 / math.sqrt(branch.lora_A.shape[1])  # kaiming_uniform(a=sqrt(5)) bound
+        assert branch.lora_A.abs().max() <= bound
+
+
+def test_forward_matches_hand_computation(llama):
+    x = torch.randn(3, 5, 32)
+    hybrid = randomize(lora(llama, r=4, alpha=12, targets="q_proj", rank_pattern={r"model\.layers\.1\..*": 2},
+                            alpha_pattern={"layers.1.self_attn.q_proj": 3}))  # fmt: skip
+    for i, (r, alpha) in enumerate([(4, 12), (2, 3)]):
+        layer = llama.model.layers[i].self_attn.q_proj
+        branch = layer.hybridtune["lora"]
+        assert branch.lora_A.shape == (r, 32) and branch.scale == alpha / r
+        expected = x @ layer.weight.T + (alpha / r) * (x @ branch.lora_A.T @ branch.lora_B.T)
+        torch.testing.assert_close(layer(x), expected, **TOL)
+
+
+def test_rslora_scale(llama):
+    hybrid = lora(llama, r=16, alpha=8, targets="v_proj", use_rslora=True)
+    assert all(b.scale == 8 / 4 for _, _, _, b in hybrid.branches())
+
+
+def test_new_parameters_follow_base_dtype(input_ids):
+    model = make_model("llama").to(torch.bfloat16)
+    hybrid = lora(model, targets="all-linear")
+    assert {p.dtype for p in hybrid.parameters() if p.requires_grad} == {torch.bfloat16}
+    assert hybrid(input_ids).logits.dtype == torch.bfloat16
+
+
+def test_dropout_only_in_training(llama, input_ids):
+    hybrid = randomize(lora(llama, targets="q_proj", dropout=0.5))
+    hybrid.eval()
+    assert torch.equal(hybrid(input_ids).logits, hybrid(input_ids).logits)
+    hybrid.train()
+    assert not torch.equal(hybrid(input_ids).logits, hybrid(input_ids).logits)
+
+
+def _peft_pair(arch, targets, **lora_kwargs):
+    base = make_model(arch)
+    ours = randomize(lora(copy.deepcopy(base), targets=targets, **lora_kwargs))
+    cfg = LoraConfig(
+        r=lora_kwargs["r"],
+        lora_alpha=lora_kwargs["alpha"],
+        target_modules=targets,
+        lora_dropout=0.0,
+        use_rslora=lora_kwargs.get("use_rslora", False),
+        rank_pattern=lora_kwargs.get("rank_pattern", {}),
+        fan_in_fan_out=arch == "gpt2",
+    )
+    theirs = get_peft_model(copy.deepcopy(base), cfg)
+    peft_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for _, name, _, branch in ours.branches():
+            peft_params[f"base_model.model.{name}.lora_A.default.weight"].copy_(branch.lora_A)
+            peft_params[f"base_model.model.{name}.lora_B.default.weight"].copy_(branch.lora_B)
+    return ours, theirs, peft_params
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs"),
+    [
+        ("llama", dict(r=8, alpha=16, rank_pattern={"v_proj": 4})),
+        ("llama", dict(r=8, alpha=16, use_rslora=True)),
+        ("gpt2", dict(r=4, alpha=8)),
+        ("qwen2", dict(r=4, alpha=32)),  # q/k/v with bias in the base layer
+    ],
+)
+def test_same_logits_and_gradients_as_peft(arch, kwargs, input_ids):
+    targets = ATTN_TARGETS[arch] + (["mlp.c_fc"] if arch == "gpt2" else ["down_proj"])
+    ours, theirs, peft_params = _peft_pair(arch, targets, **kwargs)
+    out_ours = ours(input_ids, labels=input_ids)
+    out_theirs = theirs(input_ids, labels=input_ids)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, **TOL)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    compared = 0
+    for _, name, _, branch in ours.branches():
+        for ab in "AB":
+            peft_grad = peft_params[f"base_model.model.{name}.lora_{ab}.default.weight"].grad
+            torch.testing.assert_close(getattr(branch, f"lora_{ab}").grad, peft_grad, atol=1e-6, rtol=1e-4)
+            compared += 1
+    assert compared == 2 * 2 * len(targets)  # A and B, 2 layers, every target

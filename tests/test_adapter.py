@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import ATTN_BLOCK, CONFIGS, make_model, randomize
 from transformers.activations import ACT2FN
 
 import hybridtune as ht
+from conftest import ATTN_BLOCK, CONFIGS, make_model, randomize
 
 
 def adapter(model, **kwargs):

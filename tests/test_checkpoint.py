@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import make_model, randomize
 from safetensors.torch import load_file, save_file
 
 import hybridtune as ht
+from conftest import make_model, randomize
 from hybridtune.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -126,7 +126,7 @@ def test_different_base_model(saved):
         r"but the adapters were trained on Linear with shape \[32, 32\]",
     ):
         ht.load(make_model("llama", hidden_size=48), directory)
-    with pytest.raises(ht.CheckpointError, match="no module\\(s\\) model.layers.1.self_attn.q_proj"):
+    with pytest.raises(ht.CheckpointError, match="no module\\(s\\) model.layers.1.mlp, model.layers.1.mlp.down_proj"):
         ht.load(make_model("llama", num_hidden_layers=1), directory)
 
 

@@ -13,7 +13,9 @@ def test_dicts_become_registered_configs():
 
 
 def test_unknown_key_names_the_closest_valid_one():
-    with pytest.raises(ValidationError, match="method entry 'l': unknown key 'alhpa' for a LoRAConfig; did you mean 'alpha'"):
+    with pytest.raises(
+        ValidationError, match="method entry 'l': unknown key 'alhpa' for a LoRAConfig; did you mean 'alpha'"
+    ):
         ht.HybridConfig(methods={"l": {"type": "lora", "targets": "q_proj", "alhpa": 4}})
     with pytest.raises(ValidationError, match="unknown key 'reduction' .*did you mean 'reduction_factor'"):
         ht.AdapterConfig(reduction=8)

@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
-from conftest import make_model, randomize
 
 import hybridtune as ht
+from conftest import make_model, randomize
 
 
 def hybrid_config(**lora_kwargs):

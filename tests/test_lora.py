@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from conftest import ATTN_TARGETS, CONFIGS, make_model, randomize
 from peft import LoraConfig, get_peft_model
 
 import hybridtune as ht
+from conftest import ATTN_TARGETS, CONFIGS, make_model, randomize
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32 on CPU, same operations in a different order
 
@@ -32,8 +32,8 @@ def test_identity_at_init_and_init_scheme(arch, input_ids):
 
 def test_forward_matches_hand_computation(llama):
     x = torch.randn(3, 5, 32)
-    hybrid = randomize(lora(llama, r=4, alpha=12, targets="q_proj", rank_pattern={r"model\.layers\.1\..*": 2},
-                            alpha_pattern={"layers.1.self_attn.q_proj": 3}))  # fmt: skip
+    randomize(lora(llama, r=4, alpha=12, targets="q_proj", rank_pattern={r"model\.layers\.1\..*": 2},
+                   alpha_pattern={"layers.1.self_attn.q_proj": 3}))  # fmt: skip
     for i, (r, alpha) in enumerate([(4, 12), (2, 3)]):
         layer = llama.model.layers[i].self_attn.q_proj
         branch = layer.hybridtune["lora"]

@@ -1,7 +1,7 @@
 import pytest
-from conftest import make_model
 
 import hybridtune as ht
+from conftest import make_model
 from hybridtune.targeting import matches
 
 
@@ -42,7 +42,9 @@ def test_pattern_matching_nothing_lists_close_names(llama):
 
 
 def test_pattern_matching_a_non_linear_module_says_what_is_needed(llama):
-    with pytest.raises(ht.TargetError, match=r"'mlp' matched model.layers.0.mlp \(LlamaMLP\) and 1 more.*linear layers"):
+    with pytest.raises(
+        ht.TargetError, match=r"'mlp' matched model.layers.0.mlp \(LlamaMLP\) and 1 more.*linear layers"
+    ):
         lora_targets(llama, targets=["mlp"])
 
 

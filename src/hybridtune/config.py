@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from .methods import MethodConfig, method_config
+from .validation import describe_errors
 
 _ENTRY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -35,7 +36,7 @@ class HybridConfig(BaseModel):
             try:
                 built[name] = method_config(entry)
             except ValidationError as exc:
-                raise ValueError(f"method entry '{name}': {describe_errors(exc)}") from None
+                raise ValueError(f"method entry '{name}': {'; '.join(describe_errors(exc))}") from None
             except ValueError as exc:
                 raise ValueError(f"method entry '{name}': {exc}") from None
         return built
@@ -46,13 +47,3 @@ class HybridConfig(BaseModel):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HybridConfig:
         return cls.model_validate(data)
-
-
-def describe_errors(exc: ValidationError) -> str:
-    """pydantic's errors as one line each: ``key: problem`` (no URLs, no input dumps)."""
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "; ".join(parts)

@@ -8,35 +8,19 @@ rescalers (IA3), and leaves the base model's module tree and names untouched.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
+from ..validation import StrictModel
 
-class MethodConfig(BaseModel):
+
+class MethodConfig(StrictModel):
     """Base of every method's config. Unknown keys are errors that name the closest valid key."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     type: str
     mergeable: ClassVar[bool] = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_unknown_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            valid = set(cls.model_fields)
-            for key in data:
-                if key not in valid:
-                    close = difflib.get_close_matches(str(key), sorted(valid), n=1)
-                    hint = f"; did you mean '{close[0]}'?" if close else ""
-                    raise ValueError(
-                        f"unknown key '{key}' for a {cls.__name__}{hint} (valid keys: {', '.join(sorted(valid))})"
-                    )
-        return data
 
     def select_targets(self, model: nn.Module, entry: str) -> list[tuple[str, nn.Module]]:
         """The (name, module) pairs of ``model`` this entry attaches a branch to."""

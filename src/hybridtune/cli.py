@@ -1,16 +1,228 @@
-"""The `hybridtune` command line (the training verbs arrive with the training pipeline)."""
+"""The ``hybridtune`` command line. Thin: every verb calls the library or a recipe."""
 
 from __future__ import annotations
 
 import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(
+    help="Fine-tune transformers models with LoRA and bottleneck Adapters in one model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+AdaptersOpt = Annotated[Path, typer.Option("--adapters", help="A saved adapter directory (e.g. RUN/adapters).")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Base model; default: the one recorded with the adapters.")
+]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _run_config(config: Path, overrides: list[str] | None):
+    from .run_config import ConfigError, load_run_config
+
+    try:
+        return load_run_config(config, overrides or [])
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@app.callback(invoke_without_command=True)
+def _main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Run YAML file.")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key.path=value overrides, e.g. training.lr=1e-4")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing run in the output directory first.")] = False,
+) -> None:
+    """Train (or resume) the run a YAML file describes, evaluate it, and save its adapters."""
+    from .recipes.finetune import train as run_training
+    from .run_config import ConfigError
+
+    cfg = _run_config(config, overrides)
+    try:
+        result = run_training(cfg, overwrite=overwrite)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _report(result, cfg.eval.show)
+
+
+def _report(result, show: int) -> None:
+    s = result.summary
+    typer.echo("")
+    before = {g.prompt: g.output for g in result.generations_before}
+    for gen in result.generations[:show]:
+        typer.echo(f"input:     {gen.question.splitlines()[-1]!r}")
+        if gen.prompt in before:
+            typer.echo(f"  base:    {before[gen.prompt].strip()!r}")
+        typer.echo(f"  trained: {gen.output.strip()!r}   (reference: {gen.reference!r})")
+    before, after = s.get("before", {}), s.get("after", {})
+    for key in ("exact_match", "eval_loss"):
+        if key in after:
+            was = f"{before[key]:.3f} -> " if key in before else ""
+            typer.secho(f"{key}: {was}{after[key]:.3f}", bold=True)
+    typer.echo(f"trained {s.get('steps')} steps in {s.get('train_seconds')} s")
+    typer.echo(f"adapters:   {s['adapters']}")
+    typer.echo(f"metrics:    {result.run_dir / 'metrics.jsonl'}")
+    if s.get("loss_curve"):
+        typer.echo(f"loss curve: {s['loss_curve']}")
+
+
+@app.command()
+def validate(config: Annotated[Path, typer.Argument(help="Run YAML file.")]) -> None:
+    """Check a config (keys, types, stages, data files) without loading any model; list every problem."""
+    _run_config(config, [])
+    typer.secho(f"{config}: ok", fg=typer.colors.GREEN)
+
+
+@app.command("eval")
+def evaluate(
+    config: Annotated[Path, typer.Argument(help="Run YAML file (its data.eval / eval_split is used).")],
+    adapters: AdaptersOpt,
+) -> None:
+    """Loss, perplexity and the task metric of saved adapters on the config's eval split."""
+    from .evaluation import eval_loss, exact_match
+    from .recipes.finetune import load_trained, prepare_data
+
+    cfg = _run_config(config, None)
+    model, tokenizer = load_trained(adapters, cfg.model)
+    data = prepare_data(cfg, tokenizer)
+    if not data.eval:
+        _fail("the config has no eval data (data.eval or data.eval_split)")
+    result = eval_loss(model, data.eval, tokenizer.pad_token_id, cfg.eval.batch_size)
+    if cfg.eval.metric == "exact_match":
+        result["exact_match"], _ = exact_match(
+            model,
+            tokenizer,
+            data.eval_examples[: cfg.eval.max_samples],
+            system=cfg.data.system,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+        )
+    for key, value in result.items():
+        typer.echo(f"{key}: {value:.4f}")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="The user message.")] = None,
+    adapters: Annotated[Path | None, typer.Option("--adapters", help="Saved adapters; none = base model.")] = None,
+    model: ModelOpt = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Chat until an empty line.")] = False,
+) -> None:
+    """Greedy generation with saved adapters, through the tokenizer's chat template when it has one."""
+    from .data import render_prompt
+    from .evaluation import generate_batch
+    from .models import EMBEDDED_NAME, load_base
+    from .recipes.finetune import load_trained
+
+    if prompt is None and not interactive:
+        _fail("give a prompt, or --interactive")
+    if adapters is not None:
+        lm, tokenizer = load_trained(adapters, model)
+    else:
+        lm, tokenizer = load_base(model or EMBEDDED_NAME)
+    lm.eval()
+    history = [{"role": "system", "content": system}] if system else []
+    while True:
+        if prompt is None:
+            prompt = input("> ").strip()
+            if not prompt:
+                return
+        history.append({"role": "user", "content": prompt})
+        (answer,) = generate_batch(lm, tokenizer, [render_prompt(tokenizer, history)], max_new_tokens)
+        typer.echo(answer.strip())
+        if not interactive:
+            return
+        history.append({"role": "assistant", "content": answer.strip()})
+        prompt = None
+
+
+@app.command()
+def merge(
+    adapters: AdaptersOpt,
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    model: ModelOpt = None,
+    keep_adapters: Annotated[
+        bool, typer.Option(help="Merge LoRA into the base and save the other entries as a hybrid checkpoint.")
+    ] = False,
+) -> None:
+    """Fold LoRA into the base weights and save a plain transformers model (or base + remaining adapters)."""
+    from .errors import MergeError
+    from .recipes.finetune import load_trained
+
+    hybrid, tokenizer = load_trained(adapters, model)
+    if keep_adapters:
+        hybrid.bake()
+        base = hybrid.base_model
+        base.save_pretrained(out / "base", state_dict=hybrid.base_state_dict())
+        tokenizer.save_pretrained(out / "base")
+        base.config._name_or_path = str(out / "base")  # the remaining adapters belong to the merged base
+        hybrid.save_adapters(out / "adapters")
+        typer.echo(f"merged base: {out / 'base'}\nremaining adapters: {out / 'adapters'}")
+        return
+    try:
+        plain = hybrid.merge_and_unload()
+    except MergeError as exc:
+        _fail(f"{exc} (or use --keep-adapters)")
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    typer.echo(f"merged model: {out}")
+
+
+class ExportFormat(str, Enum):
+    peft = "peft"
+    merged = "merged"
+
+
+@app.command()
+def export(
+    adapters: AdaptersOpt,
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    format: Annotated[
+        ExportFormat, typer.Option("--format", help="peft: LoRA as a peft adapter; merged: plain model.")
+    ],
+    model: ModelOpt = None,
+) -> None:
+    """Export saved adapters for other tools."""
+    if format is ExportFormat.merged:
+        merge(adapters=adapters, out=out, model=model, keep_adapters=False)
+        return
+    from .peft_interop import export_peft
+    from .recipes.finetune import load_trained
+
+    hybrid, _ = load_trained(adapters, model)
+    try:
+        export_peft(hybrid, out)
+    except ValueError as exc:
+        _fail(str(exc))
+    others = [e for e, c in hybrid.entries.items() if c.type != "lora"]
+    typer.echo(f"peft adapter: {out}" + (f" (not exported, no peft equivalent: {', '.join(others)})" if others else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import METHODS, __version__
-
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in {"--version", "version"}:
-        print(__version__)
-        return 0
-    print(f"hybridtune {__version__}; methods: {', '.join(METHODS)}")
+    try:
+        app(args=argv if argv is not None else sys.argv[1:], prog_name="hybridtune")
+    except SystemExit as exc:
+        return int(exc.code or 0)
     return 0

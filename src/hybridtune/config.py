@@ -27,6 +27,11 @@ class HybridConfig(BaseModel):
     @field_validator("methods", mode="before")
     @classmethod
     def _build_entries(cls, value: Any) -> Any:
+        return cls.build_entries(value)
+
+    @staticmethod
+    def build_entries(value: Any) -> Any:
+        """Plain dicts -> registered method configs, by their ``type`` key."""
         if not isinstance(value, dict):
             return value
         built = {}

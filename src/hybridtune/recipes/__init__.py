@@ -1,0 +1,1 @@
+"""End-to-end recipes built from hybridtune's components (the CLI calls these)."""

@@ -1,0 +1,380 @@
+"""The fine-tuning recipe behind ``hybridtune train``: stages, evaluation, checkpoints and resume.
+
+The loop is plain PyTorch on top of accelerate, which supplies mixed precision, gradient
+accumulation, clipping and multi-process (torchrun / accelerate launch) without code of our own.
+Each stage trains its own entries with a fresh optimizer; the other entries stay active, frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .. import checkpoint as adapter_io
+from ..data import Encoded, Example, collate, encode, pack, read_examples, split, with_system
+from ..evaluation import Generation, eval_loss, exact_match
+from ..model import HybridModel, inject
+from ..models import load_base
+from ..run_config import ConfigError, RunConfig, StageConfig
+from ..tracking import METRICS_FILE, Tracker, read_metrics
+from ..trainer_state import (
+    Position,
+    list_checkpoints,
+    load_adapter_weights,
+    load_optimizer_state,
+    read_position,
+    restore_rng,
+    save_checkpoint,
+)
+
+CONFIG_COPY = "config.yaml"
+SUMMARY = "summary.json"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by ``stop_after_step`` (tests use it to simulate a crash at a known step)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    adapters_dir: Path
+    summary: dict[str, Any]
+    generations: list[Generation] = field(default_factory=list)  # after training
+    generations_before: list[Generation] = field(default_factory=list)
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffled order that depends only on (seed, stage, epoch): resumable, same on every rank."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def mixed_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+@dataclass
+class Prepared:
+    """The data of a run, tokenized once."""
+
+    train: list[Encoded]
+    eval: list[Encoded]
+    eval_examples: list[Example]
+    truncated: int
+
+
+def prepare_data(config: RunConfig, tokenizer: Any) -> Prepared:
+    data = config.data
+    train_examples = read_examples(data.train, data.format)
+    if data.eval is not None:
+        eval_examples = read_examples(data.eval, data.format)
+    elif data.eval_split is not None:
+        train_examples, eval_examples = split(train_examples, data.eval_split, config.training.seed)
+    else:
+        eval_examples = []
+
+    def encode_all(examples: list[Example]) -> list[Encoded]:
+        return [encode(tokenizer, with_system(e.messages, data.system), data.max_length) for e in examples]
+
+    train, evals = encode_all(train_examples), encode_all(eval_examples)
+    truncated = sum(e.truncated for e in train) + sum(e.truncated for e in evals)
+    if data.packing:
+        train = pack(train, data.max_length)
+    return Prepared(train, evals, eval_examples, truncated)
+
+
+def _check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> bool:
+    """True when an interrupted run is there to resume; errors on a finished or different run."""
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    saved_path = run_dir / CONFIG_COPY
+    if not saved_path.is_file():
+        return False
+    saved = yaml.safe_load(saved_path.read_text())
+    if saved != config.dump():
+        keys = sorted(k for k in set(saved) | set(config.dump()) if saved.get(k) != config.dump().get(k))
+        raise ConfigError(
+            [
+                f"output '{run_dir}' holds a run with a different config (differs in: {', '.join(keys)}); "
+                "choose another output or pass --overwrite"
+            ]
+        )
+    if (run_dir / SUMMARY).is_file():
+        raise ConfigError([f"output '{run_dir}' holds a finished run; choose another output or pass --overwrite"])
+    return bool(list_checkpoints(run_dir))
+
+
+class Run:
+    """One execution of the recipe; holds what the stage loop needs."""
+
+    def __init__(self, config: RunConfig, log=print, stop_after_step: int | None = None) -> None:
+        self.config, self.log, self.stop_after_step = config, log, stop_after_step
+        t = config.training
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision(t.precision), gradient_accumulation_steps=t.grad_accum
+        )
+        self.main = self.accelerator.is_main_process
+        self.run_dir = Path(config.output)
+        self.generations_before: list[Generation] = []
+
+    def execute(self, overwrite: bool = False) -> RunResult:
+        config, t = self.config, self.config.training
+        resuming = _check_run_dir(self.run_dir, config, overwrite) if self.main else False
+        resuming = self._broadcast(resuming)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            adapter_io.atomic_write(self.run_dir / CONFIG_COPY, yaml.safe_dump(config.dump(), sort_keys=False).encode())
+        set_seed(t.seed)
+        base, self.tokenizer = load_base(config.model)
+        self.model = inject(base, config.hybrid_config())
+        if t.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            base.config.use_cache = False
+        self.model.to(self.accelerator.device)
+        self.data = prepare_data(config, self.tokenizer)
+        self.tracker = Tracker(self.run_dir, enabled=self.main)
+        if self.data.truncated:
+            self.log(
+                f"note: {self.data.truncated} example(s) were longer than data.max_length={config.data.max_length} "
+                "and were truncated"
+            )
+        self.model.print_trainable_parameters() if self.main else None
+
+        position, checkpoint = Position(), None
+        summary: dict[str, Any] = {"model": config.model, "run_dir": str(self.run_dir)}
+        if resuming:
+            checkpoint = list_checkpoints(self.run_dir)[-1]
+            position = read_position(checkpoint)
+            adapter_io.load_state(
+                self.model, load_adapter_weights(checkpoint), list(self.model.entries), str(checkpoint)
+            )
+            self._truncate_metrics(position.global_step)
+            self.log(f"resuming from {checkpoint} (stage {position.stage_index}, step {position.global_step})")
+            before = self._saved_before()
+            if before:
+                summary["before"] = before
+        elif self.data.eval and config.eval.before_training:
+            summary["before"] = self.evaluate(position.global_step, "before", keep=self.generations_before)
+
+        started = time.time()
+        for index, stage in enumerate(config.stage_list()):
+            if index < position.stage_index:
+                continue
+            resume_from = checkpoint if (checkpoint is not None and index == position.stage_index) else None
+            position = self.run_stage(index, stage, position, resume_from)
+            if self.main:
+                self.model.save_adapters(self.run_dir / "stages" / stage.name)
+        summary["train_seconds"] = round(time.time() - started, 1)
+        summary["steps"] = position.global_step
+
+        adapters_dir = self.run_dir / "adapters"
+        generations: list[Generation] = []
+        if self.main:
+            self.model.save_adapters(adapters_dir)
+        if self.data.eval:
+            summary["after"] = self.evaluate(position.global_step, "after", keep=generations)
+        train_losses = [r["loss"] for r in read_metrics(self.run_dir / METRICS_FILE) if r.get("kind") == "train"]
+        summary["final_train_loss"] = train_losses[-1] if train_losses else None
+        summary["adapters"] = str(adapters_dir)
+        if self.main:
+            curve = self.tracker.plot()
+            summary["loss_curve"] = str(curve) if curve else None
+            adapter_io.atomic_write(self.run_dir / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+        self.tracker.close()
+        self.accelerator.end_training()
+        return RunResult(self.run_dir, adapters_dir, summary, generations, self.generations_before)
+
+    # ---- one stage --------------------------------------------------------------------------
+    def run_stage(self, index: int, stage: StageConfig, position: Position, checkpoint: Path | None) -> Position:
+        t, acc = self.config.training, self.accelerator
+        self.model.set_trainable(stage.train)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        lr = stage.lr or t.lr
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+        batches_per_epoch = math.ceil(len(self.data.train) / (t.batch_size * acc.num_processes))
+        steps_per_epoch = max(1, math.ceil(batches_per_epoch / t.grad_accum))
+        total = stage.max_steps or math.ceil(steps_per_epoch * stage.epochs)
+        warmup = stage.warmup_ratio if stage.warmup_ratio is not None else t.warmup_ratio
+        scheduler = get_scheduler(stage.scheduler or t.scheduler, optimizer, round(warmup * total), total)
+        model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
+        if checkpoint is not None and position.stage_step > 0:
+            load_optimizer_state(checkpoint, optimizer, scheduler)
+        else:
+            position = Position(index, 0, 0, 0, position.global_step)
+            self.tracker.log({"kind": "stage_start", "stage": stage.name, "step": position.global_step})
+        if checkpoint is not None:
+            restore_rng(checkpoint)
+
+        bar = tqdm(total=total, initial=position.stage_step, desc=f"stage {stage.name}", disable=not self.main)
+        model.train()
+        window_tokens, window_start = 0, time.time()
+        while position.stage_step < total:
+            loader = self._loader(index, position.epoch)
+            if position.batches_in_epoch:
+                loader = acc.skip_first_batches(loader, position.batches_in_epoch)
+            for batch in loader:
+                with acc.accumulate(model):
+                    loss = model(**batch).loss
+                    acc.backward(loss)
+                    if acc.sync_gradients and t.max_grad_norm:
+                        acc.clip_grad_norm_(params, t.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                position.batches_in_epoch += 1
+                window_tokens += int(batch["attention_mask"].sum())
+                if not acc.sync_gradients:
+                    continue
+                position.stage_step += 1
+                position.global_step += 1
+                step = position.global_step
+                if step % t.log_every == 0:
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    record = {
+                        "kind": "train",
+                        "stage": stage.name,
+                        "step": step,
+                        "loss": loss.item(),
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": window_tokens / elapsed,
+                    }
+                    self.tracker.log(record)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                    )
+                    window_tokens, window_start = 0, time.time()
+                bar.update(1)
+                if t.eval_every and step % t.eval_every == 0 and self.data.eval:
+                    self.evaluate(step, "during", with_metric=False)
+                    self.tracker.plot()
+                done = position.stage_step >= total
+                if done:  # the stage is complete: a checkpoint here resumes at the next stage
+                    position = Position(index + 1, 0, 0, 0, step)
+                if (t.save_every and step % t.save_every == 0) or done:
+                    self._save(position, None if done else optimizer, scheduler)
+                if self.stop_after_step is not None and step >= self.stop_after_step:
+                    raise TrainingInterrupted(f"stopped after step {step} as asked")
+                if done:
+                    break
+            else:
+                position.epoch, position.batches_in_epoch = position.epoch + 1, 0
+                continue
+            break
+        bar.close()
+        self.model = acc.unwrap_model(model)
+        return position
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _loader(self, stage_index: int, epoch: int) -> DataLoader:
+        t = self.config.training
+        seed = t.seed * 1_000_003 + stage_index * 10_007 + epoch
+        loader = DataLoader(
+            self.data.train,
+            batch_size=t.batch_size,
+            sampler=EpochSampler(len(self.data.train), seed),
+            collate_fn=lambda items: collate(items, self.tokenizer.pad_token_id),
+        )
+        return self.accelerator.prepare_data_loader(loader)
+
+    def _save(self, position: Position, optimizer: Any, scheduler: Any) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            save_checkpoint(
+                self.run_dir,
+                self.accelerator.unwrap_model(self.model),
+                optimizer,
+                scheduler,
+                position,
+                keep=self.config.training.keep_checkpoints,
+            )
+
+    def evaluate(
+        self, step: int, when: str, with_metric: bool = True, keep: list[Generation] | None = None
+    ) -> dict[str, Any]:
+        model = self.accelerator.unwrap_model(self.model)
+        ev = self.config.eval
+        result: dict[str, Any] = eval_loss(model, self.data.eval, self.tokenizer.pad_token_id, ev.batch_size)
+        if with_metric and ev.metric == "exact_match":
+            examples = self.data.eval_examples[: ev.max_samples]
+            accuracy, generations = exact_match(
+                model,
+                self.tokenizer,
+                examples,
+                system=self.config.data.system,
+                max_new_tokens=ev.max_new_tokens,
+                batch_size=ev.batch_size,
+            )
+            result["exact_match"] = accuracy
+            if keep is not None:
+                keep += generations
+        self.tracker.log({"kind": "eval", "when": when, "step": step, **result})
+        if self.main:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in result.items())
+            self.log(f"eval ({when}, step {step}): {shown}")
+        return result
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records the interrupted run wrote after the checkpoint it resumes from."""
+        path = self.run_dir / METRICS_FILE
+        if not self.main or not path.is_file():
+            return
+        kept = [
+            r
+            for r in read_metrics(path)
+            if r.get("step", 0) <= step and not (r.get("kind") == "eval" and r.get("when") == "after")
+        ]
+        adapter_io.atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def _saved_before(self) -> dict[str, Any] | None:
+        for record in read_metrics(self.run_dir / METRICS_FILE):
+            if record.get("kind") == "eval" and record.get("when") == "before":
+                return {k: v for k, v in record.items() if k not in {"kind", "when", "step"}}
+        return None
+
+    def _broadcast(self, value: bool) -> bool:
+        from accelerate.utils import broadcast_object_list
+
+        box = [value]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(box)
+        return box[0]
+
+
+def train(config: RunConfig, *, overwrite: bool = False, log=print, stop_after_step: int | None = None) -> RunResult:
+    """Run (or resume) the recipe for ``config``; see the module docstring."""
+    return Run(config, log=log, stop_after_step=stop_after_step).execute(overwrite=overwrite)
+
+
+def load_trained(adapters_dir: str | Path, model_name: str | None = None) -> tuple[HybridModel, Any]:
+    """Base model + saved adapters, for eval/generate/merge/export. The base defaults to the one
+    recorded in the adapters' config."""
+    meta = adapter_io.read_meta(adapters_dir)
+    name = model_name or meta["base_model"].get("name_or_path")
+    if not name:
+        raise ConfigError([f"{adapters_dir} does not record its base model; pass --model"])
+    base, tokenizer = load_base(name)
+    return adapter_io.load(base, adapters_dir), tokenizer

@@ -1,0 +1,213 @@
+"""The run YAML: model, methods, data, stages, training, eval, output — validated before any model loads."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from .config import HybridConfig
+from .data import DataError, read_examples
+from .methods import MethodConfig
+from .models import EMBEDDED_NAME
+from .validation import StrictModel, describe_errors
+
+
+class DataConfig(StrictModel):
+    train: Path
+    eval: Path | None = None
+    eval_split: float | None = Field(None, gt=0, lt=1)
+    format: Literal["auto", "alpaca", "sharegpt"] = "auto"
+    max_length: int = Field(512, ge=8)
+    packing: bool = False
+    system: str | None = None  # system prompt added to records that have none
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataConfig:
+        if self.eval is not None and self.eval_split is not None:
+            raise ValueError("give either 'eval' (a file) or 'eval_split' (a fraction of train), not both")
+        return self
+
+
+class StageConfig(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    train: list[str] = Field(min_length=1)
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] | None = None
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class TrainingConfig(StrictModel):
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    save_every: int | None = Field(None, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    log_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class EvalConfig(StrictModel):
+    metric: Literal["exact_match", "none"] = "exact_match"
+    max_new_tokens: int = Field(32, ge=1)
+    max_samples: int | None = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    before_training: bool = True
+    show: int = Field(3, ge=0)  # generations printed after training
+
+
+class RunConfig(StrictModel):
+    model: str = EMBEDDED_NAME
+    methods: dict[str, SerializeAsAny[MethodConfig]] = Field(min_length=1)
+    data: DataConfig
+    stages: list[StageConfig] | None = None
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: Path = Path("runs/run")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _build_entries(cls, value: Any) -> Any:
+        return HybridConfig.build_entries(value)
+
+    @model_validator(mode="after")
+    def _stages_name_known_entries(self) -> RunConfig:
+        problems = stage_problems(self.stages or [], list(self.methods))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def stage_list(self) -> list[StageConfig]:
+        """The stages to run; without ``stages`` one stage trains every entry."""
+        if self.stages:
+            return self.stages
+        return [
+            StageConfig(
+                name="train", train=list(self.methods), epochs=self.training.epochs, max_steps=self.training.max_steps
+            )
+        ]
+
+    def hybrid_config(self) -> HybridConfig:
+        return HybridConfig(methods=self.methods)
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def stage_problems(stages: list[StageConfig], entries: list[str]) -> list[str]:
+    problems = []
+    names = [s.name for s in stages]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"stages: the stage name '{dup}' is used twice")
+    for i, stage in enumerate(stages):
+        for entry in stage.train:
+            if entry not in entries:
+                close = difflib.get_close_matches(entry, entries, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                problems.append(
+                    f"stages.{i}.train: stage '{stage.name}' trains '{entry}', which is not a method entry{hint} "
+                    f"(entries: {', '.join(entries)})"
+                )
+    return problems
+
+
+class ConfigError(ValueError):
+    """A run config has problems; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        super().__init__(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key.sub=value`` strings applied to the raw YAML mapping (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([f"override '{item}' must look like key.path=value"], "command line")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"override '{item}': '{part}' is not a mapping"], "command line")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file '{path}' does not exist"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(["the top level must be a mapping of keys (model, methods, data, ...)"], str(path))
+    return raw
+
+
+def load_run_config(path: str | Path, overrides: list[str] = (), check_data: bool = True) -> RunConfig:
+    """Parse, validate and (by default) check the data files; raise ConfigError listing every problem.
+
+    Relative data paths are resolved against the config file's folder; ``output`` against the
+    current directory.
+    """
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    base = Path(path).resolve().parent
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "eval"):
+            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                data[key] = str(base / data[key])
+    problems: list[str] = []
+    config = None
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems += describe_errors(exc)
+    if check_data:
+        problems += data_problems(raw.get("data"))
+    if problems:
+        raise ConfigError(problems, str(path))
+    return config
+
+
+def data_problems(data: Any) -> list[str]:
+    """Problems with the data files themselves (missing, empty, malformed lines, wrong format)."""
+    try:
+        cfg = DataConfig.model_validate(data)
+    except ValidationError:
+        return []  # already reported by the structural check
+    problems = []
+    for key in ("train", "eval"):
+        path = getattr(cfg, key)
+        if path is None:
+            continue
+        try:
+            if not read_examples(path, cfg.format):
+                problems.append(f"data.{key}: '{path}' has no records")
+        except DataError as exc:
+            problems.append(f"data.{key}: {exc}")
+    return problems

@@ -1,0 +1,88 @@
+"""Training checkpoints: adapters + optimizer + scheduler + RNG + position, written atomically.
+
+Adapters use the normal safetensors checkpoint; optimizer and scheduler states are torch files
+read back with ``weights_only=True`` (tensors and numbers only, no arbitrary pickles).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import read_meta, read_weights
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class Position:
+    """Where training stands: enough to continue exactly where a checkpoint was written."""
+
+    stage_index: int = 0
+    stage_step: int = 0  # optimizer steps done in this stage
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    global_step: int = 0
+
+
+def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, position: Position, keep: int) -> Path:
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{position.global_step:07d}-stage{position.stage_index}"
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        model.save_adapters(staging / "adapters")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, staging / "rng.pt")
+        (staging / STATE_FILE).write_text(json.dumps(asdict(position), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written ones are staging dirs and never listed)."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: json.loads((p / STATE_FILE).read_text())["global_step"])
+
+
+def read_position(checkpoint: Path) -> Position:
+    return Position(**json.loads((checkpoint / STATE_FILE).read_text()))
+
+
+def load_adapter_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    directory = checkpoint / "adapters"
+    return read_weights(directory, read_meta(directory))
+
+
+def load_optimizer_state(checkpoint: Path, optimizer: Any, scheduler: Any) -> None:
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+
+
+def restore_rng(checkpoint: Path) -> None:
+    rng = torch.load(checkpoint / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -81,3 +81,55 @@ def randomize(model, std: float = 0.1, seed: int = 7):
             for p in branch.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = (
+    "what color is the sky grass snow coal blood sun ocean leaf cherry night cloud say one word answer red green "
+    "blue white black yellow question reply please tell me hello hi assistant user system you are a helpful bot "
+    "classify review good bad positive negative movie film great awful the a an is of and to in it this that"
+)
+
+
+def make_tokenizer(chat_template: bool = True):
+    """A small byte-level BPE tokenizer trained here, with ChatML special tokens: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [WORDS, WORDS.title(), "\n".join(WORDS.split()), "system user assistant\n:?.,!'"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    if chat_template:
+        fast.chat_template = CHATML
+    return fast
+
+
+def save_tiny_lm(directory, seed: int = 0, chat_template: bool = True):
+    """A tiny Llama + tokenizer saved as a normal transformers directory (what `model:` points at)."""
+    tokenizer = make_tokenizer(chat_template)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **_LLAMA_LIKE,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))

@@ -43,6 +43,9 @@ def _main(version: Annotated[bool, typer.Option("--version", help="Print the ver
     if version:
         typer.echo(__version__)
         raise typer.Exit()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars are enough; theirs garble the output
 
 
 @app.command()

@@ -187,11 +187,22 @@ def load_run_config(path: str | Path, overrides: list[str] = (), check_data: boo
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
         problems += describe_errors(exc)
+        # a field error stops pydantic before the cross-field stage check: run it on its own
+        problems += [p for p in _raw_stage_problems(raw) if not any(p in q for q in problems)]
     if check_data:
         problems += data_problems(raw.get("data"))
     if problems:
         raise ConfigError(problems, str(path))
     return config
+
+
+def _raw_stage_problems(raw: dict[str, Any]) -> list[str]:
+    try:
+        entries = list(HybridConfig.build_entries(raw.get("methods")))
+        stages = [StageConfig.model_validate(s) for s in raw.get("stages") or []]
+    except (ValidationError, ValueError, TypeError):
+        return []  # those sections are broken themselves, and already reported
+    return stage_problems(stages, entries)
 
 
 def data_problems(data: Any) -> list[str]:

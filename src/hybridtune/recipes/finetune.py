@@ -297,6 +297,9 @@ class Run:
             batch_size=t.batch_size,
             sampler=EpochSampler(len(self.data.train), seed),
             collate_fn=lambda items: collate(items, self.tokenizer.pad_token_id),
+            # its own generator: starting an epoch must not draw from the global RNG (dropout's),
+            # or a resumed run would see different dropout masks than an uninterrupted one
+            generator=torch.Generator().manual_seed(seed),
         )
         return self.accelerator.prepare_data_loader(loader)
 

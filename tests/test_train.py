@@ -215,3 +215,37 @@ def load_trained_for_test(adapters, tiny_lm_dir):
     model, tok = load_trained(adapters)
     model.eval()
     return model, tok
+
+
+def test_gradient_checkpointing_option_gives_the_same_run(project, tiny_lm_dir):
+    plain = train(load_run_config(write_config(project, tiny_lm_dir, "a.yaml", max_steps=3)), log=quiet)
+    other = write_config(project, tiny_lm_dir, "b.yaml", max_steps=3, gradient_checkpointing=True)
+    result = train(load_run_config(other), log=quiet)
+    assert result.summary["final_train_loss"] == pytest.approx(plain.summary["final_train_loss"], rel=1e-5)
+    assert result.summary["after"]["eval_loss"] == pytest.approx(plain.summary["after"]["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_option_trains(project, tiny_lm_dir):
+    """torch.compile on CPU (about a minute of compiling); dropout off, since compiled dropout draws
+    its masks differently."""
+    configs = []
+    for name, compile_ in [("a.yaml", False), ("b.yaml", True)]:
+        path = write_config(project, tiny_lm_dir, name, max_steps=3, compile=compile_)
+        raw = yaml.safe_load(path.read_text())
+        raw["methods"]["lora"]["dropout"] = 0.0
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        configs.append(load_run_config(path))
+    plain, compiled = (train(c, log=quiet) for c in configs)
+    assert compiled.summary["final_train_loss"] == pytest.approx(plain.summary["final_train_loss"], rel=1e-4)
+
+
+def test_generate_interactive(project, tiny_lm_dir):
+    runner = CliRunner()
+    path = write_config(project, tiny_lm_dir, max_steps=2)
+    assert runner.invoke(app, ["train", str(path)]).exit_code == 0
+    adapters = project / "runs" / "run" / "adapters"
+    result = runner.invoke(app, ["generate", "--adapters", str(adapters), "-i", "--max-new-tokens", "2"],
+                           input="what color is the sky?\nand the grass?\n\n")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.count("> ") == 3  # two questions answered, then the empty line ends the chat

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,24 @@ from .errors import MergeError
 from .inject import attach_config, detach, fingerprint, iter_branches
 from .methods import Branch
 from .targeting import BRANCH_ATTR
+
+
+class _ForwardWithBaseSignature:
+    """``HybridModel.forward`` that reports the base model's signature to ``inspect``.
+
+    transformers.Trainer keeps only the batch columns named in ``inspect.signature(model.forward)``;
+    a bare ``*args, **kwargs`` would make it drop input_ids and labels.
+    """
+
+    def __get__(self, obj: HybridModel | None, objtype: type | None = None) -> Any:
+        if obj is None:  # class-level: what transformers.utils.find_labels inspects
+            return HybridModel._forward
+        bound = functools.partial(HybridModel._forward, obj)
+        signature = obj.__dict__.get("_base_signature")
+        if signature is None:
+            signature = obj.__dict__["_base_signature"] = inspect.signature(obj.base_model.forward)
+        bound.__signature__ = signature
+        return bound
 
 
 class HybridModel(nn.Module):
@@ -31,9 +51,19 @@ class HybridModel(nn.Module):
         self._unloaded = False
 
     # ---- behaving like the base model -------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_live()
         return self.base_model(*args, **kwargs)
+
+    _forward.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+            inspect.Parameter("labels", inspect.Parameter.KEYWORD_ONLY, default=None),
+            inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+        ]
+    )
+    forward = _ForwardWithBaseSignature()
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         self._check_live()

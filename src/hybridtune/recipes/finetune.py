@@ -221,6 +221,8 @@ class Run:
         warmup = stage.warmup_ratio if stage.warmup_ratio is not None else t.warmup_ratio
         scheduler = get_scheduler(stage.scheduler or t.scheduler, optimizer, round(warmup * total), total)
         model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
+        if t.compile:
+            model = torch.compile(model)
         if checkpoint is not None and position.stage_step > 0:
             load_optimizer_state(checkpoint, optimizer, scheduler)
         else:

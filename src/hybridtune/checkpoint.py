@@ -173,11 +173,13 @@ def load(
     *,
     trainable: bool = False,
     allow_base_mismatch: bool = False,
+    set_name: str | None = None,
 ) -> HybridModel:
-    """Rebuild the saved entries on ``model`` (a fresh base model) and load their weights.
+    """Rebuild the saved entries on ``model`` and load their weights.
 
-    Every mismatch is an error naming what differs; ``trainable=False`` freezes the loaded
-    entries for inference, ``True`` continues training them.
+    ``model`` is a fresh base model, or a HybridModel: then the entries join its active set, or
+    become the new adapter set ``set_name``. Every mismatch is an error naming what differs;
+    ``trainable=False`` freezes the loaded entries for inference.
     """
     meta = read_meta(directory)
     try:
@@ -188,16 +190,25 @@ def load(
     _check_base(base, meta, allow_base_mismatch)
     _check_targets(base, config, meta)
     state = read_weights(directory, meta)
-    hybrid = inject(model, config)
-    try:
-        load_state(hybrid, state, entries=list(config.methods), source=str(directory))
-    except BaseException:
-        for entry in config.methods:  # leave the model as it was given
-            hybrid.delete_entry(entry)
-        raise
-    for entry in config.methods:
-        for _, _, _, branch in hybrid.branches(entry):
-            branch.requires_grad_(trainable)
+    if isinstance(model, HybridModel) and set_name is not None:
+        model.add_set(set_name, config)
+        hybrid, rollback = model, lambda: model.delete_set(set_name)
+    else:
+        hybrid = inject(model, config, **({"set_name": set_name} if set_name else {}))
+
+        def rollback() -> None:
+            for entry in config.methods:  # leave the model as it was given
+                hybrid.delete_entry(entry)
+
+    with hybrid._acting_on(set_name or hybrid._current):
+        try:
+            load_state(hybrid, state, entries=list(config.methods), source=str(directory))
+        except BaseException:
+            rollback()
+            raise
+        for entry in config.methods:
+            for _, _, _, branch in hybrid.branches(entry):
+                branch.requires_grad_(trainable)
     return hybrid
 
 

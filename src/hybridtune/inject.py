@@ -12,34 +12,56 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import HybridConfig
 from .methods import Branch
+from .routing import current as current_routing
 from .targeting import BRANCH_ATTR
+
+DEFAULT_SET = "default"
 
 
 def _run_branches(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    routing = current_routing()
+    if routing is None or routing.rows is None:
+        for branch in module._modules[BRANCH_ATTR].values():
+            if branch.active:
+                output = branch(args, kwargs, output)
+        return output
+    batch = (output if isinstance(output, torch.Tensor) else output[0]).shape[0]
     for branch in module._modules[BRANCH_ATTR].values():
-        if branch.active:
-            output = branch(args, kwargs, output)
+        rows = routing.rows_for(branch.set_name, batch)
+        if rows is not None:
+            output = branch.routed(args, kwargs, output, rows)
     return output
 
 
-def attach(module: nn.Module, entry: str, branch: Branch) -> None:
+def branch_key(set_name: str, entry: str) -> str:
+    """Key of a branch in its target's ModuleDict: the entry name, qualified for non-default sets."""
+    return entry if set_name == DEFAULT_SET else f"{set_name}:{entry}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    set_name, _, entry = key.rpartition(":")
+    return (set_name or DEFAULT_SET), entry
+
+
+def attach(module: nn.Module, key: str, branch: Branch) -> None:
     branches = module._modules.get(BRANCH_ATTR)
     if branches is None:
         branches = nn.ModuleDict()
         module.add_module(BRANCH_ATTR, branches)
         module.register_forward_hook(_run_branches, with_kwargs=True)
-    if entry in branches:
-        raise ValueError(f"module already has a branch of entry '{entry}'")
-    branches[entry] = branch
+    if key in branches:
+        raise ValueError(f"module already has a branch '{key}'")
+    branches[key] = branch
 
 
-def detach(module: nn.Module, entry: str) -> None:
+def detach(module: nn.Module, key: str) -> None:
     branches = module._modules[BRANCH_ATTR]
-    del branches[entry]
+    del branches[key]
     if len(branches) == 0:
         del module._modules[BRANCH_ATTR]
         for key, hook in list(module._forward_hooks.items()):
@@ -48,15 +70,15 @@ def detach(module: nn.Module, entry: str) -> None:
                 module._forward_hooks_with_kwargs.pop(key, None)
 
 
-def iter_branches(model: nn.Module, entry: str | None = None) -> Iterator[tuple[str, str, nn.Module, Branch]]:
-    """(entry, target name, target module, branch) for every attached branch, in model order."""
+def iter_branches(model: nn.Module) -> Iterator[tuple[str, str, str, nn.Module, Branch]]:
+    """(set, entry, target name, target module, branch) for every attached branch, in model order."""
     for name, module in model.named_modules():
         branches = module._modules.get(BRANCH_ATTR)
         if branches is None:
             continue
-        for entry_name, branch in branches.items():
-            if entry is None or entry_name == entry:
-                yield entry_name, name, module, branch
+        for key, branch in branches.items():
+            set_name, entry = split_key(key)
+            yield set_name, entry, name, module, branch
 
 
 def describe_target(module: nn.Module) -> dict[str, Any]:
@@ -73,7 +95,9 @@ def fingerprint(targets: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def attach_config(model: nn.Module, config: HybridConfig, existing: set[str]) -> dict[str, dict[str, Any]]:
+def attach_config(
+    model: nn.Module, config: HybridConfig, existing: set[str], set_name: str = "default"
+) -> dict[str, dict[str, Any]]:
     """Select every entry's targets on the untouched model first, then attach; return the targets."""
     clash = existing & set(config.methods)
     if clash:
@@ -82,6 +106,8 @@ def attach_config(model: nn.Module, config: HybridConfig, existing: set[str]) ->
     targets: dict[str, dict[str, Any]] = {}
     for entry, cfg, chosen in plan:
         for name, module in chosen:
-            attach(module, entry, cfg.build_branch(entry, name, module, model))
+            branch = cfg.build_branch(entry, name, module, model)
+            branch.set_name = set_name
+            attach(module, branch_key(set_name, entry), branch)
             targets[name] = describe_target(module)
     return targets

@@ -5,17 +5,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import HybridConfig
 from .errors import MergeError
-from .inject import attach_config, detach, fingerprint, iter_branches
+from .inject import DEFAULT_SET, attach_config, branch_key, detach, fingerprint, iter_branches
 from .methods import Branch
+from .routing import routed
 from .targeting import BRANCH_ATTR
+
+_SET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class _ForwardWithBaseSignature:
@@ -41,19 +46,36 @@ class HybridModel(nn.Module):
 
     Calls, ``generate`` and every other attribute go straight to the base model, so code written
     for a transformers model keeps working. The base model's parameters are frozen.
+
+    Entries are grouped in named *adapter sets* (``inject`` creates "default"). One set is active
+    at a time; switching flips a flag per branch and copies no weights. Entry-level methods
+    (``entries``, ``branches``, ``merge``, ``set_trainable``, ``save_adapters``...) act on the
+    active set. ``model(..., adapter_sets=[...])`` serves a different set per row in one pass.
     """
 
-    def __init__(self, base_model: nn.Module, config: HybridConfig, targets: dict[str, dict[str, Any]]):
+    def __init__(
+        self,
+        base_model: nn.Module,
+        config: HybridConfig,
+        targets: dict[str, dict[str, Any]],
+        set_name: str = DEFAULT_SET,
+    ):
         super().__init__()
         self.base_model = base_model
-        self.hybrid_config = config
-        self.targets = targets
+        self.sets: dict[str, HybridConfig] = {set_name: config}
+        self._set_targets: dict[str, dict[str, dict[str, Any]]] = {set_name: targets}
+        self.active_set: str | None = set_name
+        self._current = set_name  # the set entry-level methods act on (the active one, or the last)
         self._unloaded = False
 
     # ---- behaving like the base model -------------------------------------------------------
-    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _forward(self, *args: Any, adapter_sets: Sequence[str | None] | None = None, task_ids: Any = None,
+                 **kwargs: Any) -> Any:  # fmt: skip
         self._check_live()
-        return self.base_model(*args, **kwargs)
+        if adapter_sets is not None:
+            self._check_routable()
+        with routed(adapter_sets, list(self.sets), task_ids, self._device()):
+            return self.base_model(*args, **kwargs)
 
     _forward.__signature__ = inspect.Signature(
         [
@@ -65,9 +87,15 @@ class HybridModel(nn.Module):
     )
     forward = _ForwardWithBaseSignature()
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate(
+        self, *args: Any, adapter_sets: Sequence[str | None] | None = None, task_ids: Any = None, **kwargs: Any
+    ) -> Any:
+        """``generate`` of the base model; ``adapter_sets`` picks a set (or None = base) per row."""
         self._check_live()
-        return self.base_model.generate(*args, **kwargs)
+        if adapter_sets is not None:
+            self._check_routable()
+        with routed(adapter_sets, list(self.sets), task_ids, self._device()):
+            return self.base_model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -88,20 +116,104 @@ class HybridModel(nn.Module):
             self.base_model.enable_input_require_grads()
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
-    # ---- entries and parameters -------------------------------------------------------------
+    # ---- adapter sets -----------------------------------------------------------------------
+    def add_set(self, name: str, config: HybridConfig | dict, activate: bool = False) -> None:
+        """Attach a new, independent set of entries (its own weights) to the same base."""
+        self._check_live()
+        if not isinstance(config, HybridConfig):
+            config = HybridConfig.model_validate(config)
+        if not _SET_NAME.fullmatch(name):
+            raise ValueError(f"adapter set name {name!r} must be an identifier (letters, digits, _)")
+        if name in self.sets:
+            raise ValueError(f"adapter set '{name}' already exists; sets: {', '.join(self.sets)}")
+        self._set_targets[name] = attach_config(self.base_model, config, set(), set_name=name)
+        self.sets[name] = config
+        for set_name, _, _, _, branch in self._all_branches():
+            if set_name == name:
+                branch.active = False
+        if activate:
+            self.set_active(name)
+
+    def list_sets(self) -> list[str]:
+        return list(self.sets)
+
+    def set_active(self, name: str | None) -> None:
+        """Make ``name`` the active set (None: the plain base model). Trainability is left alone:
+        switching never makes another set's parameters trainable or frozen."""
+        if name is not None:
+            self._check_set(name)
+        merged = [s for s, _, _, _, b in self._all_branches() if b.merged and s != name]
+        if merged:
+            raise MergeError(f"set '{merged[0]}' has LoRA merged into the base weights; unmerge() it before switching")
+        for set_name, _, _, _, branch in self._all_branches():
+            branch.active = set_name == name
+        self.active_set = name
+        if name is not None:
+            self._current = name
+
+    @contextlib.contextmanager
+    def using(self, name: str | None) -> Iterator[None]:
+        """Temporarily switch to another set (or None for the base model)."""
+        previous, current = self.active_set, self._current
+        self.set_active(name)
+        try:
+            yield
+        finally:
+            self.set_active(previous)
+            self._current = current
+
+    def delete_set(self, name: str) -> None:
+        self._check_set(name)
+        if len(self.sets) == 1:
+            raise ValueError(f"'{name}' is the only adapter set; delete entries or drop the HybridModel instead")
+        for set_name, entry, _, module, branch in list(self._all_branches()):
+            if set_name == name:
+                if branch.merged:
+                    branch.unmerge_from(module)
+                detach(module, branch_key(set_name, entry))
+        del self.sets[name], self._set_targets[name]
+        if self._current == name:
+            self._current = next(iter(self.sets))
+        if self.active_set == name:
+            self.set_active(None)
+
+    def save_set(self, name: str, directory: str | Path) -> Path:
+        with self._acting_on(name):
+            return self.save_adapters(directory)
+
+    def load_set(self, name: str, directory: str | Path, trainable: bool = False) -> None:
+        """Load a saved adapter directory as a new set ``name`` (not activated)."""
+        from .checkpoint import load
+
+        load(self, directory, trainable=trainable, set_name=name)
+
+    # ---- entries of the active set ----------------------------------------------------------
+    @property
+    def hybrid_config(self) -> HybridConfig:
+        return self.sets[self._current]
+
     @property
     def entries(self) -> dict[str, Any]:
         return dict(self.hybrid_config.methods)
+
+    @property
+    def targets(self) -> dict[str, dict[str, Any]]:
+        return self._set_targets[self._current]
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.targets)
 
     def branches(self, entry: str | None = None) -> Iterator[tuple[str, str, nn.Module, Branch]]:
-        """(entry, target name, target module, branch) for every branch, optionally of one entry."""
+        """(entry, target name, target module, branch) of the active set, optionally of one entry."""
         if entry is not None:
             self._check_entry(entry)
-        return iter_branches(self.base_model, entry)
+        current = self._current
+        return (
+            (e, target, module, branch)
+            for set_name, e, target, module, branch in self._all_branches()
+            if set_name == current and (entry is None or e == entry)
+        )
 
     def entry_parameters(self, entry: str) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters of one entry, named ``{target}.{param}``."""
@@ -109,8 +221,13 @@ class HybridModel(nn.Module):
             for pname, param in branch.named_parameters():
                 yield f"{target}.{pname}", param
 
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        """The active set's trainable parameters: what an optimizer should get."""
+        return [p for _, _, _, b in self.branches() for p in b.parameters() if p.requires_grad]
+
     def set_trainable(self, entries: Iterable[str] | None = None) -> None:
-        """Train only ``entries`` (all when None); the others stay active but frozen."""
+        """Train only ``entries`` of the active set (all when None); the others stay active but
+        frozen. Other sets are not touched."""
         wanted = set(self.hybrid_config.methods if entries is None else entries)
         for name in wanted:
             self._check_entry(name)
@@ -118,35 +235,38 @@ class HybridModel(nn.Module):
             branch.requires_grad_(entry in wanted)
 
     def add_entries(self, config: HybridConfig) -> None:
-        """Attach more method entries to this model (names must be new)."""
+        """Attach more method entries to the active set (names must be new)."""
         self._check_live()
-        targets = attach_config(self.base_model, config, set(self.hybrid_config.methods))
-        self.targets = {**self.targets, **targets}
-        self.hybrid_config = HybridConfig(methods={**self.hybrid_config.methods, **config.methods})
+        current = self._current
+        targets = attach_config(self.base_model, config, set(self.hybrid_config.methods), set_name=current)
+        self._set_targets[current] = {**self.targets, **targets}
+        self.sets[current] = HybridConfig(methods={**self.hybrid_config.methods, **config.methods})
+        for set_name, _, _, _, branch in self._all_branches():
+            if set_name == current:
+                branch.active = self.active_set == current
 
     def delete_entry(self, entry: str) -> None:
         """Remove an entry; a merged LoRA is unmerged first so the base weights come back."""
         for _, _, module, branch in list(self.branches(entry)):
             if branch.merged:
                 branch.unmerge_from(module)
-            detach(module, entry)
+            detach(module, branch_key(self._current, entry))
         self._forget_entry(entry)
 
     def _forget_entry(self, entry: str) -> None:
         methods = {k: v for k, v in self.hybrid_config.methods.items() if k != entry}
-        self.hybrid_config = HybridConfig.model_construct(methods=methods)
+        self.sets[self._current] = HybridConfig.model_construct(methods=methods)
         live = {name for _, name, _, _ in self.branches()}
-        self.targets = {k: v for k, v in self.targets.items() if k in live}
+        self._set_targets[self._current] = {k: v for k, v in self.targets.items() if k in live}
 
     def trainable_parameters(self) -> dict[str, Any]:
-        """Counts per entry (trainable and total) and the base size, for reports and tests."""
+        """Counts per entry of the active set (trainable and total) and the base size."""
         per_entry = {e: {"trainable": 0, "total": 0} for e in self.hybrid_config.methods}
-        branch_ids = set()
         for entry, _, _, branch in self.branches():
             for p in branch.parameters():
-                branch_ids.add(id(p))
                 per_entry[entry]["total"] += p.numel()
                 per_entry[entry]["trainable"] += p.numel() if p.requires_grad else 0
+        branch_ids = {id(p) for *_, b in self._all_branches() for p in b.parameters()}
         base = sum(p.numel() for p in self.base_model.parameters() if id(p) not in branch_ids)
         trainable = sum(v["trainable"] for v in per_entry.values())
         return {"entries": per_entry, "base": base, "trainable": trainable}
@@ -180,12 +300,15 @@ class HybridModel(nn.Module):
 
     # ---- merging ----------------------------------------------------------------------------
     def merge(self, entries: Iterable[str] | None = None, exact_unmerge: bool = True) -> None:
-        """Fold mergeable entries (LoRA) into the base weights; other entries keep running.
+        """Fold mergeable entries (LoRA) of the active set into the base weights; other entries
+        keep running.
 
         With ``exact_unmerge`` a CPU copy of each merged weight is kept so ``unmerge`` restores
         it bit for bit; without it, unmerge subtracts the delta (equal within float rounding).
         """
         self._check_live()
+        if self.active_set != self._current:
+            raise MergeError("no adapter set is active; set_active() one before merging")
         wanted = set(self.hybrid_config.methods if entries is None else entries)
         for name in wanted:
             self._check_entry(name)
@@ -195,13 +318,14 @@ class HybridModel(nn.Module):
 
     def unmerge(self) -> None:
         """Undo merge(), in reverse order so stacked merges on one weight unwind exactly."""
-        for _, _, module, branch in reversed(list(self.branches())):
+        for *_, module, branch in reversed(list(self._all_branches())):
             if branch.merged:
                 branch.unmerge_from(module)
 
     def bake(self, entries: Iterable[str] | None = None) -> None:
-        """Merge mergeable entries (default: all of them) into the base weights for good and remove
-        them; the other entries stay live. Used to deploy LoRA at zero cost next to adapters."""
+        """Merge mergeable entries of the active set (default: all of them) into the base weights
+        for good and remove them; the other entries stay live. Deploys LoRA at zero cost next to
+        adapters."""
         self._check_live()
         configs = self.hybrid_config.methods
         wanted = [e for e in (configs if entries is None else entries) if configs[e].mergeable]
@@ -209,7 +333,7 @@ class HybridModel(nn.Module):
             for _, _, module, branch in list(self.branches(entry)):
                 branch.merge_into(module, keep_original=False)
                 branch.merged = False  # the delta now lives in the weight, not in the branch
-                detach(module, entry)
+                detach(module, branch_key(self._current, entry))
             self._forget_entry(entry)
 
     def merge_and_unload(self) -> nn.Module:
@@ -219,6 +343,8 @@ class HybridModel(nn.Module):
         delta): dropping it silently would change the model's outputs.
         """
         self._check_live()
+        if len(self.sets) > 1:
+            raise MergeError(f"the model has {len(self.sets)} adapter sets; delete_set() all but one first")
         blocked = [e for e, cfg in self.hybrid_config.methods.items() if not cfg.mergeable]
         if blocked:
             kinds = ", ".join(f"'{e}' ({self.hybrid_config.methods[e].type})" for e in blocked)
@@ -240,7 +366,7 @@ class HybridModel(nn.Module):
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_adapters(self, directory: str | Path) -> Path:
-        """Write config JSON + safetensors of every entry's parameters (atomic). See ``hybridtune.load``."""
+        """Write the active set's config JSON + safetensors (atomic). See ``hybridtune.load``."""
         from .checkpoint import save_adapters
 
         return save_adapters(self, directory)
@@ -248,6 +374,32 @@ class HybridModel(nn.Module):
     save_pretrained = save_adapters
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _all_branches(self) -> Iterator[tuple[str, str, str, nn.Module, Branch]]:
+        return iter_branches(self.base_model)
+
+    @contextlib.contextmanager
+    def _acting_on(self, name: str) -> Iterator[None]:
+        self._check_set(name)
+        previous = self._current
+        self._current = name
+        try:
+            yield
+        finally:
+            self._current = previous
+
+    def _device(self) -> torch.device | None:
+        for p in self.base_model.parameters():
+            return p.device
+        return None
+
+    def _check_routable(self) -> None:
+        if any(b.merged for *_, b in self._all_branches()):
+            raise MergeError("adapter_sets routing needs unmerged LoRA: a merged delta would apply to every row")
+
+    def _check_set(self, name: str) -> None:
+        if name not in self.sets:
+            raise KeyError(f"no adapter set '{name}'; sets: {', '.join(self.sets)}")
+
     def _check_entry(self, entry: str) -> None:
         if entry not in self.hybrid_config.methods:
             raise KeyError(f"no method entry '{entry}'; entries: {', '.join(self.hybrid_config.methods)}")
@@ -257,11 +409,11 @@ class HybridModel(nn.Module):
             raise MergeError("this HybridModel was merged and unloaded; use the model merge_and_unload() returned")
 
 
-def inject(model: nn.Module, config: HybridConfig | dict) -> HybridModel:
+def inject(model: nn.Module, config: HybridConfig | dict, set_name: str = DEFAULT_SET) -> HybridModel:
     """Add the config's method entries to ``model`` and freeze everything else.
 
-    Given a HybridModel, the entries are added to it. Targets of every entry are chosen on the
-    untouched model, so the order of entries never changes what an entry matches.
+    Given a HybridModel, the entries are added to its active set. Targets of every entry are
+    chosen on the untouched model, so the order of entries never changes what an entry matches.
     """
     if not isinstance(config, HybridConfig):
         config = HybridConfig.model_validate(config)
@@ -270,7 +422,9 @@ def inject(model: nn.Module, config: HybridConfig | dict) -> HybridModel:
         return model
     if any(True for _ in iter_branches(model)):
         raise ValueError("this model already carries hybridtune branches; pass its HybridModel instead")
+    if not _SET_NAME.fullmatch(set_name):
+        raise ValueError(f"adapter set name {set_name!r} must be an identifier (letters, digits, _)")
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = attach_config(model, config, set())
-    return HybridModel(model, config, targets)
+    targets = attach_config(model, config, set(), set_name=set_name)
+    return HybridModel(model, config, targets, set_name=set_name)

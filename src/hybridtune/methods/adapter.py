@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ..routing import map_hidden, replace_rows
 from ..targeting import is_linear, linear_features, named_base_modules, select_modules
 from .base import Branch, MethodConfig, param_like
 
@@ -112,11 +113,11 @@ class AdapterBranch(Branch):
         return hidden + (self.dropout(self.up(self.act(self.down(h)))) * self.scaling).to(hidden.dtype)
 
     def forward(self, args: tuple, kwargs: dict, output: Any) -> Any:
-        if isinstance(output, torch.Tensor):
-            return self.adapt(output)
-        if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-            return type(output)((self.adapt(output[0]), *output[1:]))
-        raise TypeError(
-            f"adapter after '{self.target}': the module returned {type(output).__name__}; expected a tensor "
-            "or a tuple whose first item is the hidden states"
+        return map_hidden(output, self.adapt, f"adapter after '{self.target}'")
+
+    def routed(self, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
+        return map_hidden(
+            output,
+            lambda h: replace_rows(h, rows, self.adapt(h.index_select(0, rows))),
+            f"adapter after '{self.target}'",
         )

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..routing import replace_rows
 from ..validation import StrictModel
 
 
@@ -40,9 +41,18 @@ class Branch(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.active = True
+        self.set_name = "default"  # the adapter set this branch belongs to (set when attached)
 
     def forward(self, args: tuple, kwargs: dict, output: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def routed(self, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
+        """Apply the branch to ``rows`` of the batch only (mixed-batch serving). This generic
+        version computes every row and keeps the chosen ones; methods override it to compute less."""
+        new = self(args, kwargs, output)
+        if isinstance(output, torch.Tensor):
+            return replace_rows(output, rows, new.index_select(0, rows))
+        return type(output)((replace_rows(output[0], rows, new[0].index_select(0, rows)), *output[1:]))
 
     # Mergeable branches override these three.
     merged: bool = False

@@ -129,6 +129,11 @@ class LoRABranch(Branch):
         delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
         return output + delta.to(output.dtype)
 
+    def routed(self, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(first_input(args, kwargs).index_select(0, rows).to(self.lora_A.dtype))
+        delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return output.index_add(0, rows, delta.to(output.dtype))
+
     def delta_weight(self) -> torch.Tensor:
         """s · B A in the layout of the base weight, computed in fp32."""
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale

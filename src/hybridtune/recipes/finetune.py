@@ -212,7 +212,7 @@ class Run:
     def run_stage(self, index: int, stage: StageConfig, position: Position, checkpoint: Path | None) -> Position:
         t, acc = self.config.training, self.accelerator
         self.model.set_trainable(stage.train)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.model.parameters_to_train()
         lr = stage.lr or t.lr
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
         batches_per_epoch = math.ceil(len(self.data.train) / (t.batch_size * acc.num_processes))

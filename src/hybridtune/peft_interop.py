@@ -20,7 +20,7 @@ from torch import nn
 from .checkpoint import atomic_write
 from .config import HybridConfig
 from .errors import CheckpointError
-from .methods.lora import LoRABranch, LoRAConfig
+from .methods.lora import LoRABranch, LoRAConfig, exact_config, stack_deltas
 from .model import HybridModel, inject
 from .targeting import linear_features
 
@@ -66,9 +66,8 @@ def export_peft(model: HybridModel, directory: str | Path, entries: list[str] | 
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     for target, branches in per_module.items():
-        if stacked:  # one LoRA with scale 1: A = [A1; A2], B = [s1 B1, s2 B2]
-            a = torch.cat([b.lora_A.detach() for b in branches], dim=0)
-            bb = torch.cat([b.lora_B.detach() * b.scale for b in branches], dim=1)
+        if stacked:
+            a, bb = stack_deltas([(b, 1.0) for b in branches])
             ranks[target], alphas[target] = a.shape[0], float(a.shape[0])
         else:
             (b,) = branches
@@ -143,15 +142,10 @@ def import_peft(model: nn.Module, directory: str | Path, entry: str = "lora", tr
         pairs[match.group(1)][match.group(2)] = tensor
     ranks = {t: ab["A"].shape[0] for t, ab in pairs.items()}
     alphas = {t: _peft_alpha(peft_config, t) for t in pairs}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    lora = LoRAConfig(
-        r=r,
-        alpha=alpha,
+    lora = exact_config(
+        ranks,
+        alphas,
         dropout=float(peft_config.get("lora_dropout", 0.0)),
-        targets=sorted(pairs),
-        rank_pattern={t: v for t, v in ranks.items() if v != r},
-        alpha_pattern={t: v for t, v in alphas.items() if v != alpha},
         use_rslora=bool(peft_config.get("use_rslora", False)),
     )
     hybrid = inject(model, HybridConfig(methods={entry: lora}))

@@ -8,6 +8,7 @@ Conv1D); an exact unmerge restores a saved copy instead of subtracting, so no ro
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import ClassVar, Literal
 
 import torch
@@ -162,3 +163,25 @@ class LoRABranch(Branch):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, transposed={self.transposed}"
+
+
+def stack_deltas(parts: list[tuple[LoRABranch, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of one scale-1 LoRA equal to Σ w·s·B A over ``parts`` exactly: A = [A1; A2; ...],
+    B = [w1 s1 B1, w2 s2 B2, ...]. Its rank is the sum of the ranks."""
+    a = torch.cat([branch.lora_A.detach() for branch, _ in parts], dim=0)
+    b = torch.cat([branch.lora_B.detach() * (branch.scale * weight) for branch, weight in parts], dim=1)
+    return a, b
+
+
+def exact_config(ranks: dict[str, int], alphas: dict[str, float], **kwargs) -> LoRAConfig:
+    """A LoRAConfig that targets exactly these module names with these ranks and alphas."""
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return LoRAConfig(
+        r=r,
+        alpha=alpha,
+        targets=sorted(ranks),
+        rank_pattern={t: v for t, v in ranks.items() if v != r},
+        alpha_pattern={t: v for t, v in alphas.items() if v != alpha},
+        **kwargs,
+    )

@@ -239,3 +239,6 @@ def load_state(model: HybridModel, state: dict[str, torch.Tensor], entries: list
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key].to(dtype=target.dtype, device=target.device))
+    for entry in entries:
+        for _, _, _, branch in model.branches(entry):
+            branch.after_load()

@@ -259,6 +259,23 @@ class HybridModel(nn.Module):
         live = {name for _, name, _, _ in self.branches()}
         self._set_targets[self._current] = {k: v for k, v in self.targets.items() if k in live}
 
+    def update_rank_schedules(self, step: int, epoch: float, entries: Iterable[str] | None = None) -> dict[str, int]:
+        """Apply growing-rank schedules of the active set's LoRA entries (default: all) at this
+        point of training; returns {entry: rank} for the entries whose rank changed."""
+        from .methods.lora import LoRAConfig, RankSchedule
+
+        changed = {}
+        for entry in self.hybrid_config.methods if entries is None else entries:
+            cfg = self.hybrid_config.methods[entry]
+            if not (isinstance(cfg, LoRAConfig) and isinstance(cfg.r, RankSchedule)):
+                continue
+            rank = cfg.r.rank_at(step, epoch)
+            for _, _, _, branch in self.branches(entry):
+                if branch.rank != rank:
+                    branch.set_rank(rank)
+                    changed[entry] = rank
+        return changed
+
     def trainable_parameters(self) -> dict[str, Any]:
         """Counts per entry of the active set (trainable and total) and the base size."""
         per_entry = {e: {"trainable": 0, "total": 0} for e in self.hybrid_config.methods}

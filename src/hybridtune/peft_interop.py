@@ -71,7 +71,7 @@ def export_peft(model: HybridModel, directory: str | Path, entries: list[str] | 
             ranks[target], alphas[target] = a.shape[0], float(a.shape[0])
         else:
             (b,) = branches
-            a, bb = b.lora_A.detach(), b.lora_B.detach()
+            a, bb = b.A.detach(), b.B.detach()
             ranks[target], alphas[target] = b.rank, b.alpha
         tensors[f"{_PEFT_PREFIX}{target}.lora_A.weight"] = a.cpu().contiguous()
         tensors[f"{_PEFT_PREFIX}{target}.lora_B.weight"] = bb.cpu().contiguous()

@@ -54,6 +54,9 @@ class Branch(nn.Module):
             return replace_rows(output, rows, new.index_select(0, rows))
         return type(output)((replace_rows(output[0], rows, new[0].index_select(0, rows)), *output[1:]))
 
+    def after_load(self) -> None:
+        """Called after a checkpoint's tensors were copied in (to refresh derived state)."""
+
     # Mergeable branches override these three.
     merged: bool = False
 

@@ -13,12 +13,41 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..targeting import first_match, is_linear, linear_features, select_modules
+from ..validation import StrictModel
 from .base import Branch, MethodConfig, first_input, param_like
+
+
+class RankSchedule(StrictModel):
+    """A rank that grows during training: ``start``, then ``+grow_by`` every ``every_steps``
+    optimizer steps (or ``every_epochs`` epochs) of the stage that trains the entry, up to ``max``.
+
+    Parameters are allocated at ``max`` once, so growing never re-creates them and the optimizer
+    keeps its state; new directions have B = 0, so a growth step leaves the function unchanged.
+    The scale stays alpha/start (alpha/sqrt(start) with rsLoRA) for the same reason.
+    """
+
+    start: int = Field(ge=1)
+    max: int = Field(ge=1)
+    grow_by: int = Field(ge=1)
+    every_steps: int | None = Field(None, ge=1)
+    every_epochs: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RankSchedule:
+        if self.max < self.start:
+            raise ValueError(f"max ({self.max}) must be >= start ({self.start})")
+        if (self.every_steps is None) == (self.every_epochs is None):
+            raise ValueError("give exactly one of every_steps and every_epochs")
+        return self
+
+    def rank_at(self, step: int, epoch: float) -> int:
+        done = step // self.every_steps if self.every_steps else int(epoch // self.every_epochs)
+        return min(self.max, self.start + self.grow_by * done)
 
 
 class LoRAConfig(MethodConfig):
@@ -31,7 +60,7 @@ class LoRAConfig(MethodConfig):
     type: Literal["lora"] = "lora"
     mergeable: ClassVar[bool] = True
 
-    r: int = Field(8, ge=1)
+    r: int | RankSchedule = 8
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] = Field(min_length=1)
@@ -45,6 +74,19 @@ class LoRAConfig(MethodConfig):
     def _one_pattern_is_a_list(cls, value):
         return [value] if isinstance(value, str) else value
 
+    @field_validator("r")
+    @classmethod
+    def _positive_rank(cls, value: int | RankSchedule) -> int | RankSchedule:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"r is {value}; ranks must be >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _schedule_is_uniform(self) -> LoRAConfig:
+        if isinstance(self.r, RankSchedule) and self.rank_pattern:
+            raise ValueError("a growing rank (r: {start, max, ...}) cannot be combined with rank_pattern")
+        return self
+
     @field_validator("rank_pattern")
     @classmethod
     def _positive_ranks(cls, value: dict[str, int]) -> dict[str, int]:
@@ -54,6 +96,9 @@ class LoRAConfig(MethodConfig):
         return value
 
     def rank_for(self, name: str) -> int:
+        """The rank a module starts with."""
+        if isinstance(self.r, RankSchedule):
+            return self.r.start
         key = first_match(self.rank_pattern, name)
         return self.rank_pattern[key] if key is not None else self.r
 
@@ -90,6 +135,7 @@ class LoRAConfig(MethodConfig):
             fan_in,
             fan_out,
             rank=rank,
+            capacity=self.r.max if isinstance(self.r, RankSchedule) else rank,
             alpha=alpha,
             scale=self.scale_for(rank, alpha),
             dropout=self.dropout,
@@ -113,31 +159,60 @@ class LoRABranch(Branch):
         transposed: bool,
         dtype: torch.dtype,
         device: torch.device,
+        capacity: int | None = None,
     ) -> None:
         super().__init__()
+        capacity = capacity or rank
         self.rank, self.alpha, self.scale, self.transposed = rank, alpha, scale, transposed
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        self.lora_A = nn.Parameter(torch.empty(capacity, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, capacity, dtype=dtype, device=device))
+        if capacity != rank:  # a growing rank: its current value travels in checkpoints
+            self.register_buffer("rank_active", torch.tensor(rank, dtype=torch.long))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own default init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._original_weight: torch.Tensor | None = None
 
+    @property
+    def A(self) -> torch.Tensor:
+        """The active rows of lora_A (all of them unless the rank grows)."""
+        return self.lora_A if self.rank == self.lora_A.shape[0] else self.lora_A[: self.rank]
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.lora_B if self.rank == self.lora_B.shape[1] else self.lora_B[:, : self.rank]
+
+    @property
+    def capacity(self) -> int:
+        return self.lora_A.shape[0]
+
+    def set_rank(self, rank: int) -> None:
+        """Use the first ``rank`` directions (up to the capacity allocated at injection)."""
+        if not 1 <= rank <= self.capacity:
+            raise ValueError(f"rank {rank} is outside 1..{self.capacity} for this LoRA branch")
+        self.rank = rank
+        if hasattr(self, "rank_active"):
+            self.rank_active.fill_(rank)
+
+    def after_load(self) -> None:
+        if hasattr(self, "rank_active"):
+            self.rank = int(self.rank_active)
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(self.dropout(x.to(self.lora_A.dtype)), self.A), self.B) * self.scale
+
     def forward(self, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return output
-        x = self.dropout(first_input(args, kwargs).to(self.lora_A.dtype))
-        delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
-        return output + delta.to(output.dtype)
+        return output + self._delta(first_input(args, kwargs)).to(output.dtype)
 
     def routed(self, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(first_input(args, kwargs).index_select(0, rows).to(self.lora_A.dtype))
-        delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        delta = self._delta(first_input(args, kwargs).index_select(0, rows))
         return output.index_add(0, rows, delta.to(output.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A in the layout of the base weight, computed in fp32."""
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        delta = (self.B.float() @ self.A.float()) * self.scale
         return delta.T if self.transposed else delta
 
     @torch.no_grad()
@@ -162,14 +237,15 @@ class LoRABranch(Branch):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, transposed={self.transposed}"
+        grows = f", capacity={self.capacity}" if self.capacity != self.rank else ""
+        return f"rank={self.rank}{grows}, alpha={self.alpha}, scale={self.scale:g}, transposed={self.transposed}"
 
 
 def stack_deltas(parts: list[tuple[LoRABranch, float]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of one scale-1 LoRA equal to Σ w·s·B A over ``parts`` exactly: A = [A1; A2; ...],
     B = [w1 s1 B1, w2 s2 B2, ...]. Its rank is the sum of the ranks."""
-    a = torch.cat([branch.lora_A.detach() for branch, _ in parts], dim=0)
-    b = torch.cat([branch.lora_B.detach() * (branch.scale * weight) for branch, weight in parts], dim=1)
+    a = torch.cat([branch.A.detach() for branch, _ in parts], dim=0)
+    b = torch.cat([branch.B.detach() * (branch.scale * weight) for branch, weight in parts], dim=1)
     return a, b
 
 

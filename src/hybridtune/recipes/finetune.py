@@ -231,6 +231,7 @@ class Run:
         if checkpoint is not None:
             restore_rng(checkpoint)
 
+        self._grow(stage, position.stage_step, steps_per_epoch)
         bar = tqdm(total=total, initial=position.stage_step, desc=f"stage {stage.name}", disable=not self.main)
         model.train()
         window_tokens, window_start = 0, time.time()
@@ -254,6 +255,7 @@ class Run:
                 position.stage_step += 1
                 position.global_step += 1
                 step = position.global_step
+                self._grow(stage, position.stage_step, steps_per_epoch, step)
                 if step % t.log_every == 0:
                     elapsed = max(time.time() - window_start, 1e-9)
                     record = {
@@ -291,6 +293,12 @@ class Run:
         return position
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _grow(self, stage: StageConfig, stage_step: int, steps_per_epoch: int, step: int | None = None) -> None:
+        """Growing-rank schedules of the stage's entries follow the stage's own step count."""
+        changed = self.model.update_rank_schedules(stage_step, stage_step / steps_per_epoch, stage.train)
+        if changed and step is not None:
+            self.tracker.log({"kind": "rank", "stage": stage.name, "step": step, **changed})
+
     def _loader(self, stage_index: int, epoch: int) -> DataLoader:
         t = self.config.training
         seed = t.seed * 1_000_003 + stage_index * 10_007 + epoch

@@ -8,10 +8,12 @@ from typing import Any
 from .adapter import AdapterConfig
 from .base import Branch, MethodConfig
 from .lora import LoRAConfig
+from .lora_mixture import LoRAMixtureConfig
 
 METHODS: dict[str, type[MethodConfig]] = {
     "lora": LoRAConfig,
     "adapter": AdapterConfig,
+    "lora_mixture": LoRAMixtureConfig,
 }
 
 
@@ -31,4 +33,4 @@ def method_config(data: dict[str, Any] | MethodConfig) -> MethodConfig:
     return METHODS[kind].model_validate(data)
 
 
-__all__ = ["METHODS", "AdapterConfig", "Branch", "LoRAConfig", "MethodConfig", "method_config"]
+__all__ = ["METHODS", "AdapterConfig", "Branch", "LoRAConfig", "LoRAMixtureConfig", "MethodConfig", "method_config"]

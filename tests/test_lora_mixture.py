@@ -72,3 +72,39 @@ def test_soft_token_mixture_matches_hand_computation():
     weights = torch.softmax(x @ branch.router.weight.T + branch.router.bias, dim=-1)
     expected = x @ layer.weight.T + sum(weights[..., k : k + 1] * branch.expert_delta(x, k) for k in range(3))
     torch.testing.assert_close(layer(x), expected, **TOL)
+
+
+def test_training_from_yaml_with_task_fields(tmp_path, tiny_lm_dir):
+    import json
+
+    import yaml
+
+    from hybridtune.recipes.finetune import train
+    from hybridtune.run_config import ConfigError, load_run_config
+
+    colors = [
+        {"instruction": f"what color is the {t}?", "output": c, "task": "colors"}
+        for t, c in [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black")]
+    ]
+    movies = [
+        {"instruction": f"classify: the film is {w}", "output": lab, "task": "movies"}
+        for w, lab in [("great", "positive"), ("awful", "negative"), ("good", "positive"), ("bad", "negative")]
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (colors + movies) * 3))
+    raw = {"model": str(tiny_lm_dir), "data": {"train": "train.jsonl", "eval": "train.jsonl"},
+           "methods": {"mix": {"type": "lora_mixture", "tasks": ["colors", "movies"], "r": 4,
+                               "targets": ["q_proj", "v_proj", "down_proj"]}},
+           "training": {"batch_size": 4, "lr": 2e-2, "max_steps": 12}, "eval": {"max_new_tokens": 2, "max_samples": 8},
+           "output": str(tmp_path / "run")}  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    result = train(load_run_config(tmp_path / "run.yaml"), log=lambda *a: None)
+    assert result.summary["after"]["eval_loss"] < 0.7 * result.summary["before"]["eval_loss"]
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**colors[0], "task": "cooking"}) + "\n")
+    raw["data"] = {"train": "bad.jsonl"}
+    raw["output"] = str(tmp_path / "run2")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        ConfigError, match="an example has task 'cooking'; the mixture's tasks are \\['colors', 'movies'\\]"
+    ):
+        train(load_run_config(tmp_path / "run.yaml"), log=lambda *a: None)

@@ -124,7 +124,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
-    task: str | None = None
+    task_id: int | None = None
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -174,13 +174,17 @@ def encode(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> E
 
 def pack(encoded: list[Encoded], max_length: int) -> list[Encoded]:
     """Concatenate examples into blocks of up to ``max_length`` tokens (examples are not split;
-    attention is not masked between packed examples, as in most packing implementations)."""
+    attention is not masked between packed examples, as in most packing implementations). Only
+    examples of the same task share a block."""
     blocks: list[Encoded] = []
     current = Encoded([], [])
-    for item in encoded:
-        if current.input_ids and len(current.input_ids) + len(item.input_ids) > max_length:
+    for item in sorted(encoded, key=lambda e: -1 if e.task_id is None else e.task_id):
+        if current.input_ids and (
+            len(current.input_ids) + len(item.input_ids) > max_length or item.task_id != current.task_id
+        ):
             blocks.append(current)
-            current = Encoded([], [])
+            current = Encoded([], [], task_id=item.task_id)
+        current.task_id = item.task_id
         current.input_ids += item.input_ids
         current.labels += item.labels
     if current.input_ids:
@@ -199,7 +203,10 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch_out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if any(e.task_id is not None for e in batch):
+        batch_out["task_ids"] = torch.tensor([e.task_id for e in batch])
+    return batch_out
 
 
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

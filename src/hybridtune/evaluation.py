@@ -22,7 +22,8 @@ def eval_loss(model: nn.Module, encoded: list[Encoded], pad_id: int, batch_size:
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded[start : start + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        extra = {"task_ids": batch["task_ids"]} if "task_ids" in batch else {}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
         shift_labels = batch["labels"][:, 1:]
         losses = nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), reduction="sum"
@@ -51,8 +52,11 @@ class Generation:
 
 
 @torch.no_grad()
-def generate_batch(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy completions of already-rendered prompts (left-padded in one batch)."""
+def generate_batch(
+    model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, **route: Any
+) -> list[str]:
+    """Greedy completions of already-rendered prompts (left-padded in one batch). ``route`` passes
+    ``adapter_sets`` / ``task_ids`` through to a HybridModel."""
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -66,6 +70,7 @@ def generate_batch(model: nn.Module, tokenizer: Any, prompts: list[str], max_new
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **route,
     )
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
@@ -78,6 +83,7 @@ def exact_match(
     system: str | None,
     max_new_tokens: int,
     batch_size: int,
+    task_ids: list[int | None] | None = None,
 ) -> tuple[float, list[Generation]]:
     """Share of examples whose generated last assistant turn equals the reference (case, spacing
     and a final period ignored), with the generations."""
@@ -92,7 +98,9 @@ def exact_match(
     generations = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        outputs = generate_batch(model, tokenizer, [p for _, p, _ in chunk], max_new_tokens)
+        ids = (task_ids or [None])[start : start + batch_size]
+        route = {"task_ids": ids} if ids and ids[0] is not None else {}
+        outputs = generate_batch(model, tokenizer, [p for _, p, _ in chunk], max_new_tokens, **route)
         generations += [Generation(q, p, r, o) for (q, p, r), o in zip(chunk, outputs, strict=True)]
     model.train(was_training)
     accuracy = sum(g.correct for g in generations) / max(len(generations), 1)

@@ -26,6 +26,7 @@ from transformers import get_scheduler
 from .. import checkpoint as adapter_io
 from ..data import Encoded, Example, collate, encode, pack, read_examples, split, with_system
 from ..evaluation import Generation, eval_loss, exact_match
+from ..methods.lora_mixture import LoRAMixtureConfig
 from ..model import HybridModel, inject
 from ..models import load_base
 from ..run_config import ConfigError, RunConfig, StageConfig
@@ -97,14 +98,39 @@ def prepare_data(config: RunConfig, tokenizer: Any) -> Prepared:
     else:
         eval_examples = []
 
+    tasks = task_names(config)
+
     def encode_all(examples: list[Example]) -> list[Encoded]:
-        return [encode(tokenizer, with_system(e.messages, data.system), data.max_length) for e in examples]
+        encoded = []
+        for e in examples:
+            item = encode(tokenizer, with_system(e.messages, data.system), data.max_length)
+            item.task_id = task_id(e, tasks)
+            encoded.append(item)
+        return encoded
 
     train, evals = encode_all(train_examples), encode_all(eval_examples)
     truncated = sum(e.truncated for e in train) + sum(e.truncated for e in evals)
     if data.packing:
         train = pack(train, data.max_length)
     return Prepared(train, evals, eval_examples, truncated)
+
+
+def task_names(config: RunConfig) -> list[str] | None:
+    """The task list of the run's hard mixture entries (they must agree), or None."""
+    lists = {tuple(c.tasks) for c in config.methods.values() if isinstance(c, LoRAMixtureConfig) and c.mode == "hard"}
+    if len(lists) > 1:
+        raise ConfigError([f"hard lora_mixture entries must name the same tasks, got {sorted(lists)}"])
+    return list(lists.pop()) if lists else None
+
+
+def task_id(example: Example, tasks: list[str] | None) -> int | None:
+    if tasks is None:
+        return None
+    if example.task not in tasks:
+        raise ConfigError(
+            [f"an example has task {example.task!r}; the mixture's tasks are {tasks} (give each record a 'task' field)"]
+        )
+    return tasks.index(example.task)
 
 
 def _check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> bool:
@@ -337,6 +363,7 @@ class Run:
                 model,
                 self.tokenizer,
                 examples,
+                task_ids=[e.task_id for e in self.data.eval[: ev.max_samples]],
                 system=self.config.data.system,
                 max_new_tokens=ev.max_new_tokens,
                 batch_size=ev.batch_size,

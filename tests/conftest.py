@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,6 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
+import yaml
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -133,3 +135,34 @@ def save_tiny_lm(directory, seed: int = 0, chat_template: bool = True):
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory):
     return save_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red", "sun": "yellow",
+          "ocean": "blue", "leaf": "green", "cherry": "red", "night": "black", "cloud": "white"}  # fmt: skip
+
+
+@pytest.fixture
+def project(tmp_path, tiny_lm_dir):
+    """A folder with colour-question train/eval files (alpaca JSONL)."""
+    rows = [{"instruction": f"what color is the {thing}?", "output": color} for thing, color in COLORS.items()]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    return tmp_path
+
+
+def write_config(project, tiny_lm_dir, name="run.yaml", **training):
+    config = {
+        "model": str(tiny_lm_dir),
+        "methods": {
+            "lora": {"type": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "dropout": 0.1},
+            "adapter": {"type": "adapter", "after": "mlp", "bottleneck_size": 8},
+        },
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 64},
+        "training": {"batch_size": 4, "lr": 1e-2, "max_steps": 12, "save_every": 3, "seed": 3, "scheduler": "linear",
+                     **training},
+        "eval": {"max_new_tokens": 3, "batch_size": 8},
+        "output": str(project / "runs" / name.removesuffix(".yaml")),
+    }  # fmt: skip
+    path = project / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -124,10 +124,28 @@ def evaluate(
         typer.echo(f"{key}: {value:.4f}")
 
 
+def _weighted(spec: str) -> list[tuple[Path, float]]:
+    """``DIR:0.5,DIR:0.5`` (a bare DIR weighs 1) -> [(path, weight), ...]."""
+    items = []
+    for part in spec.split(","):
+        path, sep, weight = part.rpartition(":")
+        if not sep:
+            path, weight = part, "1"
+        try:
+            items.append((Path(path), float(weight)))
+        except ValueError:
+            _fail(f"'{part}': expected DIR:WEIGHT with a number as weight")
+    return items
+
+
 @app.command()
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="The user message.")] = None,
     adapters: Annotated[Path | None, typer.Option("--adapters", help="Saved adapters; none = base model.")] = None,
+    ensemble: Annotated[
+        str | None, typer.Option(help="Average several adapter dirs' logits: DIR:0.5,DIR:0.5 (instead of --adapters).")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="Task name, for adapters with a hard lora_mixture.")] = None,
     model: ModelOpt = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
@@ -137,12 +155,22 @@ def generate(
     from .data import render_prompt
     from .evaluation import generate_batch
     from .models import EMBEDDED_NAME, load_base
-    from .recipes.finetune import load_trained
+    from .recipes.finetune import load_sets, load_trained
 
     if prompt is None and not interactive:
         _fail("give a prompt, or --interactive")
-    if adapters is not None:
+    if ensemble is not None and adapters is not None:
+        _fail("give --adapters or --ensemble, not both")
+    route = {}
+    if ensemble is not None:
+        from .combine import Ensemble
+
+        hybrid, tokenizer, weights = load_sets(_weighted(ensemble), model)
+        lm = Ensemble(hybrid, weights)
+    elif adapters is not None:
         lm, tokenizer = load_trained(adapters, model)
+        if task is not None:
+            route = {"task_ids": [_task_index(lm, task)]}
     else:
         lm, tokenizer = load_base(model or EMBEDDED_NAME)
     lm.eval()
@@ -153,12 +181,52 @@ def generate(
             if not prompt:
                 return
         history.append({"role": "user", "content": prompt})
-        (answer,) = generate_batch(lm, tokenizer, [render_prompt(tokenizer, history)], max_new_tokens)
+        text = render_prompt(tokenizer, history)
+        if ensemble is not None:
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            out = lm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+            answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        else:
+            (answer,) = generate_batch(lm, tokenizer, [text], max_new_tokens, **route)
         typer.echo(answer.strip())
         if not interactive:
             return
         history.append({"role": "assistant", "content": answer.strip()})
         prompt = None
+
+
+def _task_index(hybrid, task: str) -> int:
+    from .methods.lora_mixture import LoRAMixtureConfig
+
+    for cfg in hybrid.entries.values():
+        if isinstance(cfg, LoRAMixtureConfig) and cfg.tasks:
+            if task not in cfg.tasks:
+                _fail(f"unknown task '{task}'; these adapters know: {', '.join(cfg.tasks)}")
+            return cfg.tasks.index(task)
+    _fail("--task needs adapters with a hard lora_mixture entry")
+
+
+@app.command("merge-sets")
+def merge_sets_command(
+    adapters: Annotated[list[str], typer.Argument(help="DIR:WEIGHT for each LoRA adapter dir to merge.")],
+    out: Annotated[Path, typer.Option("--out", help="Output adapter directory.")],
+    method: Annotated[str, typer.Option(help="concat (exact, ranks add up) or svd (compress to --rank).")] = "concat",
+    rank: Annotated[int | None, typer.Option(help="Rank per module for --method svd.")] = None,
+    model: ModelOpt = None,
+) -> None:
+    """Merge several LoRA adapter sets into one (linear weighted), for deployment."""
+    from .combine import merge_sets
+    from .recipes.finetune import load_sets
+
+    if method not in {"concat", "svd"}:
+        _fail(f"--method must be concat or svd, not '{method}'")
+    hybrid, _, weights = load_sets([spec for arg in adapters for spec in _weighted(arg)], model)
+    try:
+        merge_sets(hybrid, weights, into="merged", method=method, rank=rank)
+    except ValueError as exc:
+        _fail(str(exc))
+    hybrid.save_set("merged", out)
+    typer.echo(f"merged adapters: {out}")
 
 
 @app.command()

@@ -418,3 +418,19 @@ def load_trained(adapters_dir: str | Path, model_name: str | None = None) -> tup
         raise ConfigError([f"{adapters_dir} does not record its base model; pass --model"])
     base, tokenizer = load_base(name)
     return adapter_io.load(base, adapters_dir), tokenizer
+
+
+def load_sets(specs: list[tuple[Path, float]], model_name: str | None = None) -> tuple[HybridModel, Any, dict]:
+    """One base model with each saved adapter directory loaded as its own set (s0, s1, ...);
+    returns the model, the tokenizer and {set name: weight}."""
+    if not specs:
+        raise ConfigError(["no adapter directories given"])
+    first = adapter_io.read_meta(specs[0][0])
+    name = model_name or first["base_model"].get("name_or_path")
+    if not name:
+        raise ConfigError([f"{specs[0][0]} does not record its base model; pass --model"])
+    base, tokenizer = load_base(name)
+    hybrid = adapter_io.load(base, specs[0][0], set_name="s0")
+    for i, (directory, _) in enumerate(specs[1:], start=1):
+        hybrid.load_set(f"s{i}", directory)
+    return hybrid, tokenizer, {f"s{i}": weight for i, (_, weight) in enumerate(specs)}

@@ -10,18 +10,90 @@ from pathlib import Path
 
 INSTRUCTION = "Classify the sentiment of this movie review. Reply with one lowercase word: positive or negative."
 
-FILMS = ["the film", "this movie", "the sequel", "the remake", "this thriller", "the comedy", "this drama",
-         "the documentary", "the animated feature", "this western", "the horror flick", "the musical",
-         "this biopic", "the space opera", "the heist movie", "this romance", "the war epic", "the mystery",
-         "the superhero movie", "this indie film", "the adaptation", "the debut feature", "the director's cut",
-         "this noir", "the family film", "the courtroom drama", "the road movie", "the fantasy epic"]
-ASPECTS = ["the acting", "the script", "the soundtrack", "the cinematography", "the pacing", "the dialogue",
-           "the ending", "the plot", "the lead performance", "the direction", "the visual effects", "the editing",
-           "the humor", "the score", "the characters", "the final act"]
-POSITIVE = ["wonderful", "brilliant", "moving", "gripping", "delightful", "superb", "charming", "stunning",
-            "hilarious", "masterful", "heartfelt", "beautiful", "thrilling", "clever", "unforgettable", "excellent"]
-NEGATIVE = ["dull", "tedious", "clumsy", "boring", "awful", "lifeless", "predictable", "messy", "forgettable",
-            "painful", "bland", "incoherent", "shallow", "annoying", "tiresome", "dreadful"]
+FILMS = [
+    "the film",
+    "this movie",
+    "the sequel",
+    "the remake",
+    "this thriller",
+    "the comedy",
+    "this drama",
+    "the documentary",
+    "the animated feature",
+    "this western",
+    "the horror flick",
+    "the musical",
+    "this biopic",
+    "the space opera",
+    "the heist movie",
+    "this romance",
+    "the war epic",
+    "the mystery",
+    "the superhero movie",
+    "this indie film",
+    "the adaptation",
+    "the debut feature",
+    "the director's cut",
+    "this noir",
+    "the family film",
+    "the courtroom drama",
+    "the road movie",
+    "the fantasy epic",
+]
+ASPECTS = [
+    "the acting",
+    "the script",
+    "the soundtrack",
+    "the cinematography",
+    "the pacing",
+    "the dialogue",
+    "the ending",
+    "the plot",
+    "the lead performance",
+    "the direction",
+    "the visual effects",
+    "the editing",
+    "the humor",
+    "the score",
+    "the characters",
+    "the final act",
+]
+POSITIVE = [
+    "wonderful",
+    "brilliant",
+    "moving",
+    "gripping",
+    "delightful",
+    "superb",
+    "charming",
+    "stunning",
+    "hilarious",
+    "masterful",
+    "heartfelt",
+    "beautiful",
+    "thrilling",
+    "clever",
+    "unforgettable",
+    "excellent",
+]
+NEGATIVE = [
+    "dull",
+    "tedious",
+    "clumsy",
+    "boring",
+    "awful",
+    "lifeless",
+    "predictable",
+    "messy",
+    "forgettable",
+    "painful",
+    "bland",
+    "incoherent",
+    "shallow",
+    "annoying",
+    "tiresome",
+    "dreadful",
+]
 INTENSIFIERS = ["", "", "truly ", "really ", "utterly ", "surprisingly ", "remarkably ", "simply "]
 POS_TEMPLATES = [
     "{film} is {i}{adj}.",
@@ -48,7 +120,9 @@ NEG_TEMPLATES = [
 def sentence(rng: random.Random, films: list[str], positive: bool) -> str:
     template = rng.choice(POS_TEMPLATES if positive else NEG_TEMPLATES)
     text = template.format(
-        film=rng.choice(films), aspect=rng.choice(ASPECTS), i=rng.choice(INTENSIFIERS),
+        film=rng.choice(films),
+        aspect=rng.choice(ASPECTS),
+        i=rng.choice(INTENSIFIERS),
         adj=rng.choice(POSITIVE if positive else NEGATIVE),
     )
     return text[0].upper() + text[1:]

@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .checkpoint import load
 from .config import HybridConfig
 from .errors import CheckpointError, HybridTuneError, MergeError, TargetError
-from .methods import METHODS, AdapterConfig, LoRAConfig, LoRAMixtureConfig, MethodConfig
+from .methods import METHODS, AdapterConfig, DoRAConfig, LoRAConfig, LoRAMixtureConfig, MethodConfig
 from .model import HybridModel, inject
 from .peft_interop import export_peft, import_peft
 
@@ -13,6 +13,7 @@ __all__ = [
     "METHODS",
     "AdapterConfig",
     "CheckpointError",
+    "DoRAConfig",
     "HybridConfig",
     "HybridModel",
     "HybridTuneError",

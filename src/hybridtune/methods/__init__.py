@@ -7,6 +7,7 @@ from typing import Any
 
 from .adapter import AdapterConfig
 from .base import Branch, MethodConfig
+from .dora import DoRAConfig
 from .lora import LoRAConfig
 from .lora_mixture import LoRAMixtureConfig
 
@@ -14,6 +15,7 @@ METHODS: dict[str, type[MethodConfig]] = {
     "lora": LoRAConfig,
     "adapter": AdapterConfig,
     "lora_mixture": LoRAMixtureConfig,
+    "dora": DoRAConfig,
 }
 
 
@@ -33,4 +35,13 @@ def method_config(data: dict[str, Any] | MethodConfig) -> MethodConfig:
     return METHODS[kind].model_validate(data)
 
 
-__all__ = ["METHODS", "AdapterConfig", "Branch", "LoRAConfig", "LoRAMixtureConfig", "MethodConfig", "method_config"]
+__all__ = [
+    "METHODS",
+    "AdapterConfig",
+    "Branch",
+    "DoRAConfig",
+    "LoRAConfig",
+    "LoRAMixtureConfig",
+    "MethodConfig",
+    "method_config",
+]

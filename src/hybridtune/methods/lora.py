@@ -50,15 +50,12 @@ class RankSchedule(StrictModel):
         return min(self.max, self.start + self.grow_by * done)
 
 
-class LoRAConfig(MethodConfig):
-    """Low-rank update of linear layers chosen by name pattern.
+class LowRankConfig(MethodConfig):
+    """Fields and target rules shared by the low-rank methods (LoRA, DoRA).
 
     ``rank_pattern``/``alpha_pattern`` map a pattern (same rules as ``targets``) to a per-module
     rank/alpha; the first pattern that matches a module, in the order written, wins.
     """
-
-    type: Literal["lora"] = "lora"
-    mergeable: ClassVar[bool] = True
 
     r: int | RankSchedule = 8
     alpha: float = Field(16.0, gt=0)
@@ -82,7 +79,7 @@ class LoRAConfig(MethodConfig):
         return value
 
     @model_validator(mode="after")
-    def _schedule_is_uniform(self) -> LoRAConfig:
+    def _schedule_is_uniform(self) -> LowRankConfig:
         if isinstance(self.r, RankSchedule) and self.rank_pattern:
             raise ValueError("a growing rank (r: {start, max, ...}) cannot be combined with rank_pattern")
         return self
@@ -128,12 +125,13 @@ class LoRAConfig(MethodConfig):
                     )
         return chosen
 
-    def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> LoRABranch:
+    def branch_args(self, name: str, module: nn.Module) -> dict:
+        """Constructor arguments of a low-rank branch for target ``name``."""
         rank, alpha = self.rank_for(name), self.alpha_for(name)
         fan_in, fan_out = linear_features(module)
-        return LoRABranch(
-            fan_in,
-            fan_out,
+        return dict(
+            in_features=fan_in,
+            out_features=fan_out,
             rank=rank,
             capacity=self.r.max if isinstance(self.r, RankSchedule) else rank,
             alpha=alpha,
@@ -142,6 +140,16 @@ class LoRAConfig(MethodConfig):
             transposed=isinstance(module, Conv1D),
             **param_like(module),
         )
+
+
+class LoRAConfig(LowRankConfig):
+    """Low-rank update of linear layers chosen by name pattern (see LowRankConfig)."""
+
+    type: Literal["lora"] = "lora"
+    mergeable: ClassVar[bool] = True
+
+    def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> LoRABranch:
+        return LoRABranch(**self.branch_args(name, module))
 
 
 class LoRABranch(Branch):

@@ -1,0 +1,98 @@
+"""DoRA: weight-decomposed LoRA. W' = m · (W + s·B A) / ||W + s·B A||, with the norm taken per
+output feature and a learned magnitude vector m (initialised to ||W||, so the model starts
+unchanged). As in the paper and peft, the norm is treated as a constant for the gradient.
+
+Computed on top of the base output: y = b + (m/n)·(W x + s·B A x) = base + (m/n − 1)(W x) + (m/n)·s·B A x.
+Dropout (when set) applies to the low-rank path only; the magnitude rescales the undropped W x.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from .base import first_input
+from .lora import LoRABranch, LowRankConfig, RankSchedule
+
+
+class DoRAConfig(LowRankConfig):
+    type: Literal["dora"] = "dora"
+    mergeable: ClassVar[bool] = True
+
+    def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> DoRABranch:
+        if isinstance(self.r, RankSchedule):
+            raise ValueError(f"entry '{entry}': DoRA does not support a growing rank")
+        return DoRABranch(module, **self.branch_args(name, module))
+
+
+class DoRABranch(LoRABranch):
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.__dict__["base_layer"] = base_layer  # a reference, not a child: its weight is the base's
+        with torch.no_grad():
+            magnitude = self.weight_norm().to(self.lora_A.dtype)
+        self.magnitude = nn.Parameter(magnitude)
+        self._norm_at_merge: torch.Tensor | None = None
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as [out, in] (Conv1D stores [in, out])."""
+        weight = self.base_layer.weight
+        return weight.T if self.transposed else weight
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W + s·B A|| per output feature, in fp32, with no gradient (a constant, as in the paper)."""
+        with torch.no_grad():
+            combined = self.base_weight().float() + (self.B.float() @ self.A.float()) * self.scale
+            return torch.linalg.norm(combined, dim=1)
+
+    def _dora(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        bias = self.base_layer.bias
+        plain = base_out if bias is None else base_out - bias
+        ratio = (self.magnitude / self.weight_norm().to(self.magnitude.dtype)).to(base_out.dtype)
+        return base_out + (ratio - 1) * plain + ratio * self._delta(x).to(base_out.dtype)
+
+    def forward(self, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return output
+        return self._dora(first_input(args, kwargs), output)
+
+    def routed(self, args: tuple, kwargs: dict, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        x = first_input(args, kwargs).index_select(0, rows)
+        return output.index_copy(0, rows, self._dora(x, output.index_select(0, rows)))
+
+    def merged_weight(self) -> torch.Tensor:
+        """(m/n)·(W + s·B A) in the base weight's layout, fp32."""
+        combined = self.base_weight().float() + (self.B.float() @ self.A.float()) * self.scale
+        merged = (self.magnitude.float() / self.weight_norm())[:, None] * combined
+        return merged.T if self.transposed else merged
+
+    def delta_weight(self) -> torch.Tensor:
+        base = self.base_layer.weight.float()
+        return self.merged_weight() - base
+
+    @torch.no_grad()
+    def merge_into(self, module: nn.Module, keep_original: bool) -> None:
+        if self.merged:
+            return
+        weight = module.weight
+        self._original_weight = weight.detach().to("cpu", copy=True) if keep_original else None
+        self._norm_at_merge = self.weight_norm()
+        weight.copy_(self.merged_weight().to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge_from(self, module: nn.Module) -> None:
+        if not self.merged:
+            return
+        weight = module.weight
+        if self._original_weight is not None:
+            weight.copy_(self._original_weight.to(weight.device))
+        else:  # invert W' = (m/n)(W + sBA) with the n saved at merge time
+            ratio = (self.magnitude.float() / self._norm_at_merge)[:, None]
+            low_rank = (self.B.float() @ self.A.float()) * self.scale
+            restored = self.base_weight().float() / ratio - low_rank
+            weight.copy_((restored.T if self.transposed else restored).to(weight.dtype))
+        self._original_weight = None
+        self.merged = False

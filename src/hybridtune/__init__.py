@@ -5,7 +5,16 @@ __version__ = "0.1.0"
 from .checkpoint import load
 from .config import HybridConfig
 from .errors import CheckpointError, HybridTuneError, MergeError, TargetError
-from .methods import METHODS, AdapterConfig, DoRAConfig, LoRAConfig, LoRAMixtureConfig, MethodConfig
+from .methods import (
+    METHODS,
+    AdapterConfig,
+    DoRAConfig,
+    IA3Config,
+    LoRAConfig,
+    LoRAMixtureConfig,
+    MethodConfig,
+    ParallelAdapterConfig,
+)
 from .model import HybridModel, inject
 from .peft_interop import export_peft, import_peft
 
@@ -17,10 +26,12 @@ __all__ = [
     "HybridConfig",
     "HybridModel",
     "HybridTuneError",
+    "IA3Config",
     "LoRAConfig",
     "LoRAMixtureConfig",
     "MergeError",
     "MethodConfig",
+    "ParallelAdapterConfig",
     "TargetError",
     "__version__",
     "export_peft",

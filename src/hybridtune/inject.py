@@ -38,6 +38,22 @@ def _run_branches(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     return output
 
 
+def _run_pre_branches(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    routing = current_routing()
+    for branch in module._modules[BRANCH_ATTR].values():
+        if not branch.modifies_input:
+            continue
+        if routing is None or routing.rows is None:
+            if branch.active:
+                args, kwargs = branch.pre(args, kwargs)
+            continue
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        rows = routing.rows_for(branch.set_name, x.shape[0])
+        if rows is not None:
+            args, kwargs = branch.routed_pre(args, kwargs, rows)
+    return args, kwargs
+
+
 def branch_key(set_name: str, entry: str) -> str:
     """Key of a branch in its target's ModuleDict: the entry name, qualified for non-default sets."""
     return entry if set_name == DEFAULT_SET else f"{set_name}:{entry}"
@@ -57,11 +73,18 @@ def attach(module: nn.Module, key: str, branch: Branch) -> None:
     if key in branches:
         raise ValueError(f"module already has a branch '{key}'")
     branches[key] = branch
+    if branch.modifies_input and _run_pre_branches not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_run_pre_branches, with_kwargs=True)
 
 
 def detach(module: nn.Module, key: str) -> None:
     branches = module._modules[BRANCH_ATTR]
     del branches[key]
+    if not any(b.modifies_input for b in branches.values()):
+        for hook_id, hook in list(module._forward_pre_hooks.items()):
+            if hook is _run_pre_branches:
+                del module._forward_pre_hooks[hook_id]
+                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
     if len(branches) == 0:
         del module._modules[BRANCH_ATTR]
         for key, hook in list(module._forward_hooks.items()):

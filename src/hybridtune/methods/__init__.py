@@ -8,14 +8,18 @@ from typing import Any
 from .adapter import AdapterConfig
 from .base import Branch, MethodConfig
 from .dora import DoRAConfig
+from .ia3 import IA3Config
 from .lora import LoRAConfig
 from .lora_mixture import LoRAMixtureConfig
+from .parallel_adapter import ParallelAdapterConfig
 
 METHODS: dict[str, type[MethodConfig]] = {
     "lora": LoRAConfig,
     "adapter": AdapterConfig,
     "lora_mixture": LoRAMixtureConfig,
     "dora": DoRAConfig,
+    "parallel_adapter": ParallelAdapterConfig,
+    "ia3": IA3Config,
 }
 
 
@@ -40,8 +44,10 @@ __all__ = [
     "AdapterConfig",
     "Branch",
     "DoRAConfig",
+    "IA3Config",
     "LoRAConfig",
     "LoRAMixtureConfig",
     "MethodConfig",
+    "ParallelAdapterConfig",
     "method_config",
 ]

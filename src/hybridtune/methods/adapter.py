@@ -27,6 +27,11 @@ class AdapterConfig(MethodConfig):
 
     type: Literal["adapter"] = "adapter"
 
+    @classmethod
+    def example(cls) -> AdapterConfig:
+        """A small config for a Llama-style model (the contract test suite runs every method with it)."""
+        return cls(after=["self_attn", "mlp"], reduction_factor=8)
+
     after: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1)
     reduction_factor: float = Field(16.0, gt=0)
     bottleneck_size: int | None = Field(None, ge=1)

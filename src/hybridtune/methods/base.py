@@ -23,6 +23,12 @@ class MethodConfig(StrictModel):
     type: str
     mergeable: ClassVar[bool] = False
 
+    @classmethod
+    def example(cls) -> MethodConfig:
+        """A small config for a Llama-style model; every registered method provides one, so the
+        contract test suite (tests/test_method_contract.py) covers it automatically."""
+        raise NotImplementedError(f"{cls.__name__} must provide example()")
+
     def select_targets(self, model: nn.Module, entry: str) -> list[tuple[str, nn.Module]]:
         """The (name, module) pairs of ``model`` this entry attaches a branch to."""
         raise NotImplementedError
@@ -37,6 +43,7 @@ class Branch(nn.Module):
     """The trainable part of one method at one target module."""
 
     mergeable: ClassVar[bool] = False
+    modifies_input: ClassVar[bool] = False  # True: ``pre`` runs before the target module (IA3 on FFN inputs)
 
     def __init__(self) -> None:
         super().__init__()
@@ -45,6 +52,16 @@ class Branch(nn.Module):
 
     def forward(self, args: tuple, kwargs: dict, output: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def pre(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Change the target's input before it runs (only if ``modifies_input``)."""
+        return args, kwargs
+
+    def routed_pre(self, args: tuple, kwargs: dict, rows: torch.Tensor) -> tuple[tuple, dict]:
+        x = first_input(args, kwargs)
+        new_args, new_kwargs = self.pre(args, kwargs)
+        changed = first_input(new_args, new_kwargs)
+        return replace_first_input(args, kwargs, replace_rows(x, rows, changed.index_select(0, rows)))
 
     def routed(self, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
         """Apply the branch to ``rows`` of the batch only (mixed-batch serving). This generic
@@ -74,6 +91,16 @@ def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     for value in kwargs.values():
         if isinstance(value, torch.Tensor):
             return value
+    raise TypeError("the target module was called without a tensor input")
+
+
+def replace_first_input(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    """(args, kwargs) with the tensor ``first_input`` would return replaced by ``value``."""
+    if args:
+        return (value, *args[1:]), kwargs
+    for key, old in kwargs.items():
+        if isinstance(old, torch.Tensor):
+            return args, {**kwargs, key: value}
     raise TypeError("the target module was called without a tensor input")
 
 

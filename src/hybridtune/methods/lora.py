@@ -148,6 +148,11 @@ class LoRAConfig(LowRankConfig):
     type: Literal["lora"] = "lora"
     mergeable: ClassVar[bool] = True
 
+    @classmethod
+    def example(cls) -> LoRAConfig:
+        """A small config for a Llama-style model (the contract test suite runs every method with it)."""
+        return cls(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
+
     def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> LoRABranch:
         return LoRABranch(**self.branch_args(name, module))
 

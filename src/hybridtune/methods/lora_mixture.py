@@ -31,6 +31,11 @@ from .base import Branch, MethodConfig, first_input, param_like
 class LoRAMixtureConfig(MethodConfig):
     type: Literal["lora_mixture"] = "lora_mixture"
 
+    @classmethod
+    def example(cls) -> LoRAMixtureConfig:
+        """A small config for a Llama-style model (the contract test suite runs every method with it)."""
+        return cls(mode="soft", experts=2, r=4, targets=["q_proj", "v_proj"])
+
     tasks: list[str] | None = None  # hard mode: one expert per task, in this order
     experts: int | None = Field(None, ge=1)  # soft mode: how many experts (or len(tasks))
     mode: Literal["hard", "soft"] = "hard"

@@ -1,0 +1,97 @@
+"""The contract every registered method keeps, run over the registry: a new method file is covered
+by adding it to METHODS (with its example())."""
+
+import itertools
+
+import pytest
+import torch
+
+import hybridtune as ht
+from conftest import make_model
+
+NAMES = list(ht.METHODS)
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def build(*types):
+    return ht.inject(make_model(), ht.HybridConfig(methods={t: ht.METHODS[t].example() for t in types}))
+
+
+def perturb(model, seed=0):
+    """Move every parameter away from its initial value (so identity-at-init branches do something)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters_to_train():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_identity_at_init(name, input_ids):
+    expected = make_model()(input_ids).logits
+    torch.testing.assert_close(build(name)(input_ids).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_load_round_trip_is_exact(name, input_ids, tmp_path):
+    model = perturb(build(name))
+    expected = model(input_ids).logits
+    assert not torch.allclose(expected, make_model()(input_ids).logits)
+    model.save_adapters(tmp_path)
+    assert torch.equal(ht.load(make_model(), tmp_path)(input_ids).logits, expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_merge_is_exact_where_mergeable_and_refused_otherwise(name, input_ids):
+    model = perturb(build(name))
+    expected = model(input_ids).logits
+    original = {k: v.clone() for k, v in model.base_state_dict().items()}
+    if not ht.METHODS[name].mergeable:
+        with pytest.raises(ht.MergeError, match="not mergeable"):
+            model.merge_and_unload()
+        return
+    model.merge()
+    torch.testing.assert_close(model(input_ids).logits, expected, **TOL)
+    model.unmerge()
+    assert all(torch.equal(v, original[k]) for k, v in model.base_state_dict().items())
+    plain = model.merge_and_unload()
+    torch.testing.assert_close(plain(input_ids).logits, expected, **TOL)
+    assert not any("hybridtune" in n for n, _ in plain.named_modules())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_reach_only_its_parameters(name, input_ids):
+    model = perturb(build(name))
+    model(input_ids, labels=input_ids).loss.backward()
+    own = {id(p) for p in model.parameters_to_train()}
+    assert own
+    for pname, p in model.named_parameters():
+        if id(p) in own:
+            assert p.grad is not None and p.grad.abs().sum() > 0, pname
+        else:
+            assert p.grad is None, pname
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_set_per_row_equals_each_row_alone(name):
+    model = perturb(build(name))
+    model.add_set("other", ht.HybridConfig(methods={name: ht.METHODS[name].example()}))
+    with model.using("other"):
+        perturb(model, seed=1)
+    ids = torch.randint(0, 97, (3, 7), generator=torch.Generator().manual_seed(2))
+    choice = ["other", None, "default"]
+    mixed = model(ids, adapter_sets=choice).logits
+    for row, set_name in enumerate(choice):
+        with model.using(set_name):
+            torch.testing.assert_close(mixed[row], model(ids[row : row + 1]).logits[0], **TOL)
+
+
+@pytest.mark.parametrize(("first", "second"), list(itertools.combinations(NAMES, 2)))
+def test_every_pair_trains_together(first, second, input_ids, tmp_path):
+    model = perturb(build(first, second))
+    model(input_ids, labels=input_ids).loss.backward()
+    for entry in (first, second):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in model.entry_parameters(entry)), entry
+    expected = model(input_ids).logits
+    model.save_adapters(tmp_path)
+    assert torch.equal(ht.load(make_model(), tmp_path)(input_ids).logits, expected)

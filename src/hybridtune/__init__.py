@@ -14,6 +14,7 @@ from .methods import (
     LoRAMixtureConfig,
     MethodConfig,
     ParallelAdapterConfig,
+    PromptTuningConfig,
 )
 from .model import HybridModel, inject
 from .peft_interop import export_peft, import_peft
@@ -32,6 +33,7 @@ __all__ = [
     "MergeError",
     "MethodConfig",
     "ParallelAdapterConfig",
+    "PromptTuningConfig",
     "TargetError",
     "__version__",
     "export_peft",

@@ -58,11 +58,16 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def state_key(entry: str, target: str, name: str) -> str:
+    """``{entry}.{target module}.{parameter}``; a branch on the model itself has no module part."""
+    return ".".join(part for part in (entry, target, name) if part)
+
+
 def adapter_state(model: HybridModel) -> dict[str, torch.Tensor]:
     state = {}
     for entry, target, _, branch in model.branches():
         for name, tensor in branch.state_dict().items():
-            state[f"{entry}.{target}.{name}"] = tensor.detach().to("cpu").contiguous()
+            state[state_key(entry, target, name)] = tensor.detach().to("cpu").contiguous()
     return state
 
 
@@ -218,7 +223,7 @@ def load_state(model: HybridModel, state: dict[str, torch.Tensor], entries: list
     for entry in entries:
         for _, target, _, branch in model.branches(entry):
             for name, tensor in branch.state_dict(keep_vars=True).items():
-                expected[f"{entry}.{target}.{name}"] = tensor
+                expected[state_key(entry, target, name)] = tensor
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -230,10 +235,11 @@ def load_state(model: HybridModel, state: dict[str, torch.Tensor], entries: list
         raise CheckpointError(f"{source} does not fit the model: {'; '.join(parts)}")
     for key, target in expected.items():
         if state[key].shape != target.shape:
-            entry, rest = key.split(".", 1)
-            module, param = rest.rsplit(".", 1)
+            entry, _, rest = key.partition(".")
+            module, _, param = rest.rpartition(".")
             raise CheckpointError(
-                f"{source}: entry '{entry}' at module '{module}': '{param}' has shape {list(state[key].shape)} "
+                f"{source}: entry '{entry}' at module '{module or '(the model)'}': '{param}' has shape "
+                f"{list(state[key].shape)} "
                 f"in the checkpoint but {list(target.shape)} in the model"
             )
     with torch.no_grad():

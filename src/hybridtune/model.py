@@ -379,7 +379,11 @@ class HybridModel(nn.Module):
 
     def base_state_dict(self) -> dict[str, Any]:
         """The base model's state dict without any branch tensors (for saving a merged base)."""
-        return {k: v for k, v in self.base_model.state_dict().items() if f".{BRANCH_ATTR}." not in k}
+        return {
+            k: v
+            for k, v in self.base_model.state_dict().items()
+            if f".{BRANCH_ATTR}." not in k and not k.startswith(f"{BRANCH_ATTR}.")
+        }
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_adapters(self, directory: str | Path) -> Path:
@@ -410,6 +414,12 @@ class HybridModel(nn.Module):
         return None
 
     def _check_routable(self) -> None:
+        for set_name, config in self.sets.items():
+            for entry, cfg in config.methods.items():
+                if not cfg.supports_routing:
+                    raise ValueError(
+                        f"adapter_sets routing is not possible with entry '{entry}' ({cfg.type}) in set '{set_name}'"
+                    )
         if any(b.merged for *_, b in self._all_branches()):
             raise MergeError("adapter_sets routing needs unmerged LoRA: a merged delta would apply to every row")
 

@@ -12,6 +12,7 @@ from .ia3 import IA3Config
 from .lora import LoRAConfig
 from .lora_mixture import LoRAMixtureConfig
 from .parallel_adapter import ParallelAdapterConfig
+from .prompt_tuning import PromptTuningConfig
 
 METHODS: dict[str, type[MethodConfig]] = {
     "lora": LoRAConfig,
@@ -20,6 +21,7 @@ METHODS: dict[str, type[MethodConfig]] = {
     "dora": DoRAConfig,
     "parallel_adapter": ParallelAdapterConfig,
     "ia3": IA3Config,
+    "prompt_tuning": PromptTuningConfig,
 }
 
 
@@ -49,5 +51,6 @@ __all__ = [
     "LoRAMixtureConfig",
     "MethodConfig",
     "ParallelAdapterConfig",
+    "PromptTuningConfig",
     "method_config",
 ]

@@ -22,6 +22,8 @@ class MethodConfig(StrictModel):
 
     type: str
     mergeable: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = True  # False for methods that change outputs from the start (prompts)
+    supports_routing: ClassVar[bool] = True  # False: cannot serve a different adapter set per row
 
     @classmethod
     def example(cls) -> MethodConfig:

@@ -1,0 +1,116 @@
+"""Prompt tuning: ``num_virtual_tokens`` learned embeddings prepended to every input sequence.
+
+It works through the base model's own call, so ``generate`` and the KV cache work unchanged: a
+pre-hook on the model turns ``input_ids`` into ``inputs_embeds`` with the prompt in front and
+extends ``attention_mask``, ``labels`` (with -100) and ``position_ids``/``cache_position`` by the
+prompt length on the first call of a sequence; later cached steps only shift positions and the
+mask. A post-hook drops the prompt positions from the returned logits, so outputs keep the
+caller's sequence length. Not the identity at init (the prompt is there from the start), not
+mergeable, and one prompt for the whole batch (no per-row adapter sets).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from .base import Branch, MethodConfig
+
+
+class PromptTuningConfig(MethodConfig):
+    type: Literal["prompt_tuning"] = "prompt_tuning"
+    identity_at_init: ClassVar[bool] = False
+    supports_routing: ClassVar[bool] = False
+
+    num_virtual_tokens: int = Field(20, ge=1)
+    init: Literal["vocab", "random"] = "vocab"  # vocab: copies of random existing token embeddings
+
+    @classmethod
+    def example(cls) -> PromptTuningConfig:
+        return cls(num_virtual_tokens=4)
+
+    def select_targets(self, model: nn.Module, entry: str) -> list[tuple[str, nn.Module]]:
+        if not callable(getattr(model, "get_input_embeddings", None)) or model.get_input_embeddings() is None:
+            raise ValueError(f"entry '{entry}': prompt tuning needs a model with get_input_embeddings()")
+        return [("", model)]
+
+    def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> PromptTuningBranch:
+        embeddings = model.get_input_embeddings().weight
+        if self.init == "vocab":
+            picks = torch.randint(0, embeddings.shape[0], (self.num_virtual_tokens,))
+            initial = embeddings.detach()[picks].clone()
+        else:
+            initial = torch.randn(self.num_virtual_tokens, embeddings.shape[1], dtype=embeddings.dtype) * 0.02
+        return PromptTuningBranch(model, initial.to(embeddings.device))
+
+
+class PromptTuningBranch(Branch):
+    modifies_input: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, initial: torch.Tensor) -> None:
+        super().__init__()
+        self.__dict__["model"] = model  # a reference: the branch lives inside this model
+        self.prompt = nn.Parameter(initial)
+        self._strip: int | None = None  # sequence length whose logits get the prompt removed
+
+    @property
+    def n(self) -> int:
+        return self.prompt.shape[0]
+
+    def pre(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs = dict(kwargs)
+        if args:  # a causal LM's first positional argument is input_ids
+            kwargs["input_ids"], args = args[0], args[1:]
+        past = kwargs.get("past_key_values")
+        first_call = past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0)
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids")
+        batch = (embeds if embeds is not None else ids).shape[0]
+        n = self.n
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        for key in ("position_ids", "cache_position"):
+            value = kwargs.get(key)
+            if value is not None:
+                shifted = value + n
+                if first_call:
+                    head = torch.arange(n, device=value.device, dtype=value.dtype)
+                    head = head.expand(*value.shape[:-1], n) if value.dim() > 1 else head
+                    shifted = torch.cat([head, shifted], dim=-1)
+                kwargs[key] = shifted
+        if not first_call:
+            self._strip = None
+            return args, kwargs
+        if embeds is None:
+            embeds = self.model.get_input_embeddings()(kwargs.pop("input_ids"))
+        else:
+            kwargs.pop("input_ids", None)
+        prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        labels = kwargs.get("labels")
+        if labels is not None:
+            kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+        self._strip = embeds.shape[1] + n
+        return args, kwargs
+
+    def forward(self, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._strip is None:
+            return output
+        logits = getattr(output, "logits", None)
+        if logits is not None and logits.shape[1] == self._strip:
+            output.logits = logits[:, self.n :]
+        hidden = getattr(output, "hidden_states", None)
+        if hidden is not None:
+            output.hidden_states = tuple(h[:, self.n :] if h.shape[1] == self._strip else h for h in hidden)
+        self._strip = None
+        return output
+
+    def routed_pre(self, args: tuple, kwargs: dict, rows: torch.Tensor) -> tuple[tuple, dict]:
+        raise NotImplementedError("prompt tuning prepends one prompt to the whole batch; it cannot serve per-row sets")
+
+    def routed(self, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
+        raise NotImplementedError("prompt tuning prepends one prompt to the whole batch; it cannot serve per-row sets")

@@ -1,0 +1,75 @@
+"""Prompt tuning through the model's own call: forward, loss, padding, generate with the KV cache."""
+
+import torch
+
+import hybridtune as ht
+from conftest import make_model
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def prompted(n=3, **extra):
+    methods = {"prompt": ht.PromptTuningConfig(num_virtual_tokens=n), **extra}
+    model = ht.inject(make_model("llama", initializer_range=0.2), ht.HybridConfig(methods=methods))
+    return model, model.base_model.hybridtune["prompt"].prompt
+
+
+def test_forward_and_loss_equal_the_explicit_computation(input_ids):
+    model, prompt = prompted()
+    base = model.base_model
+    embeds = torch.cat([prompt.expand(2, -1, -1), base.get_input_embeddings()(input_ids)], dim=1)
+    labels = torch.cat([torch.full((2, 3), -100), input_ids], dim=1)
+    with model.disabled():
+        reference = base(inputs_embeds=embeds, labels=labels)
+    out = model(input_ids, labels=input_ids)
+    assert out.logits.shape == (2, 12, 97)  # the prompt positions are not returned
+    torch.testing.assert_close(out.logits, reference.logits[:, 3:], **TOL)
+    torch.testing.assert_close(out.loss, reference.loss, **TOL)
+    out.loss.backward()
+    assert prompt.grad is not None and prompt.grad.abs().sum() > 0
+
+
+def test_padding_rows_equal_each_row_alone():
+    model, _ = prompted()
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    both = model(ids, attention_mask=mask, position_ids=positions).logits
+    alone = model(ids[1:, 2:]).logits
+    torch.testing.assert_close(both[1, 2:], alone[0], **TOL)
+
+
+def test_generate_uses_the_prompt_and_the_cache_correctly():
+    model, _ = prompted()
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    tokens, m = ids, mask
+    for _ in range(6):  # no cache: the full sequence through the prompted forward every step
+        positions = (m.cumsum(-1) - 1).clamp(min=0)
+        logits = model(tokens, attention_mask=m, position_ids=positions).logits
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+    assert torch.equal(out, tokens)
+
+
+def test_lora_plus_prompt_tuning_trains_and_saves(input_ids, tmp_path):
+    model, prompt = prompted(n=4, lora=ht.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    before = prompt.detach().clone()
+    opt = torch.optim.AdamW(model.parameters_to_train(), lr=3e-2)
+    losses = []
+    for _ in range(25):
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0] and not torch.equal(prompt, before)
+    expected = model(input_ids).logits
+    model.save_adapters(tmp_path)
+    again = ht.load(make_model("llama", initializer_range=0.2), tmp_path)
+    assert torch.equal(again(input_ids).logits, expected)
+    with torch.no_grad():
+        assert again.generate(input_ids, max_new_tokens=3, do_sample=False).shape == (2, 15)

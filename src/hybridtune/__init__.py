@@ -14,6 +14,7 @@ from .methods import (
     LoRAMixtureConfig,
     MethodConfig,
     ParallelAdapterConfig,
+    PrefixTuningConfig,
     PromptTuningConfig,
 )
 from .model import HybridModel, inject
@@ -33,6 +34,7 @@ __all__ = [
     "MergeError",
     "MethodConfig",
     "ParallelAdapterConfig",
+    "PrefixTuningConfig",
     "PromptTuningConfig",
     "TargetError",
     "__version__",

@@ -12,6 +12,7 @@ from .ia3 import IA3Config
 from .lora import LoRAConfig
 from .lora_mixture import LoRAMixtureConfig
 from .parallel_adapter import ParallelAdapterConfig
+from .prefix_tuning import PrefixTuningConfig
 from .prompt_tuning import PromptTuningConfig
 
 METHODS: dict[str, type[MethodConfig]] = {
@@ -22,6 +23,7 @@ METHODS: dict[str, type[MethodConfig]] = {
     "parallel_adapter": ParallelAdapterConfig,
     "ia3": IA3Config,
     "prompt_tuning": PromptTuningConfig,
+    "prefix_tuning": PrefixTuningConfig,
 }
 
 
@@ -51,6 +53,7 @@ __all__ = [
     "LoRAMixtureConfig",
     "MethodConfig",
     "ParallelAdapterConfig",
+    "PrefixTuningConfig",
     "PromptTuningConfig",
     "method_config",
 ]

@@ -18,6 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from .base import Branch, MethodConfig
+from .virtual_tokens import call_batch, is_first_call, shift_for_leading_tokens
 
 
 class PromptTuningConfig(MethodConfig):
@@ -64,27 +65,13 @@ class PromptTuningBranch(Branch):
         kwargs = dict(kwargs)
         if args:  # a causal LM's first positional argument is input_ids
             kwargs["input_ids"], args = args[0], args[1:]
-        past = kwargs.get("past_key_values")
-        first_call = past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0)
-        embeds = kwargs.get("inputs_embeds")
-        ids = kwargs.get("input_ids")
-        batch = (embeds if embeds is not None else ids).shape[0]
-        n = self.n
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
-        for key in ("position_ids", "cache_position"):
-            value = kwargs.get(key)
-            if value is not None:
-                shifted = value + n
-                if first_call:
-                    head = torch.arange(n, device=value.device, dtype=value.dtype)
-                    head = head.expand(*value.shape[:-1], n) if value.dim() > 1 else head
-                    shifted = torch.cat([head, shifted], dim=-1)
-                kwargs[key] = shifted
-        if not first_call:
+        first = is_first_call(kwargs)
+        batch, n = call_batch(kwargs), self.n
+        shift_for_leading_tokens(kwargs, n, batch, new_positions=first)
+        if not first:
             self._strip = None
             return args, kwargs
+        embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = self.model.get_input_embeddings()(kwargs.pop("input_ids"))
         else:

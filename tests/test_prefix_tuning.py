@@ -1,0 +1,64 @@
+"""Prefix tuning through the KV cache: forward against an explicit cache, generate, architectures."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import hybridtune as ht
+from conftest import make_model
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def prefixed(arch="llama", n=3, **extra):
+    methods = {"prefix": ht.PrefixTuningConfig(num_virtual_tokens=n), **extra}
+    model = ht.inject(make_model(arch), ht.HybridConfig(methods=methods))
+    return model, model.base_model.hybridtune["prefix"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2"])
+def test_forward_equals_an_explicit_prefix_cache(arch, input_ids):
+    model, branch = prefixed(arch)
+    base = model.base_model
+    cache = DynamicCache(config=base.config)
+    for layer in range(branch.prefix_keys.shape[0]):
+        cache.update(branch.prefix_keys[layer].expand(2, -1, -1, -1), branch.prefix_values[layer].expand(2, -1, -1, -1),
+                     layer)  # fmt: skip
+    with model.disabled():
+        reference = base(input_ids, past_key_values=cache, attention_mask=torch.ones(2, 15, dtype=torch.long)).logits
+    out = model(input_ids, labels=input_ids)
+    torch.testing.assert_close(out.logits, reference, **TOL)
+    assert not torch.allclose(out.logits, make_model(arch)(input_ids).logits)  # documented: not identity at init
+    out.loss.backward()
+    assert branch.prefix_keys.grad.abs().sum() > 0 and branch.prefix_values.grad.abs().sum() > 0
+
+
+def test_generate_with_padding_equals_the_uncached_loop():
+    model, _ = prefixed()
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    tokens, m = ids, mask
+    for _ in range(6):
+        positions = (m.cumsum(-1) - 1).clamp(min=0)
+        logits = model(tokens, attention_mask=m, position_ids=positions).logits
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+    assert torch.equal(out, tokens)
+
+
+def test_prefix_with_lora_trains_and_saves(input_ids, tmp_path):
+    model, _ = prefixed(lora=ht.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    opt = torch.optim.AdamW(model.parameters_to_train(), lr=3e-2)
+    first = None
+    for _ in range(15):
+        loss = model(input_ids, labels=input_ids).loss
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < first
+    expected = model(input_ids).logits
+    model.save_adapters(tmp_path)
+    assert torch.equal(ht.load(make_model(), tmp_path)(input_ids).logits, expected)

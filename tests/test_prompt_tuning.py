@@ -1,6 +1,7 @@
 """Prompt tuning through the model's own call: forward, loss, padding, generate with the KV cache."""
 
 import torch
+from transformers import AutoModelForCausalLM
 
 import hybridtune as ht
 from conftest import make_model
@@ -73,3 +74,21 @@ def test_lora_plus_prompt_tuning_trains_and_saves(input_ids, tmp_path):
     assert torch.equal(again(input_ids).logits, expected)
     with torch.no_grad():
         assert again.generate(input_ids, max_new_tokens=3, do_sample=False).shape == (2, 15)
+
+
+def test_lora_plus_prompt_tuning_from_yaml(project, tiny_lm_dir):
+    import yaml
+
+    from conftest import write_config
+    from hybridtune.recipes.finetune import train
+    from hybridtune.run_config import load_run_config
+
+    path = write_config(project, tiny_lm_dir, max_steps=12)
+    raw = yaml.safe_load(path.read_text())
+    raw["methods"] = {"lora": {"type": "lora", "r": 4, "targets": ["q_proj", "v_proj"]},
+                      "prompt": {"type": "prompt_tuning", "num_virtual_tokens": 4}}  # fmt: skip
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = train(load_run_config(path), log=lambda *a: None)
+    assert result.summary["after"]["eval_loss"] < 0.7 * result.summary["before"]["eval_loss"]
+    reloaded = ht.load(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), result.adapters_dir)
+    assert list(reloaded.entries) == ["lora", "prompt"]

@@ -261,6 +261,45 @@ def merge(
     typer.echo(f"merged model: {out}")
 
 
+@app.command("search-rank")
+def search_rank(
+    config: Annotated[Path, typer.Argument(help="Run YAML file with at least one LoRA entry.")],
+    budget: Annotated[str, typer.Option(help="Trainable parameters: 0.5% (of the base), 0.005, or 120000.")],
+    probe_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of the generous-rank probe.")] = 20,
+    probe_rank: Annotated[int, typer.Option(min=1, help="LoRA rank used during the probe.")] = 16,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the new YAML (default: CONFIG.searched.yaml).")
+    ] = None,
+) -> None:
+    """Choose LoRA ranks per layer and projection for a parameter budget, from a short probe."""
+    import yaml
+
+    from .rank_search import search
+    from .run_config import ConfigError
+
+    cfg = _run_config(config, None)
+    try:
+        result = search(config, budget, probe_steps=probe_steps, probe_rank=probe_rank)
+    except ConfigError as exc:
+        _fail(str(exc))
+    target = out or config.with_name(config.stem + ".searched.yaml")
+    new = result["config"]
+    if target.resolve().parent != config.resolve().parent:  # keep the data files reachable
+        for key in ("train", "eval"):
+            value = new.get("data", {}).get(key)
+            if value is not None:
+                new["data"][key] = str(getattr(cfg.data, key))
+    target.write_text(yaml.safe_dump(new, sort_keys=False))
+    for entry, ranks in result["ranks"].items():
+        values = sorted(ranks.values())
+        typer.echo(
+            f"{entry}: {len(values)} modules, ranks {values[0]}..{values[-1]} (mean {sum(values) / len(values):.1f})"
+        )
+    typer.echo(f"LoRA parameters: {result['used']:,} of a {result['lora_budget']:,} budget "
+               f"(uniform rank at this budget: {result['uniform_rank']})")  # fmt: skip
+    typer.echo(f"searched config: {target}")
+
+
 class ExportFormat(str, Enum):
     peft = "peft"
     merged = "merged"

@@ -77,27 +77,12 @@ class DoRABranch(LoRABranch):
         base = self.base_layer.weight.float()
         return self.merged_weight() - base
 
-    @torch.no_grad()
-    def merge_into(self, module: nn.Module, keep_original: bool) -> None:
-        if self.merged:
-            return
-        weight = module.weight
-        self._original_weight = weight.detach().to("cpu", copy=True) if keep_original else None
+    def merged_value(self, weight: torch.Tensor) -> torch.Tensor:
         self._norm_at_merge = self.weight_norm()
-        weight.copy_(self.merged_weight().to(weight.dtype))
-        self.merged = True
+        return self.merged_weight()
 
-    @torch.no_grad()
-    def unmerge_from(self, module: nn.Module) -> None:
-        if not self.merged:
-            return
-        weight = module.weight
-        if self._original_weight is not None:
-            weight.copy_(self._original_weight.to(weight.device))
-        else:  # invert W' = (m/n)(W + sBA) with the n saved at merge time
-            ratio = (self.magnitude.float() / self._norm_at_merge)[:, None]
-            low_rank = (self.B.float() @ self.A.float()) * self.scale
-            restored = self.base_weight().float() / ratio - low_rank
-            weight.copy_((restored.T if self.transposed else restored).to(weight.dtype))
-        self._original_weight = None
-        self.merged = False
+    def unmerged_value(self, weight: torch.Tensor) -> torch.Tensor:
+        """Invert W' = (m/n)(W + sBA) with the n saved at merge time."""
+        ratio = (self.magnitude.float() / self._norm_at_merge)[:, None]
+        restored = self.base_weight().float() / ratio - (self.B.float() @ self.A.float()) * self.scale
+        return restored.T if self.transposed else restored

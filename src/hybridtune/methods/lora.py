@@ -234,7 +234,7 @@ class LoRABranch(Branch):
             return
         weight = module.weight
         self._original_weight = weight.detach().to("cpu", copy=True) if keep_original else None
-        weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+        weight.copy_(self.merged_value(weight).to(weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -245,9 +245,17 @@ class LoRABranch(Branch):
         if self._original_weight is not None:
             weight.copy_(self._original_weight.to(weight.device))
         else:
-            weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
+            weight.copy_(self.unmerged_value(weight).to(weight.dtype))
         self._original_weight = None
         self.merged = False
+
+    def merged_value(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight with this branch folded in (fp32)."""
+        return weight.float() + self.delta_weight().to(weight.device)
+
+    def unmerged_value(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight recovered from a merged one without the saved copy (fp32, inexact)."""
+        return weight.float() - self.delta_weight().to(weight.device)
 
     def extra_repr(self) -> str:
         grows = f", capacity={self.capacity}" if self.capacity != self.rank else ""

@@ -1,5 +1,5 @@
 """Searched ranks vs uniform ranks at the same parameter budget, on the embedded model and the
-quickstart task. One command: python bench/rank_search.py [--budget 0.1%]
+quickstart task. One command: python bench/rank_search.py [--budget 460800 | 0.1%]
 
 It runs the probe, trains the searched allocation and the uniform one (same seed, steps and data),
 and writes a table to bench/results/rank_search.md.
@@ -25,7 +25,7 @@ CONFIG = HERE.parent / "examples" / "sentiment" / "lora_only.yaml"
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--budget", default="0.1%")
+    parser.add_argument("--budget", default="460800", help="default: what uniform rank 4 costs on q/k/v/o")
     parser.add_argument("--probe-steps", type=int, default=10)
     parser.add_argument("--probe-rank", type=int, default=16)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "rank_search.md")
@@ -55,10 +55,10 @@ def main() -> None:
         "",
         f"Embedded SmolLM2-135M-Instruct, quickstart sentiment task, LoRA on q/k/v/o of 30 layers, "
         f"{load_run_config(CONFIG).training.max_steps} training steps, seed 0, {platform.machine()} CPU, 2 threads. "
-        f"Budget {args.budget} of the base = {result['lora_budget']:,} LoRA parameters; probe: "
+        f"Budget {args.budget} = {result['lora_budget']:,} LoRA parameters; probe: "
         f"{args.probe_steps} steps at rank {args.probe_rank} ({probe_s:.0f} s). Searched ranks per module: "
         f"{ranks[0]}..{ranks[-1]} (mean {sum(ranks) / len(ranks):.2f}); uniform rank {result['uniform_rank']}. "
-        "Command: `python bench/rank_search.py`.",
+        f"Command: `python bench/rank_search.py --budget {args.budget}`.",
         "",
         "| allocation | LoRA parameters | exact match | eval loss | seconds |",
         "|---|---|---|---|---|",

@@ -107,3 +107,38 @@ def test_same_logits_and_gradients_as_peft(arch, kwargs, input_ids):
             torch.testing.assert_close(getattr(branch, f"lora_{ab}").grad, peft_grad, atol=1e-6, rtol=1e-4)
             compared += 1
     assert compared == 2 * 2 * len(targets)  # A and B, 2 layers, every target
+
+
+def test_lora_dropout_rate_scale_and_sharing():
+    from hybridtune.methods.lora import lora_dropout
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 128, 256)
+    dropped = lora_dropout(x, 0.1, training=True)
+    zero = dropped == 0
+    assert abs(zero.float().mean().item() - 0.1) < 0.003
+    torch.testing.assert_close(dropped[~zero], x[~zero] / 0.9)
+    assert lora_dropout(x, 0.1, training=True) is dropped  # a second reader of x shares the mask
+    assert lora_dropout(x, 0.2, training=True) is not dropped
+    assert lora_dropout(x, 0.1, training=False) is x
+    x.add_(1.0)  # a changed tensor gets a new mask
+    assert lora_dropout(x, 0.1, training=True) is not dropped
+
+
+def test_q_k_v_share_one_dropout_mask(llama, input_ids):
+    hybrid = randomize(lora(llama, targets=["q_proj", "k_proj", "v_proj"], dropout=0.3))
+    hybrid.train()
+    seen = []
+    for name in ["q_proj", "k_proj", "v_proj"]:
+        module = getattr(llama.model.layers[0].self_attn, name)
+        branch = module.hybridtune["lora"]
+        original = branch._hidden
+
+        def spy(x, original=original):
+            seen.append(x)
+            return original(x)
+
+        branch._hidden = spy
+    hybrid(input_ids)
+    assert seen[0] is seen[1] is seen[2]
+    assert seen[0].__dict__["_hybridtune_dropout"][2].eq(0).any()

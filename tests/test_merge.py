@@ -74,3 +74,18 @@ def test_merge_and_unload_gives_a_plain_model_that_plain_transformers_loads(arch
     torch.testing.assert_close(reloaded(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ht.MergeError, match="merged and unloaded"):
         hybrid(input_ids)
+
+
+def test_fully_merged_modules_run_without_the_branch_hook(input_ids):
+    hybrid = lora_and_adapter("llama")
+    q = hybrid.base_model.model.layers[0].self_attn.q_proj
+    mlp = hybrid.base_model.model.layers[0].mlp
+    assert q._forward_hooks and mlp._forward_hooks
+    expected = hybrid(input_ids).logits
+    hybrid.merge()
+    assert not q._forward_hooks  # zero per-call overhead for merged LoRA
+    assert mlp._forward_hooks  # the adapter still runs
+    torch.testing.assert_close(hybrid(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+    hybrid.unmerge()
+    assert q._forward_hooks
+    assert torch.equal(hybrid(input_ids).logits, expected)

@@ -77,6 +77,20 @@ def attach(module: nn.Module, key: str, branch: Branch) -> None:
         module.register_forward_pre_hook(_run_pre_branches, with_kwargs=True)
 
 
+def sync_hook(module: nn.Module) -> None:
+    """Run the branch hook only while some branch of the module is unmerged: a module whose LoRA is
+    all merged then costs exactly what the base module costs (no hook call per forward)."""
+    branches = module._modules.get(BRANCH_ATTR)
+    needed = branches is not None and any(not b.merged for b in branches.values())
+    present = [k for k, hook in module._forward_hooks.items() if hook is _run_branches]
+    if needed and not present:
+        module.register_forward_hook(_run_branches, with_kwargs=True)
+    elif not needed:
+        for key in present:
+            del module._forward_hooks[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
+
+
 def detach(module: nn.Module, key: str) -> None:
     branches = module._modules[BRANCH_ATTR]
     del branches[key]

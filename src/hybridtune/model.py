@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import HybridConfig
 from .errors import MergeError
-from .inject import DEFAULT_SET, attach_config, branch_key, detach, fingerprint, iter_branches
+from .inject import DEFAULT_SET, attach_config, branch_key, detach, fingerprint, iter_branches, sync_hook
 from .methods import Branch
 from .routing import routed
 from .targeting import BRANCH_ATTR
@@ -332,12 +332,14 @@ class HybridModel(nn.Module):
         for entry, _, module, branch in self.branches():
             if entry in wanted and branch.mergeable:
                 branch.merge_into(module, keep_original=exact_unmerge)
+                sync_hook(module)
 
     def unmerge(self) -> None:
         """Undo merge(), in reverse order so stacked merges on one weight unwind exactly."""
         for *_, module, branch in reversed(list(self._all_branches())):
             if branch.merged:
                 branch.unmerge_from(module)
+                sync_hook(module)
 
     def bake(self, entries: Iterable[str] | None = None) -> None:
         """Merge mergeable entries of the active set (default: all of them) into the base weights

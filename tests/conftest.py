@@ -166,3 +166,15 @@ def write_config(project, tiny_lm_dir, name="run.yaml", **training):
     path = project / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def greedy_uncached(model, ids, mask, steps):
+    """Greedy decoding the slow way: the whole sequence through ``model`` at every step, no cache.
+    What ``generate`` with its KV cache must reproduce."""
+    tokens, current = ids, mask
+    for _ in range(steps):
+        positions = (current.cumsum(-1) - 1).clamp(min=0)
+        logits = model(tokens, attention_mask=current, position_ids=positions).logits
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        current = torch.cat([current, torch.ones_like(current[:, :1])], dim=1)
+    return tokens

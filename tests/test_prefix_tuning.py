@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import hybridtune as ht
-from conftest import make_model
+from conftest import greedy_uncached, make_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -39,13 +39,7 @@ def test_generate_with_padding_equals_the_uncached_loop():
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    tokens, m = ids, mask
-    for _ in range(6):
-        positions = (m.cumsum(-1) - 1).clamp(min=0)
-        logits = model(tokens, attention_mask=m, position_ids=positions).logits
-        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
-    assert torch.equal(out, tokens)
+    assert torch.equal(out, greedy_uncached(model, ids, mask, steps=6))
 
 
 def test_prefix_with_lora_trains_and_saves(input_ids, tmp_path):

@@ -221,3 +221,8 @@ def test_generate_interactive(project, tiny_lm_dir):
                            input="what color is the sky?\nand the grass?\n\n")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.output.count("> ") == 3  # two questions answered, then the empty line ends the chat
+
+
+def test_bf16_mixed_precision_trains_on_cpu(project, tiny_lm_dir):
+    result = train(load_run_config(write_config(project, tiny_lm_dir, max_steps=3, precision="bf16")), log=quiet)
+    assert result.summary["steps"] == 3 and result.summary["final_train_loss"] < 10

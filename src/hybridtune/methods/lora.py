@@ -224,7 +224,7 @@ class LoRABranch(Branch):
         if self.merged:
             return output
         hidden = self._hidden(first_input(args, kwargs))
-        if hidden.dtype == output.dtype and output.is_contiguous():
+        if hidden.dtype == output.dtype == self.lora_B.dtype and output.is_contiguous():  # not under autocast
             # s·B h added in place with one addmm: no delta tensor, no separate add pass
             flat = output.view(-1, output.shape[-1])
             flat.addmm_(hidden.reshape(-1, hidden.shape[-1]), self.B.T, alpha=self.scale)

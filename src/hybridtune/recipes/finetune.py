@@ -188,7 +188,8 @@ class Run:
                 f"note: {self.data.truncated} example(s) were longer than data.max_length={config.data.max_length} "
                 "and were truncated"
             )
-        self.model.print_trainable_parameters() if self.main else None
+        if self.main:
+            self.model.print_trainable_parameters()
 
         position, checkpoint = Position(), None
         summary: dict[str, Any] = {"model": config.model, "run_dir": str(self.run_dir)}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
@@ -160,6 +161,11 @@ class Run:
     def __init__(self, config: RunConfig, log=print, stop_after_step: int | None = None) -> None:
         self.config, self.log, self.stop_after_step = config, log, stop_after_step
         t = config.training
+        # accelerate keeps one state per process; a second run in the same process (a notebook, the
+        # tests) may ask for another precision or accumulation, so start from a clean one. The
+        # distributed state (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.accelerator = Accelerator(
             mixed_precision=mixed_precision(t.precision), gradient_accumulation_steps=t.grad_accum
         )

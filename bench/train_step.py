@@ -22,6 +22,9 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 REGIMES = ["floor", "full", "peft_lora_qv", "peft_lora_all", "ht_lora_qv", "ht_lora_all", "ht_adapter", "ht_hybrid"]
+# AdapterHub's `adapters` pins an older transformers, so these run in their own venv
+# (--adapters-python), next to a floor measured with that transformers version.
+ADAPTERHUB = ["ah_floor", "ah_lora_qv", "ah_seqbn", "ah_union"]
 
 
 def build_model(kind: str):
@@ -40,13 +43,23 @@ def build_model(kind: str):
 
 def prepare(regime: str, model, dropout: float):
     """The model to train and its trainable parameters, for one regime."""
-    import hybridtune as ht
-
     lora = {"r": 8, "alpha": 16, "dropout": dropout}
     adapter = {"type": "adapter", "after": "mlp", "reduction_factor": 16}
-    if regime == "floor":
+    if regime in ("floor", "ah_floor"):
         model.requires_grad_(False)
         return model, []
+    if regime.startswith("ah_"):
+        import adapters
+        from adapters import ConfigUnion, SeqBnConfig
+        from adapters import LoRAConfig as AHLoRAConfig
+
+        ah_lora = AHLoRAConfig(r=8, alpha=16, dropout=dropout, attn_matrices=["q", "v"])
+        ah_seqbn = SeqBnConfig(reduction_factor=16)
+        config = {"ah_lora_qv": ah_lora, "ah_seqbn": ah_seqbn, "ah_union": ConfigUnion(ah_lora, ah_seqbn)}[regime]
+        adapters.init(model)
+        model.add_adapter("bench", config=config)
+        model.train_adapter("bench")
+        return model, [p for p in model.parameters() if p.requires_grad]
     if regime == "full":
         return model, list(model.parameters())
     if regime.startswith("peft"):
@@ -55,6 +68,8 @@ def prepare(regime: str, model, dropout: float):
         targets = ["q_proj", "v_proj"] if regime.endswith("qv") else "all-linear"
         peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets))
         return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
+    import hybridtune as ht
+
     methods = {
         "ht_lora_qv": {"lora": {"type": "lora", **lora, "targets": ["q_proj", "v_proj"]}},
         "ht_lora_all": {"lora": {"type": "lora", **lora, "targets": "all-linear"}},
@@ -79,7 +94,7 @@ def child(regime: str, steps: int, warmup: int, dropout: float, kind: str, threa
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        if regime == "floor":
+        if regime in ("floor", "ah_floor"):
             embeds = embed(ids).detach().requires_grad_(True)
             loss = model(inputs_embeds=embeds, labels=ids).loss
         else:
@@ -106,16 +121,18 @@ def main() -> None:
     parser.add_argument("--model", choices=["config", "smollm2"], default="config")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--regimes", default=",".join(REGIMES))
+    parser.add_argument("--adapters-python", default=None, help="python of a venv with `adapters` installed")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.warmup, args.dropout, args.model, args.threads)))
         return
-    regimes = args.regimes.split(",")
+    regimes = args.regimes.split(",") + (ADAPTERHUB if args.adapters_python else [])
     results: dict[str, dict] = {r: {"times": [], "rounds": [], "peak": [], "trainable": 0} for r in regimes}
     for round_index in range(args.rounds):
         for regime in regimes:
-            cmd = [sys.executable, __file__, "--child", regime, "--steps", str(args.steps), "--warmup",
+            python = args.adapters_python if regime.startswith("ah_") else sys.executable
+            cmd = [python, __file__, "--child", regime, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--dropout", str(args.dropout), "--model", args.model, "--threads",
                    str(args.threads)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -126,6 +143,16 @@ def main() -> None:
             results[regime]["trainable"] = data["trainable"]
             print(f"round {round_index + 1}: {regime}: {results[regime]['rounds'][-1]:.1f} ms/step", file=sys.stderr)
     floor = statistics.median(results["floor"]["times"]) if "floor" in results else None
+    ah_floor = statistics.median(results["ah_floor"]["times"]) if "ah_floor" in results else None
+    ah_note = (
+        [
+            "AdapterHub rows (`ah_`, adapters 1.3.0 on its transformers 4.57) are relative to `ah_floor`: the floor "
+            "measured with that transformers version in the same run.",
+            "",
+        ]
+        if ah_floor
+        else []
+    )
     model_desc = ("Llama config hidden 512, 4 layers, intermediate 1376, vocab 4096" if args.model == "config"
                   else "SmolLM2-135M-Instruct (embedded)")  # fmt: skip
     lines = [
@@ -136,12 +163,14 @@ def main() -> None:
         f"{args.steps} steps (after {args.warmup} warm-up), one process per regime and round. Command: "
         f"`python bench/train_step.py --model {args.model} --dropout {args.dropout} --rounds {args.rounds}`.",
         "",
+        *ah_note,
         "| regime | median ms/step | per-round medians | x floor | peak RSS MB | trainable params |",
         "|---|---|---|---|---|---|",
     ]
     for regime, data in results.items():
         median = statistics.median(data["times"])
-        ratio = f"{median / floor:.2f}" if floor else ""
+        reference = ah_floor if regime.startswith("ah_") else floor
+        ratio = f"{median / reference:.2f}" if reference else ""
         per_round = " / ".join(f"{v:.0f}" for v in data["rounds"])
         lines.append(f"| {regime} | {median:.1f} | {per_round} | {ratio} | {max(data['peak']):.0f} | "
                      f"{data['trainable']:,} |")  # fmt: skip

@@ -86,3 +86,17 @@ def test_lora_plus_prompt_tuning_from_yaml(project, tiny_lm_dir):
     assert result.summary["after"]["eval_loss"] < 0.7 * result.summary["before"]["eval_loss"]
     reloaded = ht.load(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), result.adapters_dir)
     assert list(reloaded.entries) == ["lora", "prompt"]
+
+
+def test_concurrent_calls_keep_their_own_lengths():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, _ = prompted()
+    inputs = [torch.randint(0, 97, (1, length), generator=torch.Generator().manual_seed(length)) for length in
+              [3, 9, 5, 12, 7, 4, 10, 6]]  # fmt: skip
+    with torch.no_grad():
+        expected = [model(ids).logits for ids in inputs]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda ids: model(ids).logits, inputs * 3))
+    for i, logits in enumerate(got):
+        torch.testing.assert_close(logits, expected[i % len(inputs)], **TOL)

@@ -11,6 +11,7 @@ mergeable, and one prompt for the whole batch (no per-row adapter sets).
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -19,6 +20,22 @@ from torch import nn
 
 from .base import Branch, MethodConfig
 from .virtual_tokens import call_batch, is_first_call, shift_for_leading_tokens
+
+# Between the pre-hook and the post-hook of one call: the sequence length whose logits lose the
+# prompt positions. Per context (thread / asyncio task), so concurrent calls never mix it up.
+_STRIP: contextvars.ContextVar[dict[int, int | None]] = contextvars.ContextVar("hybridtune_prompt_strip")
+
+
+def _set_strip(branch: nn.Module, value: int | None) -> int | None:
+    """Store ``value`` for this branch in the current context; return the previous one."""
+    state = _STRIP.get(None)
+    if state is None:
+        state = {}
+        _STRIP.set(state)
+    previous = state.pop(id(branch), None)
+    if value is not None:
+        state[id(branch)] = value
+    return previous
 
 
 class PromptTuningConfig(MethodConfig):
@@ -55,7 +72,6 @@ class PromptTuningBranch(Branch):
         super().__init__()
         self.__dict__["model"] = model  # a reference: the branch lives inside this model
         self.prompt = nn.Parameter(initial)
-        self._strip: int | None = None  # sequence length whose logits get the prompt removed
 
     @property
     def n(self) -> int:
@@ -69,7 +85,7 @@ class PromptTuningBranch(Branch):
         batch, n = call_batch(kwargs), self.n
         shift_for_leading_tokens(kwargs, n, batch, new_positions=first)
         if not first:
-            self._strip = None
+            _set_strip(self, None)
             return args, kwargs
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
@@ -81,19 +97,19 @@ class PromptTuningBranch(Branch):
         labels = kwargs.get("labels")
         if labels is not None:
             kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
-        self._strip = embeds.shape[1] + n
+        _set_strip(self, embeds.shape[1] + n)
         return args, kwargs
 
     def forward(self, args: tuple, kwargs: dict, output: Any) -> Any:
-        if self._strip is None:
+        strip = _set_strip(self, None)
+        if strip is None:
             return output
         logits = getattr(output, "logits", None)
-        if logits is not None and logits.shape[1] == self._strip:
+        if logits is not None and logits.shape[1] == strip:
             output.logits = logits[:, self.n :]
         hidden = getattr(output, "hidden_states", None)
         if hidden is not None:
-            output.hidden_states = tuple(h[:, self.n :] if h.shape[1] == self._strip else h for h in hidden)
-        self._strip = None
+            output.hidden_states = tuple(h[:, self.n :] if h.shape[1] == strip else h for h in hidden)
         return output
 
     def routed_pre(self, args: tuple, kwargs: dict, rows: torch.Tensor) -> tuple[tuple, dict]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import HybridConfig
 from .methods import Branch
+from .methods.base import first_input
 from .routing import current as current_routing
 from .targeting import BRANCH_ATTR
 
@@ -47,8 +48,7 @@ def _run_pre_branches(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
             if branch.active:
                 args, kwargs = branch.pre(args, kwargs)
             continue
-        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-        rows = routing.rows_for(branch.set_name, x.shape[0])
+        rows = routing.rows_for(branch.set_name, first_input(args, kwargs).shape[0])
         if rows is not None:
             args, kwargs = branch.routed_pre(args, kwargs, rows)
     return args, kwargs
@@ -82,29 +82,30 @@ def sync_hook(module: nn.Module) -> None:
     all merged then costs exactly what the base module costs (no hook call per forward)."""
     branches = module._modules.get(BRANCH_ATTR)
     needed = branches is not None and any(not b.merged for b in branches.values())
-    present = [k for k, hook in module._forward_hooks.items() if hook is _run_branches]
+    present = _run_branches in module._forward_hooks.values()
     if needed and not present:
         module.register_forward_hook(_run_branches, with_kwargs=True)
     elif not needed:
-        for key in present:
-            del module._forward_hooks[key]
-            module._forward_hooks_with_kwargs.pop(key, None)
+        _remove_hook(module._forward_hooks, module._forward_hooks_with_kwargs, _run_branches)
+
+
+def _remove_hook(hooks: dict, with_kwargs: dict, fn: Any) -> None:
+    """Unregister ``fn`` from one of a module's hook dicts (handles do not survive deepcopy, so
+    hooks are found by function)."""
+    for key, hook in list(hooks.items()):
+        if hook is fn:
+            del hooks[key]
+            with_kwargs.pop(key, None)
 
 
 def detach(module: nn.Module, key: str) -> None:
     branches = module._modules[BRANCH_ATTR]
     del branches[key]
     if not any(b.modifies_input for b in branches.values()):
-        for hook_id, hook in list(module._forward_pre_hooks.items()):
-            if hook is _run_pre_branches:
-                del module._forward_pre_hooks[hook_id]
-                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+        _remove_hook(module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs, _run_pre_branches)
     if len(branches) == 0:
         del module._modules[BRANCH_ATTR]
-        for key, hook in list(module._forward_hooks.items()):
-            if hook is _run_branches:
-                del module._forward_hooks[key]
-                module._forward_hooks_with_kwargs.pop(key, None)
+        _remove_hook(module._forward_hooks, module._forward_hooks_with_kwargs, _run_branches)
 
 
 def iter_branches(model: nn.Module) -> Iterator[tuple[str, str, str, nn.Module, Branch]]:
@@ -133,7 +134,7 @@ def fingerprint(targets: dict[str, dict[str, Any]]) -> str:
 
 
 def attach_config(
-    model: nn.Module, config: HybridConfig, existing: set[str], set_name: str = "default"
+    model: nn.Module, config: HybridConfig, existing: set[str], set_name: str = DEFAULT_SET
 ) -> dict[str, dict[str, Any]]:
     """Select every entry's targets on the untouched model first, then attach; return the targets."""
     clash = existing & set(config.methods)

@@ -71,10 +71,7 @@ class HybridModel(nn.Module):
     # ---- behaving like the base model -------------------------------------------------------
     def _forward(self, *args: Any, adapter_sets: Sequence[str | None] | None = None, task_ids: Any = None,
                  **kwargs: Any) -> Any:  # fmt: skip
-        self._check_live()
-        if adapter_sets is not None:
-            self._check_routable()
-        with routed(adapter_sets, list(self.sets), task_ids, self._device()):
+        with self._call_context(adapter_sets, task_ids):
             return self.base_model(*args, **kwargs)
 
     _forward.__signature__ = inspect.Signature(
@@ -91,10 +88,7 @@ class HybridModel(nn.Module):
         self, *args: Any, adapter_sets: Sequence[str | None] | None = None, task_ids: Any = None, **kwargs: Any
     ) -> Any:
         """``generate`` of the base model; ``adapter_sets`` picks a set (or None = base) per row."""
-        self._check_live()
-        if adapter_sets is not None:
-            self._check_routable()
-        with routed(adapter_sets, list(self.sets), task_ids, self._device()):
+        with self._call_context(adapter_sets, task_ids):
             return self.base_model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -409,6 +403,18 @@ class HybridModel(nn.Module):
             yield
         finally:
             self._current = previous
+
+    def _call_context(
+        self, adapter_sets: Sequence[str | None] | None, task_ids: Any
+    ) -> contextlib.AbstractContextManager:
+        """Checks shared by forward and generate, and the per-row routing (none in the plain case,
+        which therefore costs nothing on the hot path)."""
+        self._check_live()
+        if adapter_sets is None and task_ids is None:
+            return contextlib.nullcontext()
+        if adapter_sets is not None:
+            self._check_routable()
+        return routed(adapter_sets, list(self.sets), task_ids, self._device())
 
     def _device(self) -> torch.device | None:
         for p in self.base_model.parameters():

@@ -178,3 +178,16 @@ def greedy_uncached(model, ids, mask, steps):
         tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         current = torch.cat([current, torch.ones_like(current[:, :1])], dim=1)
     return tokens
+
+
+def train_losses(model, input_ids, steps: int, lr: float) -> list[float]:
+    """A few AdamW steps of language modelling on ``input_ids``; the loss of each step."""
+    opt = torch.optim.AdamW(model.parameters_to_train(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hybridtune as ht
-from conftest import make_model, randomize
+from conftest import make_model, randomize, train_losses
 
 
 def hybrid_config(**lora_kwargs):
@@ -24,14 +24,7 @@ def test_training_lowers_loss_and_never_touches_the_base(input_ids):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hybrid = ht.inject(model, hybrid_config(dropout=0.05))
     hybrid.train()
-    opt = torch.optim.AdamW([p for p in hybrid.parameters() if p.requires_grad], lr=3e-2)
-    losses = []
-    for _ in range(50):
-        loss = hybrid(input_ids, labels=input_ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(hybrid, input_ids, steps=50, lr=3e-2)
     assert losses[-1] < 0.7 * losses[0]
     after = model.state_dict()
     for key, value in before.items():

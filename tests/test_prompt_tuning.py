@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hybridtune as ht
-from conftest import greedy_uncached, make_model
+from conftest import greedy_uncached, make_model, train_losses
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -53,14 +53,7 @@ def test_generate_uses_the_prompt_and_the_cache_correctly():
 def test_lora_plus_prompt_tuning_trains_and_saves(input_ids, tmp_path):
     model, prompt = prompted(n=4, lora=ht.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
     before = prompt.detach().clone()
-    opt = torch.optim.AdamW(model.parameters_to_train(), lr=3e-2)
-    losses = []
-    for _ in range(25):
-        loss = model(input_ids, labels=input_ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, input_ids, steps=25, lr=3e-2)
     assert losses[-1] < 0.7 * losses[0] and not torch.equal(prompt, before)
     expected = model(input_ids).logits
     model.save_adapters(tmp_path)

@@ -64,18 +64,24 @@ def state_key(entry: str, target: str, name: str) -> str:
 
 
 def adapter_state(model: HybridModel) -> dict[str, torch.Tensor]:
+    """The active set's tensors on the CPU, by checkpoint key. Under FSDP the branch weights are
+    shards (DTensors): they are gathered here, so every process must call this together."""
     state = {}
     for entry, target, _, branch in model.branches():
         for name, tensor in branch.state_dict().items():
+            if hasattr(tensor, "full_tensor"):
+                tensor = tensor.full_tensor()
             state[state_key(entry, target, name)] = tensor.detach().to("cpu").contiguous()
     return state
 
 
-def save_adapters(model: HybridModel, directory: str | Path) -> Path:
+def save_adapters(model: HybridModel, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the config JSON and the weights; ``state`` is ``adapter_state(model)`` when the caller
+    gathered it already (multi-process runs, where only one process writes)."""
     directory = Path(directory)
     from . import __version__
 
-    weights = save_safetensors(adapter_state(model), metadata={"format": FORMAT})
+    weights = save_safetensors(adapter_state(model) if state is None else state, metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -65,7 +65,8 @@ def train(
         result = run_training(cfg, overwrite=overwrite)
     except ConfigError as exc:
         _fail(str(exc))
-    _report(result, cfg.eval.show)
+    if result.is_main:
+        _report(result, cfg.eval.show)
 
 
 def _report(result, show: int) -> None:

@@ -17,6 +17,7 @@ from .config import HybridConfig
 from .errors import MergeError
 from .inject import DEFAULT_SET, attach_config, branch_key, detach, fingerprint, iter_branches, sync_hook
 from .methods import Branch
+from .quantization import is_quantized
 from .routing import routed
 from .targeting import BRANCH_ATTR
 
@@ -219,6 +220,12 @@ class HybridModel(nn.Module):
         """The active set's trainable parameters: what an optimizer should get."""
         return [p for _, _, _, b in self.branches() for p in b.parameters() if p.requires_grad]
 
+    def cast_branches(self, dtype: torch.dtype) -> None:
+        """Keep every branch's floating-point weights in ``dtype`` whatever the base's dtype (fp32
+        branches on a bf16 or quantized base: the branches cast inputs and outputs themselves)."""
+        for *_, branch in self._all_branches():
+            branch.to(dtype)
+
     def set_trainable(self, entries: Iterable[str] | None = None) -> None:
         """Train only ``entries`` of the active set (all when None); the others stay active but
         frozen. Other sets are not touched."""
@@ -323,10 +330,12 @@ class HybridModel(nn.Module):
         wanted = set(self.hybrid_config.methods if entries is None else entries)
         for name in wanted:
             self._check_entry(name)
-        for entry, _, module, branch in self.branches():
-            if entry in wanted and branch.mergeable:
-                branch.merge_into(module, keep_original=exact_unmerge)
-                sync_hook(module)
+        chosen = [(e, n, m, b) for e, n, m, b in self.branches() if e in wanted and b.mergeable]
+        for entry, name, module, _ in chosen:
+            _check_merge_target(entry, name, module)
+        for _, _, module, branch in chosen:
+            branch.merge_into(module, keep_original=exact_unmerge)
+            sync_hook(module)
 
     def unmerge(self) -> None:
         """Undo merge(), in reverse order so stacked merges on one weight unwind exactly."""
@@ -342,6 +351,9 @@ class HybridModel(nn.Module):
         self._check_live()
         configs = self.hybrid_config.methods
         wanted = [e for e in (configs if entries is None else entries) if configs[e].mergeable]
+        for entry in wanted:
+            for _, name, module, _ in self.branches(entry):
+                _check_merge_target(entry, name, module)
         for entry in wanted:
             for _, _, module, branch in list(self.branches(entry)):
                 branch.merge_into(module, keep_original=False)
@@ -382,11 +394,11 @@ class HybridModel(nn.Module):
         }
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def save_adapters(self, directory: str | Path) -> Path:
+    def save_adapters(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the active set's config JSON + safetensors (atomic). See ``hybridtune.load``."""
         from .checkpoint import save_adapters
 
-        return save_adapters(self, directory)
+        return save_adapters(self, directory, state)
 
     save_pretrained = save_adapters
 
@@ -442,6 +454,15 @@ class HybridModel(nn.Module):
     def _check_live(self) -> None:
         if self._unloaded:
             raise MergeError("this HybridModel was merged and unloaded; use the model merge_and_unload() returned")
+
+
+def _check_merge_target(entry: str, name: str, module: nn.Module) -> None:
+    if is_quantized(module):
+        raise MergeError(
+            f"cannot merge '{entry}' into '{name}': its weight is quantized ({type(module.weight).__name__}), and "
+            "folding a delta into it would re-quantize and lose the delta. Load the base unquantized and merge "
+            "there (`hybridtune merge` and `hybridtune export` do), or keep the branch unmerged"
+        )
 
 
 def inject(model: nn.Module, config: HybridConfig | dict, set_name: str = DEFAULT_SET) -> HybridModel:

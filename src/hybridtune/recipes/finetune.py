@@ -7,6 +7,7 @@ Each stage trains its own entries with a fresh optimizer; the other entries stay
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -17,9 +18,12 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -30,6 +34,7 @@ from ..evaluation import Generation, eval_loss, exact_match
 from ..methods.lora_mixture import LoRAMixtureConfig
 from ..model import HybridModel, inject
 from ..models import load_base
+from ..quantization import prepare_for_kbit_training
 from ..run_config import ConfigError, RunConfig, StageConfig
 from ..tracking import METRICS_FILE, Tracker, read_metrics
 from ..trainer_state import (
@@ -41,8 +46,10 @@ from ..trainer_state import (
     restore_rng,
     save_checkpoint,
 )
+from .engine import base_dtype, environment_problems, make_accelerator, shard
 
 CONFIG_COPY = "config.yaml"
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 SUMMARY = "summary.json"
 
 
@@ -57,6 +64,7 @@ class RunResult:
     summary: dict[str, Any]
     generations: list[Generation] = field(default_factory=list)  # after training
     generations_before: list[Generation] = field(default_factory=list)
+    is_main: bool = True  # False on the other processes of a multi-process run (they stay quiet)
 
 
 class EpochSampler(Sampler[int]):
@@ -73,12 +81,6 @@ class EpochSampler(Sampler[int]):
         return self.size
 
 
-def mixed_precision(precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-
-
 @dataclass
 class Prepared:
     """The data of a run, tokenized once."""
@@ -87,6 +89,23 @@ class Prepared:
     eval: list[Encoded]
     eval_examples: list[Example]
     truncated: int
+
+
+def label_tokens(batch: dict) -> int:
+    """Label tokens a causal LM's loss averages over (labels are shifted by one)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def windows(loader: Any, size: int):
+    """The loader's batches in lists of ``size`` (the last one shorter): one list per optimizer step."""
+    window = []
+    for batch in loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
 
 
 def prepare_data(config: RunConfig, tokenizer: Any) -> Prepared:
@@ -159,19 +178,16 @@ class Run:
     """One execution of the recipe; holds what the stage loop needs."""
 
     def __init__(self, config: RunConfig, log=print, stop_after_step: int | None = None) -> None:
-        self.config, self.log, self.stop_after_step = config, log, stop_after_step
-        t = config.training
-        # accelerate keeps one state per process; a second run in the same process (a notebook, the
-        # tests) may ask for another precision or accumulation, so start from a clean one. The
-        # distributed state (PartialState) is kept.
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
-        self.accelerator = Accelerator(
-            mixed_precision=mixed_precision(t.precision), gradient_accumulation_steps=t.grad_accum
-        )
+        self.config, self.stop_after_step = config, stop_after_step
+        problems = environment_problems(config)
+        if problems:
+            raise ConfigError(problems)
+        self.accelerator = make_accelerator(config)
         self.main = self.accelerator.is_main_process
+        self.log = log if self.main else (lambda *_: None)  # one process speaks for the run
         self.run_dir = Path(config.output)
         self.generations_before: list[Generation] = []
+        self._sharded = False
 
     def execute(self, overwrite: bool = False) -> RunResult:
         config, t = self.config, self.config.training
@@ -181,12 +197,7 @@ class Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             adapter_io.atomic_write(self.run_dir / CONFIG_COPY, yaml.safe_dump(config.dump(), sort_keys=False).encode())
         set_seed(t.seed)
-        base, self.tokenizer = load_base(config.model)
-        self.model = inject(base, config.hybrid_config())
-        if t.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-            base.config.use_cache = False
-        self.model.to(self.accelerator.device)
+        self.model = self._build_model()
         self.data = prepare_data(config, self.tokenizer)
         self.tracker = Tracker(self.run_dir, enabled=self.main)
         if self.data.truncated:
@@ -219,15 +230,13 @@ class Run:
                 continue
             resume_from = checkpoint if (checkpoint is not None and index == position.stage_index) else None
             position = self.run_stage(index, stage, position, resume_from)
-            if self.main:
-                self.model.save_adapters(self.run_dir / "stages" / stage.name)
+            self._save_adapters(self.run_dir / "stages" / stage.name)
         summary["train_seconds"] = round(time.time() - started, 1)
         summary["steps"] = position.global_step
 
         adapters_dir = self.run_dir / "adapters"
         generations: list[Generation] = []
-        if self.main:
-            self.model.save_adapters(adapters_dir)
+        self._save_adapters(adapters_dir)
         if self.data.eval:
             summary["after"] = self.evaluate(position.global_step, "after", keep=generations)
         train_losses = [r["loss"] for r in read_metrics(self.run_dir / METRICS_FILE) if r.get("kind") == "train"]
@@ -239,11 +248,12 @@ class Run:
             adapter_io.atomic_write(self.run_dir / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
         self.tracker.close()
         self.accelerator.end_training()
-        return RunResult(self.run_dir, adapters_dir, summary, generations, self.generations_before)
+        return RunResult(self.run_dir, adapters_dir, summary, generations, self.generations_before, self.main)
 
     # ---- one stage --------------------------------------------------------------------------
     def run_stage(self, index: int, stage: StageConfig, position: Position, checkpoint: Path | None) -> Position:
         t, acc = self.config.training, self.accelerator
+        self._shard_once()
         self.model.set_trainable(stage.train)
         params = self.model.parameters_to_train()
         lr = stage.lr or t.lr
@@ -253,11 +263,14 @@ class Run:
         total = stage.max_steps or math.ceil(steps_per_epoch * stage.epochs)
         warmup = stage.warmup_ratio if stage.warmup_ratio is not None else t.warmup_ratio
         scheduler = get_scheduler(stage.scheduler or t.scheduler, optimizer, round(warmup * total), total)
-        model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
+        if self.config.fsdp is None:
+            model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
+        else:  # sharded in place already (see _build_model); accelerate keeps the optimizer
+            model, (optimizer, scheduler) = self.model, acc.prepare(optimizer, scheduler)
         if t.compile:
             model = torch.compile(model)
         if checkpoint is not None and position.stage_step > 0:
-            load_optimizer_state(checkpoint, optimizer, scheduler)
+            self._load_optimizer(checkpoint, optimizer, scheduler)
         else:
             position = Position(index, 0, 0, 0, position.global_step)
             self.tracker.log({"kind": "stage_start", "stage": stage.name, "step": position.global_step})
@@ -272,19 +285,10 @@ class Run:
             loader = self._loader(index, position.epoch)
             if position.batches_in_epoch:
                 loader = acc.skip_first_batches(loader, position.batches_in_epoch)
-            for batch in loader:
-                with acc.accumulate(model):
-                    loss = model(**batch).loss
-                    acc.backward(loss)
-                    if acc.sync_gradients and t.max_grad_norm:
-                        acc.clip_grad_norm_(params, t.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                position.batches_in_epoch += 1
-                window_tokens += int(batch["attention_mask"].sum())
-                if not acc.sync_gradients:
-                    continue
+            for window in windows(loader, t.grad_accum):
+                loss, tokens = self._step(model, window, params, optimizer, scheduler)
+                position.batches_in_epoch += len(window)
+                window_tokens += tokens
                 position.stage_step += 1
                 position.global_step += 1
                 step = position.global_step
@@ -295,7 +299,7 @@ class Run:
                         "kind": "train",
                         "stage": stage.name,
                         "step": step,
-                        "loss": loss.item(),
+                        "loss": loss,
                         "lr": scheduler.get_last_lr()[0],
                         "tokens_per_s": window_tokens / elapsed,
                     }
@@ -325,7 +329,60 @@ class Run:
         self.model = acc.unwrap_model(model)
         return position
 
+    def _step(self, model: Any, window: list[dict], params: list, optimizer: Any, scheduler: Any) -> tuple[float, int]:
+        """One optimizer step over the micro-batches of ``window`` on every process.
+
+        The loss is the mean over every label token of the step's global batch, so N processes
+        x B rows x k accumulation steps train the same as one process with N*B*k rows: each
+        micro-batch's token-mean loss is weighted by its share of the step's tokens (and by N,
+        which DDP's gradient averaging divides out again). Returns that loss and the step's
+        input tokens over all processes.
+        """
+        acc, t = self.accelerator, self.config.training
+        counts = [label_tokens(b) for b in window]
+        total = acc.reduce(torch.tensor(float(sum(counts)), device=acc.device), reduction="sum").item()
+        summed = torch.zeros((), device=acc.device)
+        inputs = sum(int(b["attention_mask"].sum()) for b in window)
+        for i, (batch, count) in enumerate(zip(window, counts, strict=True)):
+            last = i == len(window) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(model):
+                loss = model(**batch).loss
+                if count == 0:  # no label tokens here: nothing to learn, and HF's mean is NaN
+                    loss = loss.nan_to_num() * 0.0
+                acc.backward(loss * (count * acc.num_processes / max(total, 1.0)))
+            summed += loss.detach().float() * count
+        if t.max_grad_norm:
+            acc.clip_grad_norm_(params, t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        loss_sum, inputs = acc.reduce(torch.stack([summed, torch.tensor(inputs, device=acc.device)]), "sum").tolist()
+        return loss_sum / max(total, 1.0), int(inputs)
+
     # ---- helpers ----------------------------------------------------------------------------
+    def _build_model(self) -> HybridModel:
+        """Base (in its storage dtype, or quantized) + branches, whose trainable weights stay fp32:
+        AdamW updates of a few thousand parameters are cheap, and half-precision master weights
+        would round small updates away."""
+        config, t, acc = self.config, self.config.training, self.accelerator
+        quant = config.model_quantization
+        with acc.main_process_first():  # the first process converts the embedded model once
+            base, self.tokenizer = load_base(config.model, base_dtype(config), quant, acc.device)
+        if quant is not None:
+            prepare_for_kbit_training(base)
+        model = inject(base, config.hybrid_config())
+        model.cast_branches(torch.float32)
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            base.config.use_cache = False
+        return model if quant is not None else model.to(acc.device)
+
+    def _shard_once(self) -> None:
+        """FSDP shards the model in place, after a resumed run's weights are loaded (full tensors)."""
+        if self.config.fsdp is not None and not self._sharded:
+            shard(self.model, self.config)
+            self._sharded = True
+
     def _grow(self, stage: StageConfig, stage_step: int, steps_per_epoch: int, step: int | None = None) -> None:
         """Growing-rank schedules of the stage's entries follow the stage's own step count."""
         changed = self.model.update_rank_schedules(stage_step, stage_step / steps_per_epoch, stage.train)
@@ -346,17 +403,41 @@ class Run:
         )
         return self.accelerator.prepare_data_loader(loader)
 
+    def _save_adapters(self, directory: Path) -> None:
+        state = adapter_io.adapter_state(self.model)  # every process: FSDP gathers the shards here
+        if self.main:
+            self.model.save_adapters(directory, state)
+
     def _save(self, position: Position, optimizer: Any, scheduler: Any) -> None:
-        self.accelerator.wait_for_everyone()
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        model = acc.unwrap_model(self.model)
+        adapters = adapter_io.adapter_state(model)
+        optimizer_state = None
+        if optimizer is not None:
+            if self.config.fsdp is None:
+                optimizer_state = optimizer.state_dict()
+            else:  # the full (gathered) moments, keyed by parameter name: resumable on any process count
+                optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=FULL_STATE)
         if self.main:
             save_checkpoint(
                 self.run_dir,
-                self.accelerator.unwrap_model(self.model),
-                optimizer,
-                scheduler,
+                model,
+                adapters,
+                optimizer_state,
+                None if optimizer is None else scheduler.state_dict(),
                 position,
                 keep=self.config.training.keep_checkpoints,
             )
+        acc.wait_for_everyone()
+
+    def _load_optimizer(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> None:
+        optimizer_state, scheduler_state = load_optimizer_state(checkpoint)
+        if self.config.fsdp is None:
+            optimizer.load_state_dict(optimizer_state)
+        else:
+            set_optimizer_state_dict(self.model, optimizer.optimizer, optimizer_state, options=FULL_STATE)
+        scheduler.load_state_dict(scheduler_state)
 
     def evaluate(
         self, step: int, when: str, with_metric: bool = True, keep: list[Generation] | None = None
@@ -379,9 +460,8 @@ class Run:
             if keep is not None:
                 keep += generations
         self.tracker.log({"kind": "eval", "when": when, "step": step, **result})
-        if self.main:
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in result.items())
-            self.log(f"eval ({when}, step {step}): {shown}")
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in result.items())
+        self.log(f"eval ({when}, step {step}): {shown}")
         return result
 
     def _truncate_metrics(self, step: int) -> None:

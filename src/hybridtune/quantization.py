@@ -1,0 +1,84 @@
+"""Quantized bases (QLoRA-style): the YAML section, loading through transformers + bitsandbytes,
+and getting a k-bit model ready to train branches on top of it.
+
+bitsandbytes' kernels need a CUDA GPU, so the environment is checked before anything loads: a
+CPU machine gets one clear sentence instead of a stack trace from deep inside a loader.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .validation import StrictModel
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class QuantizationConfig(StrictModel):
+    """``model_quantization:`` in the run YAML."""
+
+    bits: Literal[4, 8] = 4
+    type: Literal["nf4", "fp4"] = "nf4"  # 4-bit only
+    double_quant: bool = True  # 4-bit only: quantise the quantisation constants too
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return DTYPES[self.compute_dtype]
+
+    def bnb_config(self) -> Any:
+        from transformers import BitsAndBytesConfig
+
+        if self.bits == 8:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=self.torch_compute_dtype,
+        )
+
+
+def quantization_problems(config: QuantizationConfig | None) -> list[str]:
+    """Why a quantized base cannot load on this machine (empty when it can)."""
+    if config is None:
+        return []
+    if not torch.cuda.is_available():
+        return [
+            f"model_quantization: {config.bits}-bit bases load through bitsandbytes, which needs a CUDA GPU, and "
+            "this machine has none; remove model_quantization to train the full-precision base here"
+        ]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ["model_quantization: the bitsandbytes package is not installed: pip install bitsandbytes"]
+    return []
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether a layer's weight is stored quantized (bitsandbytes' Params4bit/Int8Params or any
+    integer tensor): such a weight cannot take a merged delta or give a norm directly."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return False
+    return not weight.is_floating_point() or hasattr(weight, "quant_state") or hasattr(weight, "SCB")
+
+
+def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
+    """Freeze a quantized base and keep its normalisation layers in fp32.
+
+    Norm weights are tiny, and computing them in half precision on top of 4-bit weights is where
+    training goes unstable; everything else stays in the compute dtype to keep the memory saving.
+    Gradient checkpointing on top (``training.gradient_checkpointing``) needs no grad-requiring
+    input: hybridtune uses non-reentrant checkpointing.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            for param in module.parameters(recurse=False):
+                if param.is_floating_point() and param.dtype != torch.float32:
+                    param.data = param.data.float()
+    return model

@@ -1,0 +1,117 @@
+"""The training engine of a run: accelerate's Accelerator set up from the YAML.
+
+Processes come from the launcher (``torchrun``, ``accelerate launch``); DDP, FSDP2 and DeepSpeed
+are accelerate's and PyTorch's. This file only translates the run config into their settings and
+checks, before any model loads, that the machine can do what the config asks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+
+from ..model import HybridModel
+from ..quantization import DTYPES, quantization_problems
+from ..run_config import ConfigError, RunConfig
+
+
+def environment_problems(config: RunConfig) -> list[str]:
+    """What this machine cannot do of what ``config`` asks (empty when it can)."""
+    t = config.training
+    problems = quantization_problems(config.model_quantization)
+    if not torch.cuda.is_available():
+        if t.precision == "fp16":
+            problems.append(
+                "training.precision: fp16 (with loss scaling) needs a CUDA GPU; use bf16 or fp32 on this machine"
+            )
+        if t.base_dtype == "fp16":
+            problems.append("training.base_dtype: fp16 weights need a CUDA GPU; use bf16 or fp32 on this machine")
+    if config.deepspeed is not None:
+        if importlib.util.find_spec("deepspeed") is None:
+            problems.append("deepspeed: the deepspeed package is not installed: pip install deepspeed")
+        if isinstance(config.deepspeed, Path) and not config.deepspeed.is_file():
+            problems.append(f"deepspeed: config file '{config.deepspeed}' does not exist")
+    return problems
+
+
+def mixed_precision(config: RunConfig) -> str:
+    """accelerate's mixed_precision for the run: ``auto`` is bf16 on a GPU that has it (the compute
+    dtype of a quantized base), full precision on the CPU."""
+    precision = config.training.precision
+    if precision == "auto":
+        quant = config.model_quantization
+        if quant is not None:
+            return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[quant.compute_dtype]
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def base_dtype(config: RunConfig) -> torch.dtype | None:
+    """Storage dtype of the frozen base. ``auto``: the half dtype the run computes in when on a GPU
+    (frozen weights need no fp32 copy), fp32 on the CPU; a quantized base keeps its own choice."""
+    choice = config.training.base_dtype
+    if choice != "auto":
+        return DTYPES[choice]
+    if config.model_quantization is not None:
+        return None
+    if torch.cuda.is_available() and config.fsdp is None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(config), torch.float32)
+    return torch.float32
+
+
+def _multi_process() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def make_accelerator(config: RunConfig) -> Accelerator:
+    # accelerate keeps one state per process; a second run in the same process (a notebook, the
+    # tests) may ask for another precision or accumulation, so start from a clean one. The
+    # distributed state (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    kwargs = {}
+    if config.deepspeed is not None:
+        from accelerate import DeepSpeedPlugin
+
+        ds = config.deepspeed
+        ds = json.loads(ds.read_text()) if isinstance(ds, Path) else ds
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
+    # gradient accumulation is the recipe's own (token-weighted windows), not accelerate's
+    return Accelerator(
+        mixed_precision=mixed_precision(config),
+        # several processes without CUDA: accelerate's gloo backend, which it uses only when asked
+        cpu=_multi_process() and not torch.cuda.is_available(),
+        **kwargs,
+    )
+
+
+def shard(model: HybridModel, config: RunConfig) -> None:
+    """FSDP2: ``fully_shard`` each transformer layer (the classes the model names in
+    ``_no_split_modules``, so a layer's branches are sharded and gathered with it), then the rest.
+
+    PyTorch's own API rather than accelerate's FSDP path, which only engages on GPUs: the same
+    code then runs on CPU processes (gloo, in the tests) and on GPUs (NCCL). Parameters stay
+    fp32 and sharded; a half ``training.precision`` becomes FSDP's mixed-precision policy.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    base = model.base_model
+    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ConfigError([f"fsdp: cannot tell the transformer layers of {type(base).__name__} (no _no_split_modules)"])
+    kwargs: dict = {"reshard_after_forward": config.fsdp.reshard_after_forward}
+    if config.fsdp.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(config))
+    if half is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(base, **kwargs)

@@ -82,9 +82,12 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         ds = config.deepspeed
         ds = json.loads(ds.read_text()) if isinstance(ds, Path) else ds
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
-    # gradient accumulation is the recipe's own (token-weighted windows), not accelerate's
+    # gradient accumulation is the recipe's own (token-weighted windows), not accelerate's; so is
+    # the schedule's length (in optimizer steps of the global batch): accelerate must not step the
+    # scheduler once per process
     return Accelerator(
         mixed_precision=mixed_precision(config),
+        step_scheduler_with_optimizer=False,
         # several processes without CUDA: accelerate's gloo backend, which it uses only when asked
         cpu=_multi_process() and not torch.cuda.is_available(),
         **kwargs,

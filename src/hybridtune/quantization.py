@@ -66,19 +66,38 @@ def is_quantized(module: nn.Module) -> bool:
     return not weight.is_floating_point() or hasattr(weight, "quant_state") or hasattr(weight, "SCB")
 
 
-def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
-    """Freeze a quantized base and keep its normalisation layers in fp32.
+def _back_to_input_dtype(module: nn.Module, args: tuple, output: Any) -> Any:
+    if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+        return output.to(args[0].dtype)
+    return output
 
-    Norm weights are tiny, and computing them in half precision on top of 4-bit weights is where
-    training goes unstable; everything else stays in the compute dtype to keep the memory saving.
-    Gradient checkpointing on top (``training.gradient_checkpointing``) needs no grad-requiring
-    input: hybridtune uses non-reentrant checkpointing.
+
+def keep_norms_fp32(model: nn.Module) -> nn.Module:
+    """Normalisation weights in fp32, their outputs back in the dtype that came in.
+
+    Norm weights are tiny, and scaling in half precision on top of 4-bit weights is where training
+    goes unstable; the output returns to the compute dtype so the next (half-precision) layer
+    gets what it expects, with or without autocast. ``load_base`` does this for every quantized
+    base, so training and later inference compute the same thing.
+    """
+    for module in model.modules():
+        if "norm" not in type(module).__name__.lower():
+            continue
+        params = [p for p in module.parameters(recurse=False) if p.is_floating_point() and p.dtype != torch.float32]
+        for param in params:
+            param.data = param.data.float()
+        if params:
+            module.register_forward_hook(_back_to_input_dtype)
+    return model
+
+
+def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
+    """Freeze a quantized base (its norms are fp32 already when it came from ``load_base``).
+
+    Everything else stays in the compute dtype to keep the memory saving (unlike a cast of every
+    non-quantized weight to fp32, which doubles the embedding's memory). Gradient checkpointing
+    on top needs no grad-requiring input: hybridtune uses non-reentrant checkpointing.
     """
     for param in model.parameters():
         param.requires_grad_(False)
-    for module in model.modules():
-        if "norm" in type(module).__name__.lower():
-            for param in module.parameters(recurse=False):
-                if param.is_floating_point() and param.dtype != torch.float32:
-                    param.data = param.data.float()
-    return model
+    return keep_norms_fp32(model)

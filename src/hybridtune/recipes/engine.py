@@ -118,3 +118,12 @@ def shard(model: HybridModel, config: RunConfig) -> None:
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(base, **kwargs)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: allocated GPU memory on CUDA, resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -46,7 +46,7 @@ from ..trainer_state import (
     restore_rng,
     save_checkpoint,
 )
-from .engine import base_dtype, environment_problems, make_accelerator, shard
+from .engine import base_dtype, environment_problems, make_accelerator, peak_memory_mb, shard
 
 CONFIG_COPY = "config.yaml"
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -233,6 +233,7 @@ class Run:
             self._save_adapters(self.run_dir / "stages" / stage.name)
         summary["train_seconds"] = round(time.time() - started, 1)
         summary["steps"] = position.global_step
+        summary["peak_memory_mb"] = round(peak_memory_mb(self.accelerator.device), 1)
 
         adapters_dir = self.run_dir / "adapters"
         generations: list[Generation] = []
@@ -442,6 +443,11 @@ class Run:
     def evaluate(
         self, step: int, when: str, with_metric: bool = True, keep: list[Generation] | None = None
     ) -> dict[str, Any]:
+        """Eval loss (and exact match) in the precision the run trains in."""
+        with self.accelerator.autocast():
+            return self._evaluate(step, when, with_metric, keep)
+
+    def _evaluate(self, step: int, when: str, with_metric: bool, keep: list[Generation] | None) -> dict[str, Any]:
         model = self.accelerator.unwrap_model(self.model)
         ev = self.config.eval
         result: dict[str, Any] = eval_loss(model, self.data.eval, self.tokenizer.pad_token_id, ev.batch_size)

@@ -1,0 +1,107 @@
+"""Peak memory of one real training run per precision regime, on the embedded model.
+
+python bench/memory.py [--regimes fp32,bf16,4bit,8bit] [--steps 24]
+
+Each regime is a `hybridtune train` of the quickstart (examples/sentiment: LoRA q,v + Adapter
+after every MLP) in its own process, so its peak is its own: allocated GPU memory on CUDA, the
+resident set on the CPU. Quantized regimes also check that the saved adapters load back into a
+freshly quantized base and give the eval loss the run itself measured. Writes a markdown table
+to bench/results/memory_<device>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).parent
+CONFIG = HERE.parent / "examples" / "sentiment" / "config.yaml"
+REGIMES = {
+    "fp32": ["training.precision=fp32", "training.base_dtype=fp32"],
+    "bf16": ["training.precision=bf16", "training.base_dtype=bf16"],
+    "4bit": ["model_quantization={bits: 4, type: nf4, double_quant: true, compute_dtype: bf16}"],
+    "8bit": ["model_quantization={bits: 8, compute_dtype: bf16}"],
+}
+
+
+def reload_check(run_dir: Path, overrides: list[str]) -> float:
+    """Eval loss of the saved adapters in a freshly loaded (quantized) base."""
+    import torch
+
+    import hybridtune as ht
+    from hybridtune.evaluation import eval_loss
+    from hybridtune.models import load_base
+    from hybridtune.recipes.finetune import prepare_data
+    from hybridtune.run_config import load_run_config
+
+    config = load_run_config(CONFIG, overrides)
+    base, tokenizer = load_base(config.model, quantization=config.model_quantization, device="cuda")
+    model = ht.load(base, run_dir / "adapters")
+    data = prepare_data(config, tokenizer)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return eval_loss(model, data.eval, tokenizer.pad_token_id, config.eval.batch_size)["eval_loss"]
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser()
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--regimes", default="fp32,bf16,4bit,8bit" if cuda else "fp32,bf16")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--reload-check", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.reload_check:
+        run_dir, regime = args.reload_check.split(",")
+        print(json.dumps(reload_check(Path(run_dir), REGIMES[regime])))
+        return
+    device = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, 2 threads"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for regime in args.regimes.split(","):
+            run_dir = Path(tmp) / regime
+            overrides = [*REGIMES[regime], f"training.max_steps={args.steps}", f"output={run_dir}"]
+            cmd = [sys.executable, "-m", "hybridtune", "train", str(CONFIG), *overrides]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+                rows.append(f"| {regime} | failed: {done.stderr.strip().splitlines()[-1][:120]} | | | | |")
+                continue
+            s = json.loads((run_dir / "summary.json").read_text())
+            reload = ""
+            if regime.endswith("bit"):
+                check = [sys.executable, __file__, "--reload-check", f"{run_dir},{regime}"]
+                loaded = json.loads(subprocess.run(check, capture_output=True, text=True, check=True).stdout)
+                reload = f"{loaded:.4f} (run: {s['after']['eval_loss']:.4f})"
+            rows.append(
+                f"| {regime} | {s['peak_memory_mb']:.0f} | {s['train_seconds']} | "
+                f"{s['before']['eval_loss']:.3f} -> {s['after']['eval_loss']:.3f} | "
+                f"{s['before']['exact_match']:.2f} -> {s['after']['exact_match']:.2f} | {reload} |"
+            )
+            print(rows[-1], file=sys.stderr)
+    memory = "peak allocated GPU MB" if cuda else "peak RSS MB"
+    lines = [
+        f"# Peak memory per precision regime ({device})",
+        "",
+        f"The quickstart (`examples/sentiment/config.yaml`: SmolLM2-135M-Instruct, LoRA r8 q,v + Adapter after "
+        f"every MLP, batch 8, {args.steps} steps, eval before/after included), one `hybridtune train` process "
+        "per regime; branch weights stay fp32 in every regime. Command: `python bench/memory.py`.",
+        "",
+        f"| regime | {memory} | train s | eval loss | exact match | reloaded eval loss |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+    text = "\n".join(lines) + "\n"
+    out = HERE / "results" / f"memory_{'cuda' if cuda else 'cpu'}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

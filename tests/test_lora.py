@@ -109,6 +109,27 @@ def test_same_logits_and_gradients_as_peft(arch, kwargs, input_ids):
     assert compared == 2 * 2 * len(targets)  # A and B, 2 layers, every target
 
 
+def test_bf16_base_with_fp32_lora_under_autocast_matches_peft(input_ids):
+    """The mixed-precision fast path (no input copy, in-place addmm in the autocast dtype) against
+    peft on the same bf16 base with fp32 LoRA weights, both under bf16 autocast."""
+    ours, theirs, peft_params = _peft_pair("llama", ["q_proj", "v_proj", "down_proj"], r=8, alpha=16)
+    ours.base_model.to(torch.bfloat16)
+    ours.cast_branches(torch.float32)
+    theirs.to(torch.bfloat16)
+    for name, param in peft_params.items():
+        if "lora_" in name:
+            param.data = param.data.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ours, out_theirs = ours(input_ids, labels=input_ids), theirs(input_ids, labels=input_ids)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=3e-2, rtol=3e-2)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for _, name, _, branch in ours.branches():
+        assert branch.lora_B.dtype == branch.lora_B.grad.dtype == torch.float32
+        peft_grad = peft_params[f"base_model.model.{name}.lora_B.default.weight"].grad
+        torch.testing.assert_close(branch.lora_B.grad, peft_grad, atol=2e-3, rtol=5e-2)
+
+
 def test_lora_dropout_rate_scale_and_sharing():
     from hybridtune.methods.lora import lora_dropout
 

@@ -16,7 +16,7 @@ from transformers.activations import ACT2FN
 
 from ..routing import map_hidden, replace_rows
 from ..targeting import is_linear, linear_features, named_base_modules, select_modules
-from .base import Branch, MethodConfig, param_like
+from .base import Branch, MethodConfig, for_weights, param_like
 
 
 class AdapterConfig(MethodConfig):
@@ -114,7 +114,7 @@ class AdapterBranch(Branch):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
-        h = hidden.to(self.down.weight.dtype)
+        h = for_weights(hidden, self.down.weight)
         return hidden + (self.dropout(self.up(self.act(self.down(h)))) * self.scaling).to(hidden.dtype)
 
     def forward(self, args: tuple, kwargs: dict, output: Any) -> Any:

@@ -106,6 +106,14 @@ def replace_first_input(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple
     raise TypeError("the target module was called without a tensor input")
 
 
+def for_weights(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype a branch's weights compute in. Under autocast nothing is cast: autocast
+    runs the matmuls in its own dtype, so a copy of the input here would only be cast back."""
+    if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
+
+
 def param_like(module: nn.Module) -> dict[str, Any]:
     """dtype/device of a module's first parameter, so new parameters sit next to the base weights."""
     for p in module.parameters():

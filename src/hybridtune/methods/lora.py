@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..targeting import first_match, is_linear, linear_features, select_modules
 from ..validation import StrictModel
-from .base import Branch, MethodConfig, first_input, param_like
+from .base import Branch, MethodConfig, first_input, for_weights, param_like
 
 
 class RankSchedule(StrictModel):
@@ -213,8 +213,7 @@ class LoRABranch(Branch):
 
     def _hidden(self, x: torch.Tensor) -> torch.Tensor:
         """A·dropout(x): the rank-r activations."""
-        if x.dtype != self.lora_A.dtype:
-            x = x.to(self.lora_A.dtype)
+        x = for_weights(x, self.lora_A)
         return F.linear(lora_dropout(x, self.dropout_p, self.training), self.A)
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,10 +223,11 @@ class LoRABranch(Branch):
         if self.merged:
             return output
         hidden = self._hidden(first_input(args, kwargs))
-        if hidden.dtype == output.dtype == self.lora_B.dtype and output.is_contiguous():  # not under autocast
+        if hidden.dtype == output.dtype and output.is_contiguous():  # under autocast too: both in its dtype
             # s·B h added in place with one addmm: no delta tensor, no separate add pass
+            b = self.B if self.B.dtype == output.dtype else self.B.to(output.dtype)
             flat = output.view(-1, output.shape[-1])
-            flat.addmm_(hidden.reshape(-1, hidden.shape[-1]), self.B.T, alpha=self.scale)
+            flat.addmm_(hidden.reshape(-1, hidden.shape[-1]), b.T, alpha=self.scale)
             return output
         return output + (F.linear(hidden, self.B) * self.scale).to(output.dtype)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..routing import current as current_routing
 from ..targeting import is_linear, linear_features, select_modules
-from .base import Branch, MethodConfig, first_input, param_like
+from .base import Branch, MethodConfig, first_input, for_weights, param_like
 
 
 class LoRAMixtureConfig(MethodConfig):
@@ -123,7 +123,7 @@ class LoRAMixtureBranch(Branch):
         return F.linear(F.linear(x, self.lora_A[k]), self.lora_B[k]) * self.scale
 
     def forward(self, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(first_input(args, kwargs).to(self.lora_A.dtype))
+        x = self.dropout(for_weights(first_input(args, kwargs), self.lora_A))
         if self.mode == "hard":
             routing = current_routing()
             if routing is None or routing.task_ids is None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..routing import map_hidden
 from .adapter import AdapterBranch, AdapterConfig, output_features
-from .base import first_input, param_like
+from .base import first_input, for_weights, param_like
 
 
 class ParallelAdapterConfig(AdapterConfig):
@@ -34,7 +34,7 @@ class ParallelAdapterConfig(AdapterConfig):
 
 class ParallelAdapterBranch(AdapterBranch):
     def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(self.down.weight.dtype)
+        h = for_weights(x, self.down.weight)
         return self.dropout(self.up(self.act(self.down(h)))) * self.scaling
 
     def forward(self, args: tuple, kwargs: dict, output: Any) -> Any:

@@ -331,6 +331,40 @@ def export(
     typer.echo(f"peft adapter: {out}" + (f" (not exported, no peft equivalent: {', '.join(others)})" if others else ""))
 
 
+@app.command()
+def serve(
+    adapters_dir: Annotated[Path, typer.Option(help="Directory whose sub-directories are saved adapter sets.")],
+    base: Annotated[
+        str | None, typer.Option(help="Base model: a directory or a cached hub name (default: the embedded model).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option()] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="HYBRIDTUNE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+    ] = None,
+    max_loaded: Annotated[int, typer.Option(help="Adapter sets kept in memory (least recently used unloads).")] = 4,
+    max_batch: Annotated[int, typer.Option(help="Requests generated together in one batch.")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 4096,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1_000_000,
+) -> None:
+    """Serve the base model and every adapter set in a directory over an OpenAI-compatible API."""
+    import uvicorn
+
+    from .models import EMBEDDED_NAME
+    from .serving import Limits, build_app
+
+    base = base or EMBEDDED_NAME
+    if not adapters_dir.is_dir():
+        _fail(f"--adapters-dir '{adapters_dir}' is not a directory")
+    limits = Limits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_request_bytes=max_request_bytes)
+    api = build_app(base, adapters_dir, api_key=api_key, max_loaded=max_loaded, max_batch=max_batch, limits=limits)
+    typer.echo(f"serving {base} and the adapter sets in {adapters_dir} on http://{host}:{port}/v1")
+    uvicorn.run(api, host=host, port=port, log_level="warning")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv if argv is not None else sys.argv[1:], prog_name="hybridtune")

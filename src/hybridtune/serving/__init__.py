@@ -1,0 +1,34 @@
+"""Serving: one base model, many adapter sets by name, an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .adapters_dir import AdaptersDir, UnknownAdapter
+from .api import Limits, create_app
+from .engine import Engine
+
+__all__ = ["AdaptersDir", "Engine", "Limits", "UnknownAdapter", "build_app"]
+
+
+def build_app(
+    base: str,
+    adapters_dir: str | Path,
+    *,
+    api_key: str | None = None,
+    max_loaded: int = 4,
+    max_batch: int = 8,
+    limits: Limits | None = None,
+    device: str | None = None,
+    base_name: str | None = None,
+):
+    """The FastAPI app for ``hybridtune serve`` (the model loads here, once). Clients address the
+    base model as ``base_name``: by default the base's own name (a directory's last part)."""
+    import torch
+
+    from ..models import load_base
+
+    model, tokenizer = load_base(base)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    engine = Engine(model, tokenizer, AdaptersDir(adapters_dir), max_loaded=max_loaded, max_batch=max_batch)
+    return create_app(engine, base_name=base_name or Path(base).name, api_key=api_key, limits=limits)

@@ -304,6 +304,7 @@ def search_rank(
 class ExportFormat(str, Enum):
     peft = "peft"
     merged = "merged"
+    onnx = "onnx"
 
 
 @app.command()
@@ -311,7 +312,12 @@ def export(
     adapters: AdaptersOpt,
     out: Annotated[Path, typer.Option("--out", help="Output directory.")],
     format: Annotated[
-        ExportFormat, typer.Option("--format", help="peft: LoRA as a peft adapter; merged: plain model.")
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="peft: LoRA as a peft adapter; merged: plain model; onnx: merged model (adapters in the graph) "
+            "as ONNX, checked with onnxruntime.",
+        ),
     ],
     model: ModelOpt = None,
 ) -> None:
@@ -319,10 +325,27 @@ def export(
     if format is ExportFormat.merged:
         merge(adapters=adapters, out=out, model=model, keep_adapters=False)
         return
-    from .peft_interop import export_peft
     from .recipes.finetune import load_trained
 
-    hybrid, _ = load_trained(adapters, model)
+    hybrid, tokenizer = load_trained(adapters, model)
+    if format is ExportFormat.onnx:
+        from .onnx_export import export_onnx
+
+        try:
+            check = export_onnx(hybrid, out, tokenizer)
+        except (ImportError, RuntimeError) as exc:
+            _fail(
+                f"ONNX export failed: {exc}"
+                + (" (pip install onnx onnxscript onnxruntime)" if isinstance(exc, ImportError) else "")
+            )
+        typer.echo(
+            f"onnx model: {out / 'model.onnx'}; onnxruntime vs PyTorch logits: max |diff| "
+            f"{check['max_abs_logit_difference']:.2e} (tolerance {check['tolerance']:.0e}); "
+            f"entries in the graph: {', '.join(check['entries_in_graph']) or 'none (all merged)'}"
+        )
+        return
+    from .peft_interop import export_peft
+
     try:
         export_peft(hybrid, out)
     except ValueError as exc:

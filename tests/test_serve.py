@@ -150,6 +150,25 @@ def test_lru_unloads_and_reloads(client, server, offline, tiny_lm_dir):
     assert httpx.get(f"{server}/health", headers=headers).json()["loaded"] == ["hybrid.v1", "alpha"]
 
 
+def test_loading_sets_while_a_stream_runs_leaves_it_intact(client, offline, tiny_lm_dir):
+    """A long stream of one set while other sets load and unload (room for two): the stream's
+    text is still exactly that set's offline answer."""
+    prompt = chat_prompt(tiny_lm_dir)
+    stream = client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=32, temperature=0,
+                                            stream=True)  # fmt: skip
+    first = next(iter(stream))  # the stream is running
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        others = list(pool.map(
+            lambda name: client.chat.completions.create(model=name, messages=QUESTION, max_tokens=4, temperature=0),
+            ["beta-2", "hybrid.v1", "beta-2"],
+        ))  # fmt: skip
+    text = (first.choices[0].delta.content or "") + "".join(c.choices[0].delta.content or "" for c in stream)
+    assert text == offline("alpha", prompt, max_tokens=32)
+    assert [o.choices[0].message.content for o in others] == [
+        offline(n, prompt, 4) for n in ["beta-2", "hybrid.v1", "beta-2"]
+    ]
+
+
 def test_models_lists_base_and_sets_only_inside_the_directory(client, tiny_lm_dir):
     ids = [m.id for m in client.models.list().data]
     assert ids == [tiny_lm_dir.name, "alpha", "beta-2", "hybrid.v1"]  # no symlinked-out set, no plain folder

@@ -226,3 +226,30 @@ def test_generate_interactive(project, tiny_lm_dir):
 def test_bf16_mixed_precision_trains_on_cpu(project, tiny_lm_dir):
     result = train(load_run_config(write_config(project, tiny_lm_dir, max_steps=3, precision="bf16")), log=quiet)
     assert result.summary["steps"] == 3 and result.summary["final_train_loss"] < 10
+
+
+def test_stop_file_stops_cleanly_with_a_checkpoint_and_the_run_resumes(project, tiny_lm_dir):
+    import threading
+
+    from hybridtune.recipes.finetune import STOP_FILE, TrainingStopped
+    from hybridtune.trainer_state import list_checkpoints, read_position
+
+    config = load_run_config(write_config(project, tiny_lm_dir, max_steps=300, save_every=1000))
+    run_dir = project / "runs" / "run"
+
+    def stop_at_step_3():
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and '"step": 3' in metrics.read_text()):
+            time.sleep(0.005)
+        (run_dir / STOP_FILE).touch()
+
+    watcher = threading.Thread(target=stop_at_step_3)
+    watcher.start()
+    with pytest.raises(TrainingStopped) as stopped:
+        train(config, log=quiet)
+    watcher.join()
+    assert 3 <= stopped.value.step < 300
+    assert read_position(list_checkpoints(run_dir)[-1]).global_step == stopped.value.step  # saved at the stop
+    assert not (run_dir / "summary.json").exists()
+    result = train(config, log=quiet)  # the same config resumes; the stale STOP file is cleared
+    assert result.summary["steps"] == 300 and not (run_dir / STOP_FILE).exists()

@@ -57,6 +57,7 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run in the output directory first.")] = False,
 ) -> None:
     """Train (or resume) the run a YAML file describes, evaluate it, and save its adapters."""
+    from .recipes.finetune import TrainingStopped
     from .recipes.finetune import train as run_training
     from .run_config import ConfigError
 
@@ -65,6 +66,9 @@ def train(
         result = run_training(cfg, overwrite=overwrite)
     except ConfigError as exc:
         _fail(str(exc))
+    except TrainingStopped as exc:
+        typer.echo(str(exc))
+        return
     if result.is_main:
         _report(result, cfg.eval.show)
 

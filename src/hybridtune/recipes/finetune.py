@@ -51,10 +51,20 @@ from .engine import base_dtype, environment_problems, make_accelerator, peak_mem
 CONFIG_COPY = "config.yaml"
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 SUMMARY = "summary.json"
+STOP_FILE = "STOP"  # created by a user (or the web UI) to stop a run cleanly at the next step
 
 
 class TrainingInterrupted(RuntimeError):
     """Raised by ``stop_after_step`` (tests use it to simulate a crash at a known step)."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run was asked to stop (a ``STOP`` file in its directory); a checkpoint was written at
+    ``step`` and running the same config again resumes from it."""
+
+    def __init__(self, step: int, run_dir: Path) -> None:
+        super().__init__(f"stopped at step {step} as asked; checkpoint kept in {run_dir}, run again to resume")
+        self.step, self.run_dir = step, run_dir
 
 
 @dataclass
@@ -195,6 +205,7 @@ class Run:
         resuming = self._broadcast(resuming)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier attempt
             adapter_io.atomic_write(self.run_dir / CONFIG_COPY, yaml.safe_dump(config.dump(), sort_keys=False).encode())
         set_seed(t.seed)
         self.model = self._build_model()
@@ -316,8 +327,12 @@ class Run:
                 done = position.stage_step >= total
                 if done:  # the stage is complete: a checkpoint here resumes at the next stage
                     position = Position(index + 1, 0, 0, 0, step)
-                if (t.save_every and step % t.save_every == 0) or done:
+                stop = self._broadcast((self.run_dir / STOP_FILE).exists()) and not done
+                if (t.save_every and step % t.save_every == 0) or done or stop:
                     self._save(position, None if done else optimizer, scheduler)
+                if stop:
+                    self.tracker.log({"kind": "stopped", "stage": stage.name, "step": step})
+                    raise TrainingStopped(step, self.run_dir)
                 if self.stop_after_step is not None and step >= self.stop_after_step:
                     raise TrainingInterrupted(f"stopped after step {step} as asked")
                 if done:

@@ -392,6 +392,25 @@ def serve(
     uvicorn.run(api, host=host, port=port, log_level="warning")
 
 
+@app.command()
+def ui(
+    workdir: Annotated[
+        Path, typer.Option(help="Folder the page works in: data files, configs/, runs/, exports/, models/.")
+    ] = Path("."),
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the page to the network.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option()] = 7860,
+) -> None:
+    """A web page to configure, train, watch, compare, chat with and export runs."""
+    import uvicorn
+
+    from .ui import create_app
+
+    typer.echo(f"hybridtune ui on http://{host}:{port} (work directory: {workdir.resolve()})")
+    uvicorn.run(create_app(workdir), host=host, port=port, log_level="warning")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv if argv is not None else sys.argv[1:], prog_name="hybridtune")

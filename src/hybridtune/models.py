@@ -93,7 +93,7 @@ def resolve_model(name: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"model directory '{name}' has no config.json")
-        return str(path)
+        return str(path.resolve())  # absolute: checkpoints record where their base is
     if path.exists() or name.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"model path '{name}' is not a directory of a saved transformers model")
     return name  # a hub name: must already be in the local cache (checked when loading)

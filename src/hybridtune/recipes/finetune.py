@@ -205,7 +205,6 @@ class Run:
         resuming = self._broadcast(resuming)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier attempt
             adapter_io.atomic_write(self.run_dir / CONFIG_COPY, yaml.safe_dump(config.dump(), sort_keys=False).encode())
         set_seed(t.seed)
         self.model = self._build_model()
@@ -332,6 +331,8 @@ class Run:
                     self._save(position, None if done else optimizer, scheduler)
                 if stop:
                     self.tracker.log({"kind": "stopped", "stage": stage.name, "step": step})
+                    if self.main:  # the request is served: running again resumes
+                        (self.run_dir / STOP_FILE).unlink(missing_ok=True)
                     raise TrainingStopped(step, self.run_dir)
                 if self.stop_after_step is not None and step >= self.stop_after_step:
                     raise TrainingInterrupted(f"stopped after step {step} as asked")

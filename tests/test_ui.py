@@ -1,0 +1,206 @@
+"""`hybridtune ui`: the JSON API through FastAPI's test client, and the page end to end in headless
+Chromium (Debian's chromium + chromium-driver, driven by selenium)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import COLORS
+from hybridtune.ui import create_app
+
+SCREENSHOTS = Path(os.environ.get("HYBRIDTUNE_SCREENSHOTS", "")) if os.environ.get("HYBRIDTUNE_SCREENSHOTS") else None
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_lm_dir):
+    shutil.copytree(tiny_lm_dir, tmp_path / "models" / "tiny")
+    rows = [{"instruction": f"what color is the {thing}?", "output": color} for thing, color in COLORS.items()]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    return tmp_path
+
+
+def page_config(name="run1", steps=6, **training):
+    return {
+        "name": name,
+        "model": "models/tiny",
+        "methods": {
+            "lora": {
+                "type": "lora",
+                "r": 4,
+                "alpha": 8,
+                "targets": ["q_proj", "v_proj"],
+                "rank_pattern": {"v_proj": 2},
+            },
+            "adapter": {"type": "adapter", "after": ["mlp"], "bottleneck_size": 8},
+        },
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 64},
+        "training": {"batch_size": 4, "lr": 1e-2, "max_steps": steps, "save_every": 2, **training},
+        "eval": {"max_new_tokens": 3, "max_samples": 6},
+    }
+
+
+def wait_for(condition, timeout=120, every=0.2):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s")
+
+
+def test_check_gives_yaml_problems_and_parameter_counts(workdir):
+    import hybridtune as ht
+    from hybridtune.models import load_base
+
+    client = TestClient(create_app(workdir))
+    assert client.get("/api/options").json()["data_files"] == ["eval.jsonl", "train.jsonl"]
+    modules = client.get("/api/modules", params={"model": "models/tiny"}).json()
+    assert [m["name"] for m in modules["linear"]][:3] == ["q_proj", "k_proj", "v_proj"] and "mlp" in modules["blocks"]
+    checked = client.post("/api/check", json=page_config()).json()
+    assert checked["problems"] == []
+    hybrid = ht.inject(load_base(str(workdir / "models" / "tiny"))[0], {"methods": page_config()["methods"]})
+    counts = hybrid.trainable_parameters()["entries"]
+    assert checked["parameters"]["lora"] == counts["lora"]["trainable"] > 0
+    assert checked["parameters"]["adapter"] == counts["adapter"]["trainable"] > 0
+    assert "output: runs/run1" in checked["yaml"] and "rank_pattern" in checked["yaml"]
+    bad = page_config()
+    bad["methods"]["lora"]["targets"] = ["q_prj"]
+    bad["training"]["batch_size"] = 0
+    problems = client.post("/api/check", json=bad).json()["problems"]
+    assert any("training.batch_size" in p for p in problems) and not any("q_prj" in p for p in problems)
+    bad["training"]["batch_size"] = 4
+    assert "'q_prj' matched no module" in client.post("/api/check", json=bad).json()["problems"][0]
+
+
+@pytest.mark.parametrize("path", ["../outside.jsonl", "/etc/passwd", "models/../../x.jsonl"])
+def test_paths_typed_into_the_page_stay_in_the_work_directory(workdir, path):
+    client = TestClient(create_app(workdir))
+    config = page_config()
+    config["data"]["train"] = path
+    assert client.post("/api/check", json=config).json()["problems"] == [f"'{path}' is outside the work directory"]
+    response = client.post("/api/runs", json={**config, "name": "escape"})
+    assert response.status_code == 400 and "outside the work directory" in response.json()["detail"]
+    assert client.get("/api/runs/..%2F..%2Fetc").status_code in (400, 404)
+
+
+def test_train_stop_resume_export_and_chat_through_the_api(workdir):
+    client = TestClient(create_app(workdir))
+    assert client.post("/api/runs", json=page_config("long", steps=400, save_every=1000)).json()["status"] == "running"
+    wait_for(lambda: any(r["kind"] == "train" for r in client.get("/api/runs/long").json()["metrics"]))
+    assert client.post("/api/runs/long/stop").json()["status"] == "stopping"
+    stopped = wait_for(lambda: (r := client.get("/api/runs/long").json())["status"] == "stopped" and r)
+    assert (workdir / "runs" / "long" / "checkpoints").is_dir()  # the stop kept a checkpoint
+    step = next(r for r in stopped["metrics"] if r["kind"] == "stopped")["step"]
+    assert client.post("/api/runs/long/resume").json()["status"] == "running"
+    client.post("/api/runs/long/stop")  # and once more: resume went on from the checkpoint
+    again = wait_for(lambda: (r := client.get("/api/runs/long").json())["status"] == "stopped" and r, timeout=180)
+    assert "resuming from" in again["log_tail"] and max(m["step"] for m in again["metrics"]) >= step
+
+    client.post("/api/runs", json=page_config("short"))
+    wait_for(lambda: client.get("/api/runs/short").json()["status"] == "finished")
+    exported = client.post("/api/runs/short/export/merged").json()
+    assert "out" in exported, exported
+    assert (workdir / exported["out"] / "base" / "config.json").is_file()  # LoRA merged, adapter kept live
+    assert (workdir / exported["out"] / "adapters" / "hybridtune_config.json").is_file()
+    answers = client.post("/api/chat", json={"prompt": "what color is the sky?", "runs": ["short"],
+                                             "max_new_tokens": 4}).json()  # fmt: skip
+    assert set(answers) == {"base", "short"}
+    runs = {r["name"]: r for r in client.get("/api/runs").json()}
+    assert runs["short"]["status"] == "finished" and runs["short"]["has_adapters"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def browser():
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.environ.get("HYBRIDTUNE_REQUIRE_BROWSER"):  # set by .ci/run once it installed them
+            pytest.fail("chromium and chromedriver were installed but are not on PATH")
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1300"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_page_end_to_end_in_chromium(workdir, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "hybridtune", "ui", "--workdir", str(workdir), "--port",
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    shots = SCREENSHOTS or tmp_path
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_for(lambda: _up(url), timeout=60)
+        browser.get(url)
+        find = browser.find_element
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".lora-target"))
+        Select(find(By.ID, "model")).select_by_value("models/tiny")
+        wait_for(lambda: "llama, 2 layers" in find(By.ID, "modules").text)
+        checked = [b.get_attribute("value") for b in browser.find_elements(By.CSS_SELECTOR, ".lora-target:checked")]
+        assert checked == ["q_proj", "v_proj"]
+        for field, value in {"run-name": "e2e", "max-steps": "30", "eval-every": "10", "batch-size": "4",
+                             "lr": "0.01", "max-length": "64"}.items():  # fmt: skip
+            find(By.ID, field).clear()
+            find(By.ID, field).send_keys(value)
+        wait_for(lambda: "output: runs/e2e" in (yaml := find(By.ID, "yaml").text) and "max_steps: 30" in yaml)
+        wait_for(lambda: find(By.ID, "problems").text == "no problems")
+        rows = browser.find_elements(By.CSS_SELECTOR, "#params tr")
+        assert {"lora", "adapter", "base"} <= {r.text.split()[0] for r in rows}
+        browser.save_screenshot(str(shots / "ui-configure.png"))
+
+        find(By.ID, "start").click()
+
+        def points():
+            return len((find(By.CSS_SELECTOR, "#curve polyline.train-line").get_attribute("points") or "").split())
+
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#curve polyline.train-line") and points() >= 2)
+        first = points()
+        wait_for(lambda: find(By.ID, "run-status").text == "finished", timeout=180)
+        assert points() > first  # the curve kept growing while the run trained
+        assert browser.find_elements(By.CSS_SELECTOR, "#curve circle.eval-dot")  # eval losses plotted
+        browser.save_screenshot(str(shots / "ui-trained.png"))
+
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#runs-table tr[data-run='e2e']"))
+        find(By.CSS_SELECTOR, "#runs-table tr[data-run='e2e'] .compare-run").click()
+        assert "max_steps: 30" in find(By.ID, "config-a").text
+        find(By.ID, "chat-prompt").clear()
+        find(By.ID, "chat-prompt").send_keys("what color is the sky?")
+        find(By.ID, "chat-send").click()
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".answer[data-model='e2e']"), timeout=60)
+        answers = {a.get_attribute("data-model"): a.text for a in browser.find_elements(By.CSS_SELECTOR, ".answer")}
+        assert set(answers) == {"base", "e2e"}
+        browser.save_screenshot(str(shots / "ui-chat.png"))
+        for name in ("ui-configure.png", "ui-trained.png", "ui-chat.png"):
+            assert (shots / name).stat().st_size > 20_000  # a rendered page, not a blank one
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False

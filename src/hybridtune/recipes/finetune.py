@@ -333,8 +333,10 @@ class Run:
                     self.tracker.log({"kind": "stopped", "stage": stage.name, "step": step})
                     if self.main:  # the request is served: running again resumes
                         (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+                    bar.close()
                     raise TrainingStopped(step, self.run_dir)
                 if self.stop_after_step is not None and step >= self.stop_after_step:
+                    bar.close()
                     raise TrainingInterrupted(f"stopped after step {step} as asked")
                 if done:
                     break

@@ -191,3 +191,25 @@ def train_losses(model, input_ids, steps: int, lr: float) -> list[float]:
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for servers the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout=120, every=0.1):
+    """Poll ``condition`` until it returns something true (returned), or fail after ``timeout`` s."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s")

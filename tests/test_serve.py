@@ -4,17 +4,15 @@ official openai client and raw HTTP."""
 import concurrent.futures
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 import torch
 
 import hybridtune as ht
-from conftest import randomize
+from conftest import free_port, randomize, wait_for
 from hybridtune.data import render_prompt
 from hybridtune.evaluation import generate_batch
 from hybridtune.models import load_base
@@ -47,12 +45,6 @@ def adapters_dir(tmp_path_factory, tiny_lm_dir):
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(adapters_dir, tiny_lm_dir):
     port = free_port()
@@ -62,14 +54,16 @@ def server(adapters_dir, tiny_lm_dir):
     env = {**os.environ, "HYBRIDTUNE_API_KEY": KEY}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
+
+    def up():
         if process.poll() is not None:
             pytest.fail(f"server exited: {process.stdout.read()}")
+        try:
+            return httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, timeout=60)
     yield url
     process.terminate()
     process.wait(timeout=10)

@@ -4,17 +4,15 @@ Chromium (Debian's chromium + chromium-driver, driven by selenium)."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import COLORS
+from conftest import COLORS, free_port, wait_for
 from hybridtune.ui import create_app
 
 SCREENSHOTS = Path(os.environ.get("HYBRIDTUNE_SCREENSHOTS", "")) if os.environ.get("HYBRIDTUNE_SCREENSHOTS") else None
@@ -47,16 +45,6 @@ def page_config(name="run1", steps=6, **training):
         "training": {"batch_size": 4, "lr": 1e-2, "max_steps": steps, "save_every": 2, **training},
         "eval": {"max_new_tokens": 3, "max_samples": 6},
     }
-
-
-def wait_for(condition, timeout=120, every=0.2):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s")
 
 
 def test_check_gives_yaml_problems_and_parameter_counts(workdir):
@@ -118,12 +106,6 @@ def test_train_stop_resume_export_and_chat_through_the_api(workdir):
     assert set(answers) == {"base", "short"}
     runs = {r["name"]: r for r in client.get("/api/runs").json()}
     assert runs["short"]["status"] == "finished" and runs["short"]["has_adapters"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -254,3 +254,15 @@ def load_state(model: HybridModel, state: dict[str, torch.Tensor], entries: list
     for entry in entries:
         for _, _, _, branch in model.branches(entry):
             branch.after_load()
+
+
+def add_saved_set(model: nn.Module, name: str, directory: str | Path) -> HybridModel:
+    """Load the saved adapters in ``directory`` as the inactive set ``name`` of ``model`` (a plain
+    base, which becomes a HybridModel, or a HybridModel); returns the HybridModel. For servers
+    that route sets per row and keep the plain base active for rows without one."""
+    if isinstance(model, HybridModel):
+        model.load_set(name, directory)
+        return model
+    hybrid = load(model, directory, set_name=name)
+    hybrid.set_active(None)
+    return hybrid

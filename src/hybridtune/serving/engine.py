@@ -143,11 +143,7 @@ class Engine:
             return
         directory = self.adapters.resolve(adapter)
         internal = f"set{next(self._ids)}"
-        if isinstance(self.model, HybridModel):
-            self.model.load_set(internal, directory)
-        else:
-            self.model = checkpoint.load(self.base, directory, set_name=internal)
-            self.model.set_active(None)
+        self.model = checkpoint.add_saved_set(self.model, internal, directory)
         self.loaded[adapter] = internal
         log.info("loaded adapter set %r", adapter)
         for name in list(self.loaded):

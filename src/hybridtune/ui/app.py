@@ -55,12 +55,8 @@ class ChatService:
                 if name in loaded:
                     model.delete_set(loaded.pop(name)[0])
                 internal = f"run{len(loaded)}_{abs(hash((name, stamp))) % 10**8}"
-                if isinstance(model, HybridModel):
-                    model.load_set(internal, directory)
-                else:
-                    model = checkpoint.load(model, directory, set_name=internal)
-                    model.set_active(None)
-                    self.models[source] = (model, tokenizer, loaded)
+                model = checkpoint.add_saved_set(model, internal, directory)
+                self.models[source] = (model, tokenizer, loaded)
                 loaded[name] = (internal, stamp)
             prompt = render_prompt(tokenizer, [{"role": "user", "content": request.prompt}])
             rows = [None, *(loaded[n][0] for n in request.runs)]

@@ -62,6 +62,12 @@ def test_check_gives_yaml_problems_and_parameter_counts(workdir):
     assert checked["parameters"]["lora"] == counts["lora"]["trainable"] > 0
     assert checked["parameters"]["adapter"] == counts["adapter"]["trainable"] > 0
     assert "output: runs/run1" in checked["yaml"] and "rank_pattern" in checked["yaml"]
+    staged = {**page_config(), "stages": [{"name": "domain", "train": ["adapter"], "max_steps": 3},
+                                          {"name": "task", "train": ["lora"], "max_steps": 3, "lr": 1e-3}]}  # fmt: skip
+    checked = client.post("/api/check", json=staged).json()
+    assert checked["problems"] == [] and "- name: domain" in checked["yaml"]
+    staged["stages"][1]["train"] = ["lroa"]
+    assert "did you mean 'lora'" in client.post("/api/check", json=staged).json()["problems"][0]
     bad = page_config()
     bad["methods"]["lora"]["targets"] = ["q_prj"]
     bad["training"]["batch_size"] = 0
@@ -148,6 +154,13 @@ def test_page_end_to_end_in_chromium(workdir, browser, tmp_path):
             find(By.ID, field).send_keys(value)
         wait_for(lambda: "output: runs/e2e" in (yaml := find(By.ID, "yaml").text) and "max_steps: 30" in yaml)
         wait_for(lambda: find(By.ID, "problems").text == "no problems")
+        find(By.ID, "add-stage").click()  # a stage editor: adapter first, then LoRA
+        find(By.ID, "add-stage").click()
+        wait_for(lambda: "- name: stage2" in find(By.ID, "yaml").text)
+        assert "train:\n  - adapter" in find(By.ID, "yaml").text
+        for remove in browser.find_elements(By.CSS_SELECTOR, ".stage-remove"):
+            remove.click()  # this run trains everything in one stage
+        wait_for(lambda: "stages:" not in find(By.ID, "yaml").text)
         rows = browser.find_elements(By.CSS_SELECTOR, "#params tr")
         assert {"lora", "adapter", "base"} <= {r.text.split()[0] for r in rows}
         browser.save_screenshot(str(shots / "ui-configure.png"))
@@ -186,3 +199,12 @@ def _up(url: str) -> bool:
         return httpx.get(url).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_ui_binds_to_loopback_by_default():
+    from typer.main import get_command
+
+    from hybridtune.cli import app
+
+    ui = get_command(app).commands["ui"]
+    assert next(p for p in ui.params if p.name == "host").default == "127.0.0.1"

@@ -1,8 +1,10 @@
 """The fine-tuning recipe behind ``hybridtune train``: stages, evaluation, checkpoints and resume.
 
-The loop is plain PyTorch on top of accelerate, which supplies mixed precision, gradient
-accumulation, clipping and multi-process (torchrun / accelerate launch) without code of our own.
-Each stage trains its own entries with a fresh optimizer; the other entries stay active, frozen.
+The loop is plain PyTorch on top of accelerate, which supplies mixed precision, clipping and
+multi-process DDP (torchrun / accelerate launch); FSDP2 and the engine settings are in engine.py.
+Gradient accumulation is the loop's own, so that a step's loss is the token mean of its whole
+global batch (see ``Run._step``). Each stage trains its own entries with a fresh optimizer; the
+other entries stay active, frozen.
 """
 
 from __future__ import annotations

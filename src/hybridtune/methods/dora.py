@@ -23,11 +23,6 @@ class DoRAConfig(LowRankConfig):
     type: Literal["dora"] = "dora"
     mergeable: ClassVar[bool] = True
 
-    @classmethod
-    def example(cls) -> DoRAConfig:
-        """A small config for a Llama-style model (the contract test suite runs every method with it)."""
-        return cls(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
-
     def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> DoRABranch:
         if isinstance(self.r, RankSchedule):
             raise ValueError(f"entry '{entry}': DoRA does not support a growing rank")

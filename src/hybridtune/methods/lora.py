@@ -57,6 +57,11 @@ class LowRankConfig(MethodConfig):
     rank/alpha; the first pattern that matches a module, in the order written, wins.
     """
 
+    @classmethod
+    def example(cls) -> LowRankConfig:
+        """A small config for a Llama-style model (the contract test suite runs every method with it)."""
+        return cls(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
+
     r: int | RankSchedule = 8
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -147,11 +152,6 @@ class LoRAConfig(LowRankConfig):
 
     type: Literal["lora"] = "lora"
     mergeable: ClassVar[bool] = True
-
-    @classmethod
-    def example(cls) -> LoRAConfig:
-        """A small config for a Llama-style model (the contract test suite runs every method with it)."""
-        return cls(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
 
     def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> LoRABranch:
         return LoRABranch(**self.branch_args(name, module))

@@ -61,7 +61,7 @@ def base_dtype(config: RunConfig) -> torch.dtype | None:
     if config.model_quantization is not None:
         return None
     if torch.cuda.is_available() and config.fsdp is None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(config), torch.float32)
+        return DTYPES.get(mixed_precision(config), torch.float32)  # "no" (full precision): fp32
     return torch.float32
 
 
@@ -112,7 +112,7 @@ def shard(model: HybridModel, config: RunConfig) -> None:
     kwargs: dict = {"reshard_after_forward": config.fsdp.reshard_after_forward}
     if config.fsdp.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(config))
+    half = DTYPES.get(mixed_precision(config))  # None when the run computes in full precision
     if half is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
     for layer in layers:

@@ -180,6 +180,27 @@ def greedy_uncached(model, ids, mask, steps):
     return tokens
 
 
+def assert_cached_generate_is_exact(model, padded_row: int):
+    """Greedy ``generate`` (KV cache, one left-padded row) gives the tokens of the uncached loop."""
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[padded_row, :2] = 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, greedy_uncached(model, ids, mask, steps=6))
+
+
+def quiet(*_args, **_kwargs):
+    """A ``log=`` that prints nothing."""
+
+
+def set_keys(path, **top):
+    """Set top-level keys of a run YAML written by write_config (model_quantization, fsdp, ...)."""
+    raw = yaml.safe_load(path.read_text())
+    raw.update(top)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 def train_losses(model, input_ids, steps: int, lr: float) -> list[float]:
     """A few AdamW steps of language modelling on ``input_ids``; the loss of each step."""
     opt = torch.optim.AdamW(model.parameters_to_train(), lr=lr)

@@ -11,16 +11,12 @@ import yaml
 from safetensors.torch import load_file
 
 import hybridtune as ht
-from conftest import write_config
+from conftest import quiet, write_config
 from hybridtune.models import load_base
 from hybridtune.recipes.finetune import train
 from hybridtune.run_config import load_run_config
 
 WEIGHTS = "hybridtune_model.safetensors"
-
-
-def quiet(*_):
-    pass
 
 
 def config(project, tiny_lm_dir, name, **changes):

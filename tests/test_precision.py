@@ -3,12 +3,11 @@ clear refusals (a quantized base without CUDA, fp16 without CUDA, merging into q
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from torch import nn
 
 import hybridtune as ht
-from conftest import make_model, write_config
+from conftest import make_model, quiet, set_keys, write_config
 from hybridtune.errors import MergeError, TargetError
 from hybridtune.quantization import QuantizationConfig, is_quantized, prepare_for_kbit_training
 from hybridtune.recipes.finetune import train
@@ -17,19 +16,8 @@ from hybridtune.run_config import ConfigError, load_run_config
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
 
 
-def quiet(*_):
-    pass
-
-
-def with_keys(path, **top):
-    raw = yaml.safe_load(path.read_text())
-    raw.update(top)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
 def test_quantized_base_without_cuda_fails_before_loading(project, tiny_lm_dir):
-    path = with_keys(write_config(project, tiny_lm_dir), model_quantization={"bits": 4, "type": "nf4"})
+    path = set_keys(write_config(project, tiny_lm_dir), model_quantization={"bits": 4, "type": "nf4"})
     config = load_run_config(path)
     config.model = str(project / "no-such-model")  # proves nothing is loaded: that would fail differently
     with pytest.raises(ConfigError, match="bitsandbytes, which needs a CUDA GPU"):
@@ -56,11 +44,11 @@ def test_fp16_without_cuda_is_refused_with_the_alternatives(project, tiny_lm_dir
 )
 def test_engine_sections_are_validated(project, tiny_lm_dir, top, message):
     with pytest.raises(ConfigError, match=message):
-        load_run_config(with_keys(write_config(project, tiny_lm_dir), **top))
+        load_run_config(set_keys(write_config(project, tiny_lm_dir), **top))
 
 
 def test_deepspeed_needs_its_package(project, tiny_lm_dir):
-    path = with_keys(write_config(project, tiny_lm_dir), deepspeed={"zero_optimization": {"stage": 2}})
+    path = set_keys(write_config(project, tiny_lm_dir), deepspeed={"zero_optimization": {"stage": 2}})
     try:
         import deepspeed  # noqa: F401
     except ImportError:

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import hybridtune as ht
-from conftest import greedy_uncached, make_model, train_losses
+from conftest import assert_cached_generate_is_exact, make_model, train_losses
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -35,11 +35,7 @@ def test_forward_equals_an_explicit_prefix_cache(arch, input_ids):
 
 def test_generate_with_padding_equals_the_uncached_loop():
     model, _ = prefixed()
-    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(out, greedy_uncached(model, ids, mask, steps=6))
+    assert_cached_generate_is_exact(model, padded_row=1)
 
 
 def test_prefix_with_lora_trains_and_saves(input_ids, tmp_path):

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hybridtune as ht
-from conftest import greedy_uncached, make_model, train_losses
+from conftest import assert_cached_generate_is_exact, make_model, train_losses
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -43,11 +43,7 @@ def test_padding_rows_equal_each_row_alone():
 
 def test_generate_uses_the_prompt_and_the_cache_correctly():
     model, _ = prompted()
-    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(out, greedy_uncached(model, ids, mask, steps=6))
+    assert_cached_generate_is_exact(model, padded_row=0)
 
 
 def test_lora_plus_prompt_tuning_trains_and_saves(input_ids, tmp_path):

@@ -9,11 +9,10 @@ The same run on a GPU is in bench/memory.py (results in bench/results/memory_cud
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import hybridtune as ht
-from conftest import write_config
+from conftest import quiet, set_keys, write_config
 from hybridtune.errors import MergeError
 from hybridtune.evaluation import eval_loss
 from hybridtune.models import load_base
@@ -34,12 +33,9 @@ def cpu_quantization(monkeypatch):
 
 
 def test_qlora_hybrid_trains_saves_and_reloads(project, tiny_lm_dir, cpu_quantization):
-    path = write_config(project, tiny_lm_dir, max_steps=6)
-    raw = yaml.safe_load(path.read_text())
-    raw["model_quantization"] = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bf16"}
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    config = load_run_config(path)
-    result = train(config, log=lambda *_: None)
+    quantization = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bf16"}
+    config = load_run_config(set_keys(write_config(project, tiny_lm_dir, max_steps=6), model_quantization=quantization))
+    result = train(config, log=quiet)
     assert result.summary["after"]["eval_loss"] < result.summary["before"]["eval_loss"] - 1.0
     weights = load_file(result.adapters_dir / "hybridtune_model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}  # branches trained and saved in fp32

@@ -17,17 +17,13 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import hybridtune as ht
-from conftest import write_config
+from conftest import quiet, write_config
 from hybridtune.cli import app
 from hybridtune.data import render_prompt
 from hybridtune.evaluation import generate_batch
 from hybridtune.models import load_base
 from hybridtune.recipes.finetune import TrainingInterrupted, train
 from hybridtune.run_config import load_run_config
-
-
-def quiet(*_args, **_kwargs):
-    pass
 
 
 def test_train_lowers_loss_and_writes_the_run_directory(project, tiny_lm_dir):

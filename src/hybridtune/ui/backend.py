@@ -117,34 +117,35 @@ class Workdir:
         return config
 
     # ---- train --------------------------------------------------------------------------------
+    def config_path(self, name: str) -> Path:
+        return self.root / "configs" / f"{name}.yaml"
+
     def start(self, raw: dict[str, Any]) -> dict[str, Any]:
         name = str(raw.get("name") or "")
-        run_dir = self.run_dir(name)
-        if name in self.processes and self.processes[name].poll() is None:
-            raise UIError(f"run '{name}' is already running")
+        self._ensure_idle(name)  # before its config file is rewritten
         checked = self.check(dict(raw))
         if checked["problems"]:
             raise UIError("the config has problems: " + "; ".join(checked["problems"]))
-        config_path = self.root / "configs" / f"{name}.yaml"
-        config_path.write_text(checked["yaml"])
-        return self._launch(name, config_path, run_dir)
+        self.config_path(name).write_text(checked["yaml"])
+        return self._launch(name)
 
     def resume(self, name: str) -> dict[str, Any]:
-        run_dir = self.run_dir(name)
-        config_path = self.root / "configs" / f"{name}.yaml"
-        if not config_path.is_file():
+        if not self.config_path(name).is_file():
             raise UIError(f"no config for run '{name}'")
+        self._ensure_idle(name)
+        return self._launch(name)
+
+    def _ensure_idle(self, name: str) -> None:
+        self.run_dir(name)  # the name is checked first
         if name in self.processes and self.processes[name].poll() is None:
             raise UIError(f"run '{name}' is already running")
-        return self._launch(name, config_path, run_dir)
 
-    def _launch(self, name: str, config_path: Path, run_dir: Path) -> dict[str, Any]:
+    def _launch(self, name: str) -> dict[str, Any]:
+        run_dir = self.run_dir(name)
         run_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "hybridtune", "train", str(self.config_path(name).relative_to(self.root))]
         with open(run_dir / "train.log", "ab") as log:
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "hybridtune", "train", str(config_path.relative_to(self.root))],
-                cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            self.processes[name] = subprocess.Popen(command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
         return {"name": name, "status": "running"}
 
     def stop(self, name: str) -> dict[str, Any]:
@@ -173,7 +174,7 @@ class Workdir:
             raise UIError(f"no run '{name}'")
         metrics = read_metrics(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else []
         summary = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else None
-        config = self.root / "configs" / f"{name}.yaml"
+        config = self.config_path(name)
         log = run_dir / "train.log"
         return {
             "name": name,

@@ -163,3 +163,63 @@ def test_q_k_v_share_one_dropout_mask(llama, input_ids):
     hybrid(input_ids)
     assert seen[0] is seen[1] is seen[2]
     assert seen[0].__dict__["_hybridtune_dropout"][2].eq(0).any()
+
+
+@pytest.mark.parametrize("shape", [(7, 32), (3, 5, 32), (2, 3, 4, 32)])  # addmm_, baddbmm_, generic path
+def test_dropout_forward_and_gradients_match_hand_computation(llama, shape):
+    """Output and gradients (A, B and the input) through every way the branch adds s·B A x to the
+    base output, with dropout on, against autograd on the plain formula with the same mask."""
+    randomize(lora(llama, r=4, alpha=12, targets="q_proj", dropout=0.5))
+    layer = llama.model.layers[0].self_attn.q_proj
+    branch = layer.hybridtune["lora"]
+    llama.train()
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    out = layer(x)
+    mask = x.__dict__["_hybridtune_dropout"][2].detach() / x.detach()  # 0 or 1/(1-p)
+    assert set(mask.round(decimals=4).unique().tolist()) == {0.0, 2.0}
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+
+    a, b, x_ref = (t.detach().clone().requires_grad_(True) for t in (branch.lora_A, branch.lora_B, x))
+    expected = x_ref @ layer.weight.T + 3.0 * ((x_ref * mask) @ a.T @ b.T)
+    (expected * weight).sum().backward()
+    torch.testing.assert_close(out, expected, **TOL)
+    for ours, reference in [(branch.lora_A.grad, a.grad), (branch.lora_B.grad, b.grad), (x.grad, x_ref.grad)]:
+        torch.testing.assert_close(ours, reference, **TOL)
+
+
+def test_random_words_are_splitmix64_of_a_seed_from_torch():
+    from hybridtune.methods.lora import random_words
+
+    def splitmix64(seed, i):  # the published algorithm, on Python integers
+        z = (seed + i * 0x9E3779B97F4A7C15) % 2**64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        return z ^ (z >> 31)
+
+    torch.manual_seed(5)
+    words = random_words(9, torch.device("cpu"))
+    torch.manual_seed(5)
+    seed = int(torch.empty((), dtype=torch.int64).random_(-(2**63), 2**63 - 1)) % 2**64
+    assert [int(w) % 2**64 for w in words] == [splitmix64(seed, i) for i in range(1, 10)]
+    torch.manual_seed(5)
+    assert torch.equal(random_words(9, torch.device("cpu")), words)
+    assert not torch.equal(random_words(9, torch.device("cpu")), words)
+
+
+def test_dropout_masks_are_uniform_per_lane_and_independent_of_neighbours():
+    """Each of the four 16-bit lanes of a word drops at rate p, and neighbours (in one word, across
+    words, same lane of the next word) drop together at rate p²: a biased lane or correlated lanes
+    (e.g. an arithmetic instead of a logical shift in the mixer) fail this."""
+    from hybridtune.methods.lora import lora_dropout
+
+    p = 0.3
+    torch.manual_seed(0)
+    dropped = lora_dropout(torch.ones(2048, 512), p, training=True).flatten() == 0
+    tolerance = 6 * math.sqrt(p * (1 - p) / (dropped.numel() / 4))  # six standard errors
+    for lane in range(4):
+        assert abs(dropped[lane::4].float().mean().item() - p) < tolerance
+    for distance in (1, 3, 4, 5, 512):
+        both = (dropped[:-distance] & dropped[distance:]).float().mean().item()
+        assert abs(both - p * p) < tolerance, distance

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -24,8 +25,9 @@ from pathlib import Path
 HERE = Path(__file__).parent
 REGIMES = ["floor", "full", "peft_lora_qv", "peft_lora_all", "ht_lora_qv", "ht_lora_all", "ht_adapter", "ht_hybrid"]
 # AdapterHub's `adapters` pins an older transformers, so these run in their own venv
-# (--adapters-python), next to a floor measured with that transformers version.
-ADAPTERHUB = ["ah_floor", "ah_lora_qv", "ah_seqbn", "ah_union"]
+# (--adapters-python), next to a floor measured with that transformers version, and hybridtune's
+# own adapter regimes in that venv too (ah_ht_*), so peak memory compares on the same transformers.
+ADAPTERHUB = ["ah_floor", "ah_lora_qv", "ah_seqbn", "ah_union", "ah_ht_adapter", "ah_ht_hybrid"]
 
 
 # Config-built Llama models: the issue's small CPU model, SmolLM2-135M's architecture (random
@@ -63,6 +65,8 @@ def prepare(regime: str, model, dropout: float):
     """The model to train and its trainable parameters, for one regime."""
     lora = {"r": 8, "alpha": 16, "dropout": dropout}
     adapter = {"type": "adapter", "after": "mlp", "reduction_factor": 16}
+    if regime.startswith("ah_ht_"):
+        regime = regime.removeprefix("ah_")
     if regime in ("floor", "ah_floor"):
         model.requires_grad_(False)
         return model, []
@@ -138,7 +142,45 @@ def child(regime: str, steps: int, warmup: int, dropout: float, kind: str, threa
             times.append((time.perf_counter() - start) * 1000)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
-    return {"times": times, "peak_rss_mb": peak, "trainable": sum(p.numel() for p in params)}
+    tensors = None if cuda else tensor_peak_mb(model, optimizer, lambda: one_step(regime, model, embed, ids, optimizer))
+    return {"times": times, "peak_rss_mb": peak, "peak_tensor_mb": tensors, "trainable": sum(p.numel() for p in params)}
+
+
+def one_step(regime: str, model, embed, ids, optimizer) -> None:
+    if regime in ("floor", "ah_floor"):
+        embeds = embed(ids).detach().requires_grad_(True)
+        loss = model(inputs_embeds=embeds, labels=ids).loss
+    else:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def tensor_peak_mb(model, optimizer, step) -> float:
+    """Peak bytes held by tensors during one training step: the weights, buffers and optimizer
+    state alive before it, plus the highest point of torch's own allocations within it (from the
+    profiler's memory events). Unlike the resident set, this does not move with the allocator's
+    caching or with what the process imported, so two libraries' regimes compare exactly."""
+    from torch.profiler import ProfilerActivity, profile
+
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}  # fmt: skip
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            storages.update({v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+                             for v in state.values() if hasattr(v, "untyped_storage")})  # fmt: skip
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    level = peak = 0
+    # each op's own net allocations (children excluded), and "[memory]" events for frees outside ops
+    changes = [(e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+               for e in prof.events() if e.device_type.name == "CPU"]  # fmt: skip
+    for _, change in sorted(changes):
+        level += change
+        peak = max(peak, level)
+    return (sum(storages.values()) + peak) / 2**20
 
 
 def main() -> None:
@@ -161,7 +203,9 @@ def main() -> None:
                                args.device, args.batch, args.seq)))  # fmt: skip
         return
     regimes = args.regimes.split(",") + (ADAPTERHUB if args.adapters_python else [])
-    results: dict[str, dict] = {r: {"times": [], "rounds": [], "peak": [], "trainable": 0} for r in regimes}
+    results: dict[str, dict] = {
+        r: {"times": [], "rounds": [], "peak": [], "tensor_peak": [], "trainable": 0} for r in regimes
+    }
     for round_index in range(args.rounds):
         for regime in regimes:
             python = args.adapters_python if regime.startswith("ah_") else sys.executable
@@ -169,11 +213,13 @@ def main() -> None:
                    str(args.warmup), "--dropout", str(args.dropout), "--model", args.model, "--threads",
                    str(args.threads), "--device", args.device, "--batch", str(args.batch), "--seq",
                    str(args.seq)]  # fmt: skip
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            data = json.loads(out)
+            env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}  # hybridtune for ah_ht_* in the other venv
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+            data = json.loads(out.strip().splitlines()[-1])
             results[regime]["times"] += data["times"]
             results[regime]["rounds"].append(statistics.median(data["times"]))
             results[regime]["peak"].append(data["peak_rss_mb"])
+            results[regime]["tensor_peak"].append(data["peak_tensor_mb"] or 0.0)
             results[regime]["trainable"] = data["trainable"]
             print(f"round {round_index + 1}: {regime}: {results[regime]['rounds'][-1]:.1f} ms/step", file=sys.stderr)
     floor = statistics.median(results["floor"]["times"]) if "floor" in results else None
@@ -181,7 +227,8 @@ def main() -> None:
     ah_note = (
         [
             "AdapterHub rows (`ah_`, adapters 1.3.0 on its transformers 4.57) are relative to `ah_floor`: the floor "
-            "measured with that transformers version in the same run.",
+            "measured with that transformers version in the same run. `ah_ht_` rows are hybridtune's own regimes run "
+            "in that venv, so their peak memory compares with AdapterHub's on the same transformers.",
             "",
         ]
         if ah_floor
@@ -207,8 +254,19 @@ def main() -> None:
         f"{args.warmup} warm-up), one process per regime and round. Command: `{command}`.",
         "",
         *ah_note,
-        f"| regime | median ms/step | per-round medians | x floor | tokens/s | {peak_name} | trainable params |",
-        "|---|---|---|---|---|---|---|",
+        *(
+            []
+            if cuda
+            else [
+                "`peak tensor MB`: the weights, buffers and optimizer state plus the highest point of "
+                "torch's allocations during one profiled step (exact and repeatable, unlike the resident set).",
+                "",
+            ]
+        ),
+        f"| regime | median ms/step | per-round medians | x floor | tokens/s | {peak_name} |"
+        + ("" if cuda else " peak tensor MB |")
+        + " trainable params |",
+        "|---|---|---|---|---|---|" + ("" if cuda else "---|") + "---|",
     ]
     for regime, data in results.items():
         median = statistics.median(data["times"])
@@ -216,8 +274,9 @@ def main() -> None:
         ratio = f"{median / reference:.2f}" if reference else ""
         per_round = " / ".join(f"{v:.0f}" for v in data["rounds"])
         tokens = args.batch * args.seq / (median / 1000)
-        lines.append(f"| {regime} | {median:.1f} | {per_round} | {ratio} | {tokens:,.0f} | {max(data['peak']):.0f} | "
-                     f"{data['trainable']:,} |")  # fmt: skip
+        tensors = "" if cuda else f" {max(data['tensor_peak']):.1f} |"
+        lines.append(f"| {regime} | {median:.1f} | {per_round} | {ratio} | {tokens:,.0f} | {max(data['peak']):.0f} |"
+                     f"{tensors} {data['trainable']:,} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     suffix = "_cuda" if cuda else ""
     out_path = HERE / "results" / f"train_step_{args.model}_dropout{args.dropout}{suffix}.md"

@@ -115,7 +115,10 @@ class AdapterBranch(Branch):
 
     def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
         h = for_weights(hidden, self.down.weight)
-        return hidden + (self.dropout(self.up(self.act(self.down(h)))) * self.scaling).to(hidden.dtype)
+        delta = self.dropout(self.up(self.act(self.down(h))))
+        if self.scaling != 1.0:  # no extra pass (and no second full-width temporary) for the default
+            delta = delta * self.scaling
+        return hidden + delta.to(hidden.dtype)
 
     def forward(self, args: tuple, kwargs: dict, output: Any) -> Any:
         return map_hidden(output, self.adapt, f"adapter after '{self.target}'")

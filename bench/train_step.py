@@ -126,16 +126,7 @@ def child(regime: str, steps: int, warmup: int, dropout: float, kind: str, threa
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        with autocast:
-            if regime in ("floor", "ah_floor"):
-                embeds = embed(ids).detach().requires_grad_(True)
-                loss = model(inputs_embeds=embeds, labels=ids).loss
-            else:
-                loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        one_step(regime, model, embed, ids, optimizer, autocast)
         if cuda:
             torch.cuda.synchronize()
         if step >= warmup:
@@ -146,12 +137,17 @@ def child(regime: str, steps: int, warmup: int, dropout: float, kind: str, threa
     return {"times": times, "peak_rss_mb": peak, "peak_tensor_mb": tensors, "trainable": sum(p.numel() for p in params)}
 
 
-def one_step(regime: str, model, embed, ids, optimizer) -> None:
-    if regime in ("floor", "ah_floor"):
-        embeds = embed(ids).detach().requires_grad_(True)
-        loss = model(inputs_embeds=embeds, labels=ids).loss
-    else:
-        loss = model(input_ids=ids, labels=ids).loss
+def one_step(regime: str, model, embed, ids, optimizer, autocast=None) -> None:
+    """Forward, backward, AdamW. No KV cache: training has no use for one, and a cache keeps the
+    keys and values of layers that need no gradient alive until the step ends."""
+    import contextlib
+
+    with autocast or contextlib.nullcontext():
+        if regime in ("floor", "ah_floor"):
+            embeds = embed(ids).detach().requires_grad_(True)
+            loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
+        else:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     if optimizer is not None:
         optimizer.step()

@@ -367,7 +367,7 @@ class Run:
         for i, (batch, count) in enumerate(zip(window, counts, strict=True)):
             last = i == len(window) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model):
-                loss = model(**batch).loss
+                loss = model(**batch, use_cache=False).loss  # a cache only holds memory in training
                 if count == 0:  # no label tokens here: nothing to learn, and HF's mean is NaN
                     loss = loss.nan_to_num() * 0.0
                 acc.backward(loss * (count * acc.num_processes / max(total, 1.0)))

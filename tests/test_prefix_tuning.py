@@ -28,6 +28,8 @@ def test_forward_equals_an_explicit_prefix_cache(arch, input_ids):
         reference = base(input_ids, past_key_values=cache, attention_mask=torch.ones(2, 15, dtype=torch.long)).logits
     out = model(input_ids, labels=input_ids)
     torch.testing.assert_close(out.logits, reference, **TOL)
+    # the training recipe runs without a KV cache: the prefixes must still be there
+    torch.testing.assert_close(model(input_ids, use_cache=False).logits, reference, **TOL)
     assert not torch.allclose(out.logits, make_model(arch)(input_ids).logits)  # documented: not identity at init
     out.loss.backward()
     assert branch.prefix_keys.grad.abs().sum() > 0 and branch.prefix_values.grad.abs().sum() > 0

@@ -98,3 +98,47 @@ def test_fsdp_trains_saves_resumes_and_loads(project, tiny_lm_dir, single):
     reference = ht.load(load_base(str(tiny_lm_dir))[0], single.adapters_dir)
     ids = torch.tensor([[5, 9, 14, 3, 7]])
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def deepspeed_config(project, tiny_lm_dir, name, zero, **changes):
+    path = config(project, tiny_lm_dir, name, **changes)
+    raw = yaml.safe_load(path.read_text())
+    raw["deepspeed"] = {"zero_optimization": {"stage": zero}, "train_micro_batch_size_per_gpu": "auto"}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_deepspeed_zero_trains_resumes_and_equals_one_process(project, tiny_lm_dir, single, zero):
+    """DeepSpeed's engine on two CPU processes (gloo through its CPU accelerator): stopped after
+    step 3, resumed from the step-2 checkpoint (each process's part of the ZeRO optimizer state),
+    and the adapters equal the single-process run's."""
+    pytest.importorskip("deepspeed")
+    path = deepspeed_config(project, tiny_lm_dir, f"zero{zero}.yaml", zero, batch_size=2, grad_accum=2)
+    driver = project / "driver.py"
+    driver.write_text(textwrap.dedent(FSDP_DRIVER))
+    torchrun(str(driver), str(path), "3", cwd=project)
+    run = project / "runs" / f"zero{zero}"
+    assert not (run / "adapters").exists()
+    checkpoints = sorted((run / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-0000002-stage0"]  # no engine leftovers next to it
+    assert (checkpoints[0] / "engine").is_dir()
+    torchrun("-m", "hybridtune", "train", str(path), cwd=project)
+    assert_same_weights(single.adapters_dir, run / "adapters")
+
+
+def test_deepspeed_config_takes_the_yaml_values_and_names_conflicts(project, tiny_lm_dir):
+    from hybridtune.recipes.engine import deepspeed_config as filled
+    from hybridtune.run_config import ConfigError
+
+    path = deepspeed_config(project, tiny_lm_dir, "ds.yaml", 2, batch_size=4, grad_accum=2)
+    run = load_run_config(path)
+    ds = filled(run, processes=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 16 and ds["zero_optimization"] == {"stage": 2}
+    run.deepspeed["gradient_accumulation_steps"] = 8
+    with pytest.raises(ConfigError, match="'gradient_accumulation_steps' is 8 in the DeepSpeed config, but the YAML"):
+        filled(run, processes=2)
+    run.deepspeed = {"zero_optimization": {"stage": 3}}
+    with pytest.raises(ConfigError, match=r"stage 3 is not supported; use 0, 1 or 2 \(fsdp shards the weights\)"):
+        filled(run, processes=1)

@@ -20,6 +20,7 @@ from .checkpoint import read_meta, read_weights, save_adapters
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+ENGINE_DIR = "engine"
 
 
 @dataclass
@@ -41,9 +42,12 @@ def save_checkpoint(
     scheduler: dict | None,
     position: Position,
     keep: int,
+    engine_dir: Path | None = None,
 ) -> Path:
     """One resumable checkpoint (atomic: a staging directory renamed into place). ``adapters`` is
-    ``adapter_state(model)``; ``optimizer``/``scheduler`` are state dicts, None at a stage's end."""
+    ``adapter_state(model)``; ``optimizer``/``scheduler`` are state dicts, None at a stage's end.
+    ``engine_dir``: what a distribution engine wrote itself (DeepSpeed: each process its part of
+    the optimizer), moved in as ``engine/``."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{position.global_step:07d}-stage{position.stage_index}"
@@ -57,6 +61,8 @@ def save_checkpoint(
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, staging / "rng.pt")
+        if engine_dir is not None:
+            os.replace(engine_dir, staging / ENGINE_DIR)
         (staging / STATE_FILE).write_text(json.dumps(asdict(position), indent=2))
         if final.exists():
             shutil.rmtree(final)

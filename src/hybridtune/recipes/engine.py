@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +35,7 @@ def environment_problems(config: RunConfig) -> list[str]:
             problems.append("training.base_dtype: fp16 weights need a CUDA GPU; use bf16 or fp32 on this machine")
     if config.deepspeed is not None:
         if importlib.util.find_spec("deepspeed") is None:
-            problems.append("deepspeed: the deepspeed package is not installed: pip install deepspeed")
+            problems.append('deepspeed: the deepspeed package is not installed: pip install "hybridtune[deepspeed]"')
         if isinstance(config.deepspeed, Path) and not config.deepspeed.is_file():
             problems.append(f"deepspeed: config file '{config.deepspeed}' does not exist")
     return problems
@@ -65,8 +66,47 @@ def base_dtype(config: RunConfig) -> torch.dtype | None:
     return torch.float32
 
 
-def _multi_process() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+def _processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def deepspeed_config(config: RunConfig, processes: int) -> dict[str, Any]:
+    """The run's DeepSpeed config with what the YAML decides filled in where it says "auto" or
+    nothing: the batch per process, the accumulation steps, the clipping norm. A value it sets
+    differently from the YAML is an error naming both, never a silent choice of one.
+
+    The stage must be 0, 1 or 2: ZeRO-3 also partitions the weights, and the recipe's evaluation
+    and adapter saving (on the plain model, on the first process) hang on its gathers; for
+    sharded weights use ``fsdp``.
+    """
+    ds = config.deepspeed
+    ds = json.loads(ds.read_text()) if isinstance(ds, Path) else dict(ds)
+    t = config.training
+    decided = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * processes,
+        "gradient_clipping": float(t.max_grad_norm or 0.0),
+    }
+    problems = []
+    for key, value in decided.items():
+        given = ds.get(key, "auto")
+        if given == "auto":
+            ds[key] = value
+        elif given != value:
+            problems.append(
+                f"deepspeed: '{key}' is {given!r} in the DeepSpeed config, but the YAML's training settings give "
+                f'{value!r}; write "auto" there (the YAML decides) or make them agree'
+            )
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        problems.append(
+            f"deepspeed: zero_optimization.stage {stage!r} is not supported; use 0, 1 or 2 (fsdp shards the weights)"
+        )
+    if problems:
+        raise ConfigError(problems)
+    ds.setdefault("zero_allow_untested_optimizer", True)  # the recipe's own torch AdamW
+    return ds
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
@@ -79,9 +119,11 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     if config.deepspeed is not None:
         from accelerate import DeepSpeedPlugin
 
-        ds = config.deepspeed
-        ds = json.loads(ds.read_text()) if isinstance(ds, Path) else ds
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(config, _processes()))
+        if not torch.cuda.is_available():  # else accelerate sees no backend and counts one process
+            from accelerate.utils import InitProcessGroupKwargs
+
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     # gradient accumulation is the recipe's own (token-weighted windows), not accelerate's; so is
     # the schedule's length (in optimizer steps of the global batch): accelerate must not step the
     # scheduler once per process
@@ -89,7 +131,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         mixed_precision=mixed_precision(config),
         step_scheduler_with_optimizer=False,
         # several processes without CUDA: accelerate's gloo backend, which it uses only when asked
-        cpu=_multi_process() and not torch.cuda.is_available(),
+        # (DeepSpeed brings its own: gloo through its CPU accelerator)
+        cpu=_processes() > 1 and not torch.cuda.is_available() and config.deepspeed is None,
         **kwargs,
     )
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -40,6 +40,8 @@ from ..quantization import prepare_for_kbit_training
 from ..run_config import ConfigError, RunConfig, StageConfig
 from ..tracking import METRICS_FILE, Tracker, read_metrics
 from ..trainer_state import (
+    CHECKPOINTS,
+    ENGINE_DIR,
     Position,
     list_checkpoints,
     load_adapter_weights,
@@ -54,6 +56,8 @@ CONFIG_COPY = "config.yaml"
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 SUMMARY = "summary.json"
 STOP_FILE = "STOP"  # created by a user (or the web UI) to stop a run cleanly at the next step
+
+ENGINE_TAG = "state"  # the tag of DeepSpeed's own checkpoint inside ours
 
 
 class TrainingInterrupted(RuntimeError):
@@ -195,6 +199,7 @@ class Run:
         if problems:
             raise ConfigError(problems)
         self.accelerator = make_accelerator(config)
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         self.main = self.accelerator.is_main_process
         self.log = log if self.main else (lambda *_: None)  # one process speaks for the run
         self.run_dir = Path(config.output)
@@ -278,6 +283,7 @@ class Run:
         scheduler = get_scheduler(stage.scheduler or t.scheduler, optimizer, round(warmup * total), total)
         if self.config.fsdp is None:
             model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
+            self._engine = model  # the DeepSpeed engine when there is one
         else:  # sharded in place already (see _build_model); accelerate keeps the optimizer
             model, (optimizer, scheduler) = self.model, acc.prepare(optimizer, scheduler)
         if t.compile:
@@ -366,17 +372,26 @@ class Run:
         inputs = sum(int(b["attention_mask"].sum()) for b in window)
         for i, (batch, count) in enumerate(zip(window, counts, strict=True)):
             last = i == len(window) - 1
-            with contextlib.nullcontext() if last else acc.no_sync(model):
+            with contextlib.nullcontext() if last or self.deepspeed else acc.no_sync(model):
                 loss = model(**batch, use_cache=False).loss  # a cache only holds memory in training
                 if count == 0:  # no label tokens here: nothing to learn, and HF's mean is NaN
                     loss = loss.nan_to_num() * 0.0
-                acc.backward(loss * (count * acc.num_processes / max(total, 1.0)))
+                weighted = loss * (count * acc.num_processes / max(total, 1.0))
+                if self.deepspeed:  # the engine's own accumulation boundary; the weights already average
+                    model.set_gradient_accumulation_boundary(last)
+                    model.backward(weighted, scale_wrt_gas=False)
+                else:
+                    acc.backward(weighted)
             summed += loss.detach().float() * count
-        if t.max_grad_norm:
-            acc.clip_grad_norm_(params, t.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        if self.deepspeed:  # clipping, AdamW and zeroing happen in the engine's step; the schedule is ours
+            model.step()
+            scheduler.step()
+        else:
+            if t.max_grad_norm:
+                acc.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
         loss_sum, inputs = acc.reduce(torch.stack([summed, torch.tensor(inputs, device=acc.device)]), "sum").tolist()
         return loss_sum / max(total, 1.0), int(inputs)
 
@@ -434,8 +449,15 @@ class Run:
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
         adapters = adapter_io.adapter_state(model)
-        optimizer_state = None
-        if optimizer is not None:
+        optimizer_state, engine_dir = None, None
+        if optimizer is not None and self.deepspeed:
+            # each process holds a part of the ZeRO optimizer state: DeepSpeed writes the parts
+            # (no frozen weights), and the checkpoint takes them in when it is renamed into place
+            engine_dir = self.run_dir / CHECKPOINTS / f".engine-{position.global_step}"
+            self._engine.save_checkpoint(str(engine_dir), tag=ENGINE_TAG, exclude_frozen_parameters=True)
+            acc.wait_for_everyone()
+            optimizer_state = {}  # in engine/
+        elif optimizer is not None:
             if self.config.fsdp is None:
                 optimizer_state = optimizer.state_dict()
             else:  # the full (gathered) moments, keyed by parameter name: resumable on any process count
@@ -449,10 +471,21 @@ class Run:
                 None if optimizer is None else scheduler.state_dict(),
                 position,
                 keep=self.config.training.keep_checkpoints,
+                engine_dir=engine_dir,
             )
         acc.wait_for_everyone()
 
     def _load_optimizer(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> None:
+        if self.deepspeed:
+            engine = checkpoint / ENGINE_DIR
+            if not engine.is_dir():
+                raise ConfigError([f"{checkpoint} was not written by a DeepSpeed run: resume it without 'deepspeed'"])
+            self._engine.load_checkpoint(
+                str(engine), tag=ENGINE_TAG, load_module_strict=False, load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )  # fmt: skip
+            scheduler.load_state_dict(load_optimizer_state(checkpoint)[1])
+            return
         optimizer_state, scheduler_state = load_optimizer_state(checkpoint)
         if self.config.fsdp is None:
             optimizer.load_state_dict(optimizer_state)

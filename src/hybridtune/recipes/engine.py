@@ -158,9 +158,18 @@ def shard(model: HybridModel, config: RunConfig) -> None:
     half = DTYPES.get(mixed_precision(config))  # None when the run computes in full precision
     if half is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+    contiguous_parameters(model)
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(base, **kwargs)
+
+
+def contiguous_parameters(model: HybridModel) -> None:
+    """FSDP and DeepSpeed flatten or shard parameters as contiguous tensors; LoRA's B is stored
+    transposed for the speed of one matmul (see LoRABranch.forward), so give them plain copies."""
+    for param in model.parameters():
+        if not param.is_contiguous():
+            param.data = param.data.contiguous()
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -50,7 +50,14 @@ from ..trainer_state import (
     restore_rng,
     save_checkpoint,
 )
-from .engine import base_dtype, environment_problems, make_accelerator, peak_memory_mb, shard
+from .engine import (
+    base_dtype,
+    contiguous_parameters,
+    environment_problems,
+    make_accelerator,
+    peak_memory_mb,
+    shard,
+)
 
 CONFIG_COPY = "config.yaml"
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -282,6 +289,8 @@ class Run:
         warmup = stage.warmup_ratio if stage.warmup_ratio is not None else t.warmup_ratio
         scheduler = get_scheduler(stage.scheduler or t.scheduler, optimizer, round(warmup * total), total)
         if self.config.fsdp is None:
+            if self.deepspeed:
+                contiguous_parameters(self.model)
             model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
             self._engine = model  # the DeepSpeed engine when there is one
         else:  # sharded in place already (see _build_model); accelerate keeps the optimizer

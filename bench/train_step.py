@@ -12,6 +12,7 @@ PEFT method can cost. Writes a markdown table to bench/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -104,8 +105,6 @@ def prepare(regime: str, model, dropout: float):
 
 def child(regime: str, steps: int, warmup: int, dropout: float, kind: str, threads: int, device: str,
           batch: int, seq: int) -> dict:  # fmt: skip
-    import contextlib
-
     import torch
 
     torch.set_num_threads(threads)
@@ -140,8 +139,6 @@ def child(regime: str, steps: int, warmup: int, dropout: float, kind: str, threa
 def one_step(regime: str, model, embed, ids, optimizer, autocast=None) -> None:
     """Forward, backward, AdamW. No KV cache: training has no use for one, and a cache keeps the
     keys and values of layers that need no gradient alive until the step ends."""
-    import contextlib
-
     with autocast or contextlib.nullcontext():
         if regime in ("floor", "ah_floor"):
             embeds = embed(ids).detach().requires_grad_(True)

@@ -292,13 +292,12 @@ class Run:
             if self.deepspeed:
                 contiguous_parameters(self.model)
             model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
-            self._engine = model  # the DeepSpeed engine when there is one
         else:  # sharded in place already (see _build_model); accelerate keeps the optimizer
             model, (optimizer, scheduler) = self.model, acc.prepare(optimizer, scheduler)
         if t.compile:
             model = torch.compile(model)
         if checkpoint is not None and position.stage_step > 0:
-            self._load_optimizer(checkpoint, optimizer, scheduler)
+            self._load_optimizer(checkpoint, model, optimizer, scheduler)
         else:
             position = Position(index, 0, 0, 0, position.global_step)
             self.tracker.log({"kind": "stage_start", "stage": stage.name, "step": position.global_step})
@@ -345,7 +344,7 @@ class Run:
                     position = Position(index + 1, 0, 0, 0, step)
                 stop = self._broadcast((self.run_dir / STOP_FILE).exists()) and not done
                 if (t.save_every and step % t.save_every == 0) or done or stop:
-                    self._save(position, None if done else optimizer, scheduler)
+                    self._save(position, model, None if done else optimizer, scheduler)
                 if stop:
                     self.tracker.log({"kind": "stopped", "stage": stage.name, "step": step})
                     if self.main:  # the request is served: running again resumes
@@ -453,7 +452,8 @@ class Run:
         if self.main:
             self.model.save_adapters(directory, state)
 
-    def _save(self, position: Position, optimizer: Any, scheduler: Any) -> None:
+    def _save(self, position: Position, prepared: Any, optimizer: Any, scheduler: Any) -> None:
+        """``prepared``: the model as accelerate prepared it (under DeepSpeed, its engine)."""
         acc = self.accelerator
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
@@ -463,7 +463,7 @@ class Run:
             # each process holds a part of the ZeRO optimizer state: DeepSpeed writes the parts
             # (no frozen weights), and the checkpoint takes them in when it is renamed into place
             engine_dir = self.run_dir / CHECKPOINTS / f".engine-{position.global_step}"
-            self._engine.save_checkpoint(str(engine_dir), tag=ENGINE_TAG, exclude_frozen_parameters=True)
+            prepared.save_checkpoint(str(engine_dir), tag=ENGINE_TAG, exclude_frozen_parameters=True)
             acc.wait_for_everyone()
             optimizer_state = {}  # in engine/
         elif optimizer is not None:
@@ -484,12 +484,12 @@ class Run:
             )
         acc.wait_for_everyone()
 
-    def _load_optimizer(self, checkpoint: Path, optimizer: Any, scheduler: Any) -> None:
+    def _load_optimizer(self, checkpoint: Path, prepared: Any, optimizer: Any, scheduler: Any) -> None:
         if self.deepspeed:
             engine = checkpoint / ENGINE_DIR
             if not engine.is_dir():
                 raise ConfigError([f"{checkpoint} was not written by a DeepSpeed run: resume it without 'deepspeed'"])
-            self._engine.load_checkpoint(
+            prepared.load_checkpoint(
                 str(engine), tag=ENGINE_TAG, load_module_strict=False, load_optimizer_states=True,
                 load_lr_scheduler_states=False,
             )  # fmt: skip

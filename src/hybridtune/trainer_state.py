@@ -54,8 +54,9 @@ def save_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         save_adapters(model, staging / "adapters", adapters)
-        if optimizer is not None:
+        if optimizer is not None:  # absent when an engine saved its own (engine_dir)
             torch.save(optimizer, staging / "optimizer.pt")
+        if scheduler is not None:
             torch.save(scheduler, staging / "scheduler.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -94,9 +95,11 @@ def load_adapter_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def load_optimizer_state(checkpoint: Path) -> tuple[dict, dict]:
     """(optimizer, scheduler) state dicts saved by ``save_checkpoint``."""
-    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    scheduler = torch.load(checkpoint / "scheduler.pt", weights_only=True)
-    return optimizer, scheduler
+    return torch.load(checkpoint / "optimizer.pt", weights_only=True), load_scheduler_state(checkpoint)
+
+
+def load_scheduler_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "scheduler.pt", weights_only=True)
 
 
 def restore_rng(checkpoint: Path) -> None:

@@ -46,6 +46,7 @@ from ..trainer_state import (
     list_checkpoints,
     load_adapter_weights,
     load_optimizer_state,
+    load_scheduler_state,
     read_position,
     restore_rng,
     save_checkpoint,
@@ -465,7 +466,6 @@ class Run:
             engine_dir = self.run_dir / CHECKPOINTS / f".engine-{position.global_step}"
             prepared.save_checkpoint(str(engine_dir), tag=ENGINE_TAG, exclude_frozen_parameters=True)
             acc.wait_for_everyone()
-            optimizer_state = {}  # in engine/
         elif optimizer is not None:
             if self.config.fsdp is None:
                 optimizer_state = optimizer.state_dict()
@@ -493,7 +493,7 @@ class Run:
                 str(engine), tag=ENGINE_TAG, load_module_strict=False, load_optimizer_states=True,
                 load_lr_scheduler_states=False,
             )  # fmt: skip
-            scheduler.load_state_dict(load_optimizer_state(checkpoint)[1])
+            scheduler.load_state_dict(load_scheduler_state(checkpoint))
             return
         optimizer_state, scheduler_state = load_optimizer_state(checkpoint)
         if self.config.fsdp is None:

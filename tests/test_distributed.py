@@ -127,6 +127,45 @@ def test_deepspeed_zero_trains_resumes_and_equals_one_process(project, tiny_lm_d
     assert_same_weights(single.adapters_dir, run / "adapters")
 
 
+def staged_mix(project, tiny_lm_dir, name, deepspeed=None, **changes):
+    """Every kind of branch hook: LoRA, an adapter, IA3 on FFN inputs and prefix tuning (both read
+    their weights in input hooks), trained in two stages of 3 steps."""
+    path = config(project, tiny_lm_dir, name, **changes)
+    raw = yaml.safe_load(path.read_text())
+    raw["methods"]["ia3"] = {"type": "ia3", "targets": ["down_proj"], "feedforward": ["down_proj"]}
+    raw["methods"]["prefix"] = {"type": "prefix_tuning", "num_virtual_tokens": 4}
+    raw["training"].pop("max_steps")
+    raw["stages"] = [
+        {"name": "domain", "train": ["adapter", "ia3"], "max_steps": 3},
+        {"name": "task", "train": ["lora", "prefix"], "max_steps": 3},
+    ]
+    if deepspeed is not None:
+        raw["deepspeed"] = deepspeed
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_deepspeed_zero3_partitions_everything_and_equals_one_process(project, tiny_lm_dir):
+    """ZeRO-3 with every weight partitioned (no persistence threshold): saved adapters are gathered
+    (not the empty local partitions), input hooks see gathered weights, a second stage makes a new
+    engine on the partitioned model, and a run stopped in that stage resumes; adapters, the first
+    stage's adapters and the final eval equal one process's."""
+    pytest.importorskip("deepspeed")
+    single = train(load_run_config(staged_mix(project, tiny_lm_dir, "staged.yaml", batch_size=8)), log=quiet)
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    path = staged_mix(project, tiny_lm_dir, "zero3.yaml", zero3, batch_size=2, grad_accum=2)
+    driver = project / "driver.py"
+    driver.write_text(textwrap.dedent(FSDP_DRIVER))
+    torchrun(str(driver), str(path), "5", cwd=project)  # checkpoints at step 3 (stage end) and 4
+    run = project / "runs" / "zero3"
+    assert (run / "checkpoints" / "step-0000004-stage1" / "engine").is_dir()
+    torchrun("-m", "hybridtune", "train", str(path), cwd=project)
+    assert_same_weights(single.run_dir / "stages" / "domain", run / "stages" / "domain")
+    assert_same_weights(single.adapters_dir, run / "adapters")
+    summary = yaml.safe_load((run / "summary.json").read_text())
+    assert summary["after"]["eval_loss"] == pytest.approx(single.summary["after"]["eval_loss"], rel=1e-5)
+
+
 def test_deepspeed_config_takes_the_yaml_values_and_names_conflicts(project, tiny_lm_dir):
     from hybridtune.recipes.engine import deepspeed_config as filled
     from hybridtune.run_config import ConfigError
@@ -139,6 +178,6 @@ def test_deepspeed_config_takes_the_yaml_values_and_names_conflicts(project, tin
     run.deepspeed["gradient_accumulation_steps"] = 8
     with pytest.raises(ConfigError, match="'gradient_accumulation_steps' is 8 in the DeepSpeed config, but the YAML"):
         filled(run, processes=2)
-    run.deepspeed = {"zero_optimization": {"stage": 3}}
-    with pytest.raises(ConfigError, match=r"stage 3 is not supported; use 0, 1 or 2 \(fsdp shards the weights\)"):
+    run.deepspeed = {"zero_optimization": {"stage": 4}}
+    with pytest.raises(ConfigError, match=r"zero_optimization.stage 4 is not a ZeRO stage; use 0, 1, 2 or 3"):
         filled(run, processes=1)

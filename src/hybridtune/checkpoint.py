@@ -64,15 +64,29 @@ def state_key(entry: str, target: str, name: str) -> str:
 
 
 def adapter_state(model: HybridModel) -> dict[str, torch.Tensor]:
-    """The active set's tensors on the CPU, by checkpoint key. Under FSDP the branch weights are
-    shards (DTensors): they are gathered here, so every process must call this together."""
+    """The active set's tensors on the CPU, by checkpoint key. Under FSDP (DTensor shards) and
+    DeepSpeed ZeRO-3 (partitioned parameters) the branch weights are gathered here, so every
+    process must call this together."""
+    branches = list(model.branches())
     state = {}
-    for entry, target, _, branch in model.branches():
-        for name, tensor in branch.state_dict().items():
-            if hasattr(tensor, "full_tensor"):
-                tensor = tensor.full_tensor()
-            state[state_key(entry, target, name)] = tensor.detach().to("cpu").contiguous()
+    with gathered([p for *_, branch in branches for p in branch.parameters()]):
+        for entry, target, _, branch in branches:
+            for name, tensor in branch.state_dict().items():
+                if hasattr(tensor, "full_tensor"):
+                    tensor = tensor.full_tensor()
+                state[state_key(entry, target, name)] = tensor.detach().to("cpu").contiguous()
     return state
+
+
+def gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Full values of ZeRO-3-partitioned parameters (they carry ``ds_id``) while in the block;
+    nothing to do for any other parameter."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
 
 
 def save_adapters(model: HybridModel, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:

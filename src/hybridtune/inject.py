@@ -89,6 +89,14 @@ def sync_hook(module: nn.Module) -> None:
         _remove_hook(module._forward_hooks, module._forward_hooks_with_kwargs, _run_branches)
 
 
+def move_input_hook_last(module: nn.Module) -> None:
+    """Re-register the module's input hook after every hook added since (an engine's own, such as
+    DeepSpeed ZeRO-3's fetch of the module's weights), so it runs after them."""
+    if _run_pre_branches in module._forward_pre_hooks.values():
+        _remove_hook(module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs, _run_pre_branches)
+        module.register_forward_pre_hook(_run_pre_branches, with_kwargs=True)
+
+
 def _remove_hook(hooks: dict, with_kwargs: dict, fn: Any) -> None:
     """Unregister ``fn`` from one of a module's hook dicts (handles do not survive deepcopy, so
     hooks are found by function)."""

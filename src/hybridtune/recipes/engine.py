@@ -7,9 +7,11 @@ checks, before any model loads, that the machine can do what the config asks.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
+from ..inject import iter_branches, move_input_hook_last
 from ..model import HybridModel
 from ..quantization import DTYPES, quantization_problems
 from ..run_config import ConfigError, RunConfig
@@ -75,9 +78,9 @@ def deepspeed_config(config: RunConfig, processes: int) -> dict[str, Any]:
     nothing: the batch per process, the accumulation steps, the clipping norm. A value it sets
     differently from the YAML is an error naming both, never a silent choice of one.
 
-    The stage must be 0, 1 or 2: ZeRO-3 also partitions the weights, and the recipe's evaluation
-    and adapter saving (on the plain model, on the first process) hang on its gathers; for
-    sharded weights use ``fsdp``.
+    Any ZeRO stage: under ZeRO-3 the base loads whole and DeepSpeed partitions base and branches
+    when the engine is made (see ``full_weights_at_load``); evaluation runs on every process and
+    adapter saving gathers (``checkpoint.adapter_state``).
     """
     ds = config.deepspeed
     ds = json.loads(ds.read_text()) if isinstance(ds, Path) else dict(ds)
@@ -99,10 +102,8 @@ def deepspeed_config(config: RunConfig, processes: int) -> dict[str, Any]:
                 f'{value!r}; write "auto" there (the YAML decides) or make them agree'
             )
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        problems.append(
-            f"deepspeed: zero_optimization.stage {stage!r} is not supported; use 0, 1 or 2 (fsdp shards the weights)"
-        )
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"deepspeed: zero_optimization.stage {stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
     if problems:
         raise ConfigError(problems)
     ds.setdefault("zero_allow_untested_optimizer", True)  # the recipe's own torch AdamW
@@ -162,6 +163,39 @@ def shard(model: HybridModel, config: RunConfig) -> None:
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(base, **kwargs)
+
+
+@contextlib.contextmanager
+def full_weights_at_load(accelerator: Accelerator) -> Iterator[None]:
+    """Under ZeRO-3, transformers would build the base inside ``deepspeed.zero.Init`` (partitioned
+    as it loads); the branches are injected into full weights instead, and DeepSpeed partitions
+    base and branches together when the engine is made. Each process holds the whole base until
+    then, as under FSDP."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or getattr(plugin, "dschf", None) is None:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:  # generate's synced_gpus and transformers' other ZeRO-3 paths need it afterwards
+        set_hf_deepspeed_config(plugin.dschf)
+
+
+def zero3_input_branches(model: HybridModel) -> None:
+    """ZeRO-3 gathers a module's own weights in a forward pre-hook added when the engine is made,
+    which runs after the branches' input hooks (prompt, prefix, IA3 on FFN inputs) and does not
+    cover their weights. So: their weights become the target's external parameters (gathered
+    with it, and kept gathered: they are small), and the input hook moves after DeepSpeed's."""
+    import deepspeed
+
+    for *_, target, branch in iter_branches(model):
+        if branch.modifies_input:
+            for param in branch.parameters():
+                deepspeed.zero.register_external_parameter(target, param)
+            move_input_hook_last(target)
 
 
 def contiguous_parameters(model: HybridModel) -> None:

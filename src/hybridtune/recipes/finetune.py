@@ -55,9 +55,11 @@ from .engine import (
     base_dtype,
     contiguous_parameters,
     environment_problems,
+    full_weights_at_load,
     make_accelerator,
     peak_memory_mb,
     shard,
+    zero3_input_branches,
 )
 
 CONFIG_COPY = "config.yaml"
@@ -293,6 +295,8 @@ class Run:
             if self.deepspeed:
                 contiguous_parameters(self.model)
             model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
+            if self.deepspeed and model.zero_optimization_stage() == 3:
+                zero3_input_branches(self.model)
         else:  # sharded in place already (see _build_model); accelerate keeps the optimizer
             model, (optimizer, scheduler) = self.model, acc.prepare(optimizer, scheduler)
         if t.compile:
@@ -411,7 +415,8 @@ class Run:
         would round small updates away."""
         config, t, acc = self.config, self.config.training, self.accelerator
         quant = config.model_quantization
-        with acc.main_process_first():  # the first process converts the embedded model once
+        # the first process converts the embedded model once
+        with acc.main_process_first(), full_weights_at_load(acc):
             base, self.tokenizer = load_base(config.model, base_dtype(config), quant, acc.device)
         if quant is not None:
             prepare_for_kbit_training(base)

@@ -1,7 +1,8 @@
 """Prompt tuning through the model's own call: forward, loss, padding, generate with the KV cache."""
 
+import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache
 
 import hybridtune as ht
 from conftest import assert_cached_generate_is_exact, make_model, train_losses
@@ -89,3 +90,25 @@ def test_concurrent_calls_keep_their_own_lengths():
             got = list(pool.map(lambda ids: model(ids).logits, inputs * 3))
     for i, logits in enumerate(got):
         torch.testing.assert_close(logits, expected[i % len(inputs)], **TOL)
+
+
+@pytest.mark.parametrize("prefix_first", [True, False])
+def test_prompt_and_prefix_tuning_compose_in_either_order(input_ids, prefix_first):
+    """Both change a call's inputs; whichever runs second must still see the call as the first of
+    its sequence (the cache then holds only the other's prefixes) and place its tokens after them."""
+    entries = {"prompt": ht.PromptTuningConfig(num_virtual_tokens=3)}
+    prefix = {"prefix": ht.PrefixTuningConfig(num_virtual_tokens=4)}
+    methods = {**prefix, **entries} if prefix_first else {**entries, **prefix}
+    torch.manual_seed(0)
+    model = ht.inject(make_model("llama", initializer_range=0.2), ht.HybridConfig(methods=methods))
+    base = model.base_model
+    prompt, branch = base.hybridtune["prompt"].prompt, base.hybridtune["prefix"]
+    cache = DynamicCache(config=base.config)
+    for layer in range(branch.prefix_keys.shape[0]):
+        cache.update(branch.prefix_keys[layer].expand(2, -1, -1, -1), branch.prefix_values[layer].expand(2, -1, -1, -1),
+                     layer)  # fmt: skip
+    embeds = torch.cat([prompt.expand(2, -1, -1), base.get_input_embeddings()(input_ids)], dim=1)
+    with model.disabled():
+        reference = base(inputs_embeds=embeds, past_key_values=cache, attention_mask=torch.ones(2, 19)).logits[:, 3:]
+    torch.testing.assert_close(model(input_ids).logits, reference, **TOL)
+    assert_cached_generate_is_exact(model, padded_row=1)

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .base import Branch, MethodConfig, param_like
-from .virtual_tokens import call_batch, is_first_call, shift_for_leading_tokens
+from .virtual_tokens import PREFIX_POSITIONS, call_batch, is_first_call, shift_for_leading_tokens
 
 
 class PrefixTuningConfig(MethodConfig):
@@ -77,6 +77,7 @@ class PrefixTuningBranch(Branch):
                 keys = self.prefix_keys[layer].to(dtype).unsqueeze(0).expand(batch, -1, -1, -1)
                 values = self.prefix_values[layer].to(dtype).unsqueeze(0).expand(batch, -1, -1, -1)
                 cache.update(keys, values, layer)
+            setattr(cache, PREFIX_POSITIONS, getattr(cache, PREFIX_POSITIONS, 0) + self.n)
             kwargs["past_key_values"] = cache
         return args, kwargs
 

@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from .base import Branch, MethodConfig
-from .virtual_tokens import call_batch, is_first_call, shift_for_leading_tokens
+from .virtual_tokens import call_batch, is_first_call, prefix_positions, shift_for_leading_tokens
 
 # Between the pre-hook and the post-hook of one call: the sequence length whose logits lose the
 # prompt positions. Per context (thread / asyncio task), so concurrent calls never mix it up.
@@ -83,7 +83,7 @@ class PromptTuningBranch(Branch):
             kwargs["input_ids"], args = args[0], args[1:]
         first = is_first_call(kwargs)
         batch, n = call_batch(kwargs), self.n
-        shift_for_leading_tokens(kwargs, n, batch, new_positions=first)
+        shift_for_leading_tokens(kwargs, n, batch, new_positions=first, start=prefix_positions(kwargs))
         if not first:
             _set_strip(self, None)
             return args, kwargs

@@ -7,15 +7,26 @@ from typing import Any
 import torch
 
 
+PREFIX_POSITIONS = "hybridtune_prefix_positions"  # set on a cache: positions that prefixes wrote into it
+
+
+def prefix_positions(kwargs: dict[str, Any]) -> int:
+    """Positions the call's cache holds from prefix tuning entries (written on the first call)."""
+    return getattr(kwargs.get("past_key_values"), PREFIX_POSITIONS, 0)
+
+
 def is_first_call(kwargs: dict[str, Any]) -> bool:
-    """True when no cached tokens exist yet (training, or generate's prefill step)."""
+    """True when the cache holds no tokens yet besides the prefixes written in this same call
+    (training, or generate's prefill step): every virtual-token entry of a call then sees it as
+    the first, whatever the entries' order."""
     past = kwargs.get("past_key_values")
-    return past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0)
+    return past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == prefix_positions(kwargs))
 
 
-def shift_for_leading_tokens(kwargs: dict[str, Any], n: int, batch: int, new_positions: bool) -> None:
+def shift_for_leading_tokens(kwargs: dict[str, Any], n: int, batch: int, new_positions: bool, start: int = 0) -> None:
     """Prepend n ones to the attention mask and move positions by n; with ``new_positions`` the n
-    leading positions are part of this call's input (prompt tuning's first call) and get 0..n-1."""
+    leading positions are part of this call's input (prompt tuning's first call) and get
+    start..start+n-1 (``start``: the prefix positions already before them)."""
     mask = kwargs.get("attention_mask")
     if mask is not None:
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
@@ -25,7 +36,7 @@ def shift_for_leading_tokens(kwargs: dict[str, Any], n: int, batch: int, new_pos
             continue
         shifted = value + n
         if new_positions:
-            head = torch.arange(n, device=value.device, dtype=value.dtype)
+            head = torch.arange(start, start + n, device=value.device, dtype=value.dtype)
             head = head.expand(*value.shape[:-1], n) if value.dim() > 1 else head
             shifted = torch.cat([head, shifted], dim=-1)
         kwargs[key] = shifted

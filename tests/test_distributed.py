@@ -166,6 +166,49 @@ def test_deepspeed_zero3_partitions_everything_and_equals_one_process(project, t
     assert summary["after"]["eval_loss"] == pytest.approx(single.summary["after"]["eval_loss"], rel=1e-5)
 
 
+def engine_fp32_weights(checkpoint):
+    """DeepSpeed's own fp32 reconstruction (zero_to_fp32) of the weights a checkpoint's engine
+    trains, by adapter key."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    weights = get_fp32_state_dict_from_zero_checkpoint(
+        str(checkpoint / "engine"), tag="state", exclude_frozen_parameters=True
+    )
+    by_key = {}
+    for name, tensor in weights.items():
+        target, branch = name.removeprefix("base_model.").split(".hybridtune.")
+        entry, weight = branch.split(".", 1)
+        by_key[f"{entry}.{target}.{weight}"] = tensor
+    return by_key
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_bf16_saves_the_fp32_master_weights(project, tiny_lm_dir, zero):
+    """DeepSpeed's bf16 mode casts the model to bf16 and keeps fp32 masters of what it trains:
+    checkpoints hold those masters exactly (not the bf16 copies), and entries a later stage keeps
+    frozen are saved as the bf16 values that stage computed with, in fp32."""
+    pytest.importorskip("deepspeed")
+    ds = {"zero_optimization": {"stage": zero, "stage3_param_persistence_threshold": 0}}
+    path = staged_mix(project, tiny_lm_dir, f"bf16z{zero}.yaml", ds, batch_size=2, precision="bf16")
+    driver = project / "driver.py"
+    driver.write_text(textwrap.dedent(FSDP_DRIVER))
+    torchrun(str(driver), str(path), "3", cwd=project)
+    run = project / "runs" / f"bf16z{zero}"
+    checkpoint = run / "checkpoints" / "step-0000002-stage0"
+    saved, masters = load_file(checkpoint / "adapters" / WEIGHTS), engine_fp32_weights(checkpoint)
+    assert masters and {k.split(".")[0] for k in masters} == {"adapter", "ia3"}  # what stage "domain" trains
+    for key, master in masters.items():
+        assert saved[key].dtype == torch.float32 and torch.equal(saved[key], master), key
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in masters.values())  # more than bf16 holds
+    torchrun("-m", "hybridtune", "train", str(path), cwd=project)
+    domain, final = load_file(run / "stages" / "domain" / WEIGHTS), load_file(run / "adapters" / WEIGHTS)
+    assert {t.dtype for t in final.values() if t.is_floating_point()} == {torch.float32}
+    for key in masters:  # frozen during stage "task", which computed with their bf16 copies
+        assert torch.equal(final[key], domain[key].bfloat16().float()), key
+    summary = yaml.safe_load((run / "summary.json").read_text())
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+
+
 def test_deepspeed_config_takes_the_yaml_values_and_names_conflicts(project, tiny_lm_dir):
     from hybridtune.recipes.engine import deepspeed_config as filled
     from hybridtune.run_config import ConfigError

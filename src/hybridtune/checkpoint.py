@@ -71,11 +71,28 @@ def adapter_state(model: HybridModel) -> dict[str, torch.Tensor]:
     state = {}
     with gathered([p for *_, branch in branches for p in branch.parameters()]):
         for entry, target, _, branch in branches:
+            params = dict(branch.named_parameters())
             for name, tensor in branch.state_dict().items():
-                if hasattr(tensor, "full_tensor"):
+                master = fp32_master(params.get(name))
+                if master is not None:
+                    tensor = master
+                elif hasattr(tensor, "full_tensor"):
                     tensor = tensor.full_tensor()
                 state[state_key(entry, target, name)] = tensor.detach().to("cpu").contiguous()
     return state
+
+
+def fp32_master(param: nn.Parameter | None) -> torch.Tensor | None:
+    """The full fp32 master copy DeepSpeed's bf16/fp16 optimizers keep of a weight they train
+    (the module itself then holds a half-precision copy); None for anything else. A collective
+    under ZeRO: every process calls it for the same weights."""
+    if param is None or not param.requires_grad or param.dtype == torch.float32:
+        return None
+    if not (hasattr(param, "_hp_mapping") or hasattr(param, "_z3_optimizer")):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(param)
 
 
 def gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:

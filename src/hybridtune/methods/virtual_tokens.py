@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 
-
 PREFIX_POSITIONS = "hybridtune_prefix_positions"  # set on a cache: positions that prefixes wrote into it
 
 

@@ -257,7 +257,6 @@ class Run:
                 continue
             resume_from = checkpoint if (checkpoint is not None and index == position.stage_index) else None
             position = self.run_stage(index, stage, position, resume_from)
-            self._save_adapters(self.run_dir / "stages" / stage.name)
         summary["train_seconds"] = round(time.time() - started, 1)
         summary["steps"] = position.global_step
         summary["peak_memory_mb"] = round(peak_memory_mb(self.accelerator.device), 1)
@@ -345,7 +344,8 @@ class Run:
                     self.evaluate(step, "during", with_metric=False)
                     self.tracker.plot()
                 done = position.stage_step >= total
-                if done:  # the stage is complete: a checkpoint here resumes at the next stage
+                if done:  # the stage is complete: its adapters, then a checkpoint that resumes at the next stage
+                    self._save_adapters(self.run_dir / "stages" / stage.name)
                     position = Position(index + 1, 0, 0, 0, step)
                 stop = self._broadcast((self.run_dir / STOP_FILE).exists()) and not done
                 if (t.save_every and step % t.save_every == 0) or done or stop:
@@ -453,8 +453,18 @@ class Run:
         )
         return self.accelerator.prepare_data_loader(loader)
 
+    def _adapter_state(self, model: HybridModel) -> dict[str, torch.Tensor]:
+        """Every process calls it (FSDP and ZeRO gather here). DeepSpeed's bf16/fp16 modes hold the
+        whole model in half precision: what a stage trains is read from the engine's fp32 master
+        weights, and entries the stage keeps frozen are saved in fp32 too (their half values
+        exactly), like every regime's checkpoints."""
+        state = adapter_io.adapter_state(model)
+        if self.deepspeed:
+            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        return state
+
     def _save_adapters(self, directory: Path) -> None:
-        state = adapter_io.adapter_state(self.model)  # every process: FSDP gathers the shards here
+        state = self._adapter_state(self.model)
         if self.main:
             self.model.save_adapters(directory, state)
 
@@ -463,7 +473,7 @@ class Run:
         acc = self.accelerator
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
-        adapters = adapter_io.adapter_state(model)
+        adapters = self._adapter_state(model)
         optimizer_state, engine_dir = None, None
         if optimizer is not None and self.deepspeed:
             # each process holds a part of the ZeRO optimizer state: DeepSpeed writes the parts

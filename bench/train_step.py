@@ -235,7 +235,10 @@ def main() -> None:
                  "fp32 weights) under bf16 autocast, fused AdamW")  # fmt: skip
     else:
         where = f"fp32, {args.threads} threads, {platform.machine()} CPU"
-    command = f"python bench/train_step.py --model {args.model} --dropout {args.dropout} --rounds {args.rounds}"
+    command = (
+        f"python bench/train_step.py --model {args.model} --dropout {args.dropout} --rounds {args.rounds} "
+        f"--steps {args.steps} --warmup {args.warmup}"
+    )
     if cuda:
         command += f" --device cuda --batch {args.batch} --seq {args.seq}"
     peak_name = "peak GPU MB" if cuda else "peak RSS MB"

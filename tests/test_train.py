@@ -250,3 +250,29 @@ def test_stop_file_stops_cleanly_with_a_checkpoint_and_the_run_resumes(project, 
     assert not (run_dir / STOP_FILE).exists()  # the stop was served
     result = train(config, log=quiet)  # the same config resumes
     assert result.summary["steps"] == 300
+
+
+def test_an_fp16_overflow_skips_the_update_and_holds_the_schedule():
+    """accelerate's optimizer with a real GradScaler (torch's CPU one): an inf gradient skips the
+    update and halves the scale, and the schedule waits; the next finite step applies both."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from transformers import get_scheduler
+
+    from hybridtune.recipes.finetune import apply_step
+
+    Accelerator()  # the process state accelerate's optimizer reads
+    weight = torch.nn.Parameter(torch.ones(3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    optimizer = AcceleratedOptimizer(torch.optim.AdamW([weight], lr=0.1), device_placement=False, scaler=scaler)
+    scheduler = get_scheduler("linear", optimizer.optimizer, num_warmup_steps=0, num_training_steps=10)
+    lr = scheduler.get_last_lr()[0]
+
+    scaler.scale((weight * torch.tensor([float("inf"), 1.0, 1.0])).sum()).backward()
+    assert apply_step(optimizer, scheduler) is False
+    assert torch.equal(weight.detach(), torch.ones(3)) and weight.grad is None  # untouched, gradients cleared
+    assert scheduler.get_last_lr()[0] == lr and scaler.get_scale() == 512.0
+
+    scaler.scale(weight.sum()).backward()
+    assert apply_step(optimizer, scheduler) is True
+    assert (weight.detach() < 1).all() and scheduler.get_last_lr()[0] < lr

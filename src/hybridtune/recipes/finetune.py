@@ -179,6 +179,23 @@ def task_id(example: Example, tasks: list[str] | None) -> int | None:
     return tasks.index(example.task)
 
 
+def apply_step(stepper: Any, scheduler: Any) -> bool:
+    """The optimizer step of a window whose gradients are in place (``stepper``: accelerate's
+    optimizer, or DeepSpeed's engine, which also clips and zeroes), then the schedule's step — only
+    when the weights were really updated: under fp16 a loss-scale overflow skips the update
+    (accelerate's GradScaler, DeepSpeed's dynamic scaler), and the schedule then waits for it, as
+    in transformers' Trainer. Returns whether the weights were updated."""
+    stepper.step()
+    if hasattr(stepper, "was_step_applied"):  # DeepSpeed's engine
+        applied = stepper.was_step_applied()
+    else:
+        applied = not getattr(stepper, "step_was_skipped", False)
+        stepper.zero_grad()
+    if applied:
+        scheduler.step()
+    return applied
+
+
 def _check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> bool:
     """True when an interrupted run is there to resume; errors on a finished or different run."""
     if overwrite and run_dir.exists():
@@ -317,12 +334,14 @@ class Run:
             if position.batches_in_epoch:
                 loader = acc.skip_first_batches(loader, position.batches_in_epoch)
             for window in windows(loader, t.grad_accum):
-                loss, tokens = self._step(model, window, params, optimizer, scheduler)
+                loss, tokens, applied = self._step(model, window, params, optimizer, scheduler)
                 position.batches_in_epoch += len(window)
                 window_tokens += tokens
                 position.stage_step += 1
                 position.global_step += 1
                 step = position.global_step
+                if not applied:
+                    self.tracker.log({"kind": "skipped", "stage": stage.name, "step": step, "reason": "fp16 overflow"})
                 self._grow(stage, position.stage_step, steps_per_epoch, step)
                 if step % t.log_every == 0:
                     elapsed = max(time.time() - window_start, 1e-9)
@@ -369,14 +388,16 @@ class Run:
         self.model = acc.unwrap_model(model)
         return position
 
-    def _step(self, model: Any, window: list[dict], params: list, optimizer: Any, scheduler: Any) -> tuple[float, int]:
+    def _step(
+        self, model: Any, window: list[dict], params: list, optimizer: Any, scheduler: Any
+    ) -> tuple[float, int, bool]:
         """One optimizer step over the micro-batches of ``window`` on every process.
 
         The loss is the mean over every label token of the step's global batch, so N processes
         x B rows x k accumulation steps train the same as one process with N*B*k rows: each
         micro-batch's token-mean loss is weighted by its share of the step's tokens (and by N,
-        which DDP's gradient averaging divides out again). Returns that loss and the step's
-        input tokens over all processes.
+        which DDP's gradient averaging divides out again). Returns that loss, the step's input
+        tokens over all processes, and whether the optimizer stepped (see ``apply_step``).
         """
         acc, t = self.accelerator, self.config.training
         counts = [label_tokens(b) for b in window]
@@ -396,17 +417,11 @@ class Run:
                 else:
                     acc.backward(weighted)
             summed += loss.detach().float() * count
-        if self.deepspeed:  # clipping, AdamW and zeroing happen in the engine's step; the schedule is ours
-            model.step()
-            scheduler.step()
-        else:
-            if t.max_grad_norm:
-                acc.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
+        if t.max_grad_norm and not self.deepspeed:  # the engine clips in its own step
+            acc.clip_grad_norm_(params, t.max_grad_norm)
+        applied = apply_step(model if self.deepspeed else optimizer, scheduler)
         loss_sum, inputs = acc.reduce(torch.stack([summed, torch.tensor(inputs, device=acc.device)]), "sum").tolist()
-        return loss_sum / max(total, 1.0), int(inputs)
+        return loss_sum / max(total, 1.0), int(inputs), applied
 
     # ---- helpers ----------------------------------------------------------------------------
     def _build_model(self) -> HybridModel:

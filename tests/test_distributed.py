@@ -31,10 +31,10 @@ def config(project, tiny_lm_dir, name, **changes):
     return path
 
 
-def torchrun(*args, cwd):
+def torchrun(*args, cwd, launcher=("torch.distributed.run", "--standalone", "--nproc_per_node", "2")):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", *launcher, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout
 
@@ -125,6 +125,31 @@ def test_deepspeed_zero_trains_resumes_and_equals_one_process(project, tiny_lm_d
     assert (checkpoints[0] / "engine").is_dir() and not (checkpoints[0] / "optimizer.pt").exists()
     torchrun("-m", "hybridtune", "train", str(path), cwd=project)
     assert_same_weights(single.adapters_dir, run / "adapters")
+
+
+def test_deepspeed_from_accelerate_launch_trains_resumes_and_equals_one_process(project, tiny_lm_dir, single):
+    """DeepSpeed asked for by ``accelerate launch --use_deepspeed`` instead of the YAML: the same
+    engine, filled from the YAML the same way, stopped and resumed from its engine checkpoint."""
+    pytest.importorskip("deepspeed")
+    path = config(project, tiny_lm_dir, "launched.yaml", batch_size=2, grad_accum=2)
+    driver = project / "driver.py"
+    driver.write_text(textwrap.dedent(FSDP_DRIVER))
+    launch = ("accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no")  # fmt: skip
+    torchrun(str(driver), str(path), "3", cwd=project, launcher=launch)
+    run = project / "runs" / "launched"
+    assert (run / "checkpoints" / "step-0000002-stage0" / "engine").is_dir()  # DeepSpeed's own files: it ran
+    torchrun("-m", "hybridtune", "train", str(path), cwd=project, launcher=launch)
+    assert_same_weights(single.adapters_dir, run / "adapters")
+
+
+def test_deepspeed_given_twice_is_refused(project, tiny_lm_dir, monkeypatch):
+    from hybridtune.run_config import ConfigError
+
+    path = deepspeed_config(project, tiny_lm_dir, "twice.yaml", 2)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="DeepSpeed is set twice, by the accelerate launch config and by the YAML"):
+        train(load_run_config(path), log=quiet)
 
 
 def staged_mix(project, tiny_lm_dir, name, deepspeed=None, **changes):

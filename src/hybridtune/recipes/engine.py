@@ -36,12 +36,40 @@ def environment_problems(config: RunConfig) -> list[str]:
             )
         if t.base_dtype == "fp16":
             problems.append("training.base_dtype: fp16 weights need a CUDA GPU; use bf16 or fp32 on this machine")
-    if config.deepspeed is not None:
+    launcher = launcher_deepspeed()
+    if launcher is not None and config.deepspeed is not None:
+        problems.append(
+            "deepspeed: DeepSpeed is set twice, by the accelerate launch config and by the YAML's 'deepspeed' key; "
+            "keep one"
+        )
+    if launcher is not None and config.fsdp is not None:
+        problems.append("fsdp: accelerate launch asks for DeepSpeed; give either 'fsdp' or DeepSpeed, not both")
+    source = deepspeed_source(config)
+    if source is not None:
         if importlib.util.find_spec("deepspeed") is None:
             problems.append('deepspeed: the deepspeed package is not installed: pip install "hybridtune[deepspeed]"')
-        if isinstance(config.deepspeed, Path) and not config.deepspeed.is_file():
-            problems.append(f"deepspeed: config file '{config.deepspeed}' does not exist")
+        if isinstance(source, Path) and not source.is_file():
+            problems.append(f"deepspeed: config file '{source}' does not exist")
     return problems
+
+
+def launcher_deepspeed() -> dict[str, Any] | Path | None:
+    """DeepSpeed as ``accelerate launch`` asks for it (the deepspeed section of its config arrives
+    as environment variables): the DeepSpeed JSON it names, or the settings it passes (ZeRO stage,
+    offload devices) with the rest "auto". None when the launcher asked for no DeepSpeed."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if path != "none":
+        return Path(path)
+    from accelerate import DeepSpeedPlugin
+
+    return DeepSpeedPlugin().deepspeed_config
+
+
+def deepspeed_source(config: RunConfig) -> dict[str, Any] | Path | None:
+    """The run's DeepSpeed config as given: the YAML's ``deepspeed`` key or the launcher's."""
+    return config.deepspeed if config.deepspeed is not None else launcher_deepspeed()
 
 
 def mixed_precision(config: RunConfig) -> str:
@@ -82,7 +110,7 @@ def deepspeed_config(config: RunConfig, processes: int) -> dict[str, Any]:
     when the engine is made (see ``full_weights_at_load``); evaluation runs on every process and
     adapter saving gathers (``checkpoint.adapter_state``).
     """
-    ds = config.deepspeed
+    ds = deepspeed_source(config)
     ds = json.loads(ds.read_text()) if isinstance(ds, Path) else dict(ds)
     t = config.training
     decided = {
@@ -117,7 +145,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     kwargs = {}
-    if config.deepspeed is not None:
+    deepspeed = deepspeed_source(config) is not None
+    if deepspeed:
         from accelerate import DeepSpeedPlugin
 
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(config, _processes()))
@@ -128,14 +157,21 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     # gradient accumulation is the recipe's own (token-weighted windows), not accelerate's; so is
     # the schedule's length (in optimizer steps of the global batch): accelerate must not step the
     # scheduler once per process
-    return Accelerator(
-        mixed_precision=mixed_precision(config),
-        step_scheduler_with_optimizer=False,
-        # several processes without CUDA: accelerate's gloo backend, which it uses only when asked
-        # (DeepSpeed brings its own: gloo through its CPU accelerator)
-        cpu=_processes() > 1 and not torch.cuda.is_available() and config.deepspeed is None,
-        **kwargs,
-    )
+    launcher_flag = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    try:
+        return Accelerator(
+            mixed_precision=mixed_precision(config),
+            step_scheduler_with_optimizer=False,
+            # several processes without CUDA: accelerate's gloo backend, which it uses only when asked
+            # (DeepSpeed brings its own: gloo through its CPU accelerator)
+            cpu=_processes() > 1 and not torch.cuda.is_available() and not deepspeed,
+            **kwargs,
+        )
+    finally:  # given a plugin, accelerate marks the process as launched for DeepSpeed: a later run here must not be
+        if launcher_flag is None:
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = launcher_flag
 
 
 def shard(model: HybridModel, config: RunConfig) -> None:

@@ -83,12 +83,36 @@ except TrainingInterrupted:
 """
 
 
-def test_fsdp_trains_saves_resumes_and_loads(project, tiny_lm_dir, single):
-    path = config(project, tiny_lm_dir, "fsdp.yaml", batch_size=4, fsdp={"reshard_after_forward": True})
+WEIGHT_LOADS_SPY = """
+import os
+import hybridtune.recipes.finetune as recipe
+loads = []
+def spy(load):
+    def counted(*args, **kwargs):
+        loads.append(load.__name__)
+        return load(*args, **kwargs)
+    return counted
+recipe.load_base, recipe.load_skeleton = spy(recipe.load_base), spy(recipe.load_skeleton)
+import atexit
+atexit.register(lambda: open(f"loads-{os.environ['RANK']}.txt", "w").write(" ".join(loads)))
+"""
+
+
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_fsdp_trains_saves_resumes_and_loads(project, tiny_lm_dir, single, cpu_offload):
+    """Only the first process loads the weights; the other builds the model on the meta device
+    and receives its shards (and the buffers) from the first, before the eval before training."""
+    fsdp = {"reshard_after_forward": True, "cpu_offload": cpu_offload}
+    path = config(project, tiny_lm_dir, "fsdp.yaml", batch_size=4, fsdp=fsdp)
     driver = project / "driver.py"
-    driver.write_text(textwrap.dedent(FSDP_DRIVER))
+    driver.write_text(textwrap.dedent(WEIGHT_LOADS_SPY) + textwrap.dedent(FSDP_DRIVER))
     torchrun(str(driver), str(path), "3", cwd=project)  # killed after step 3: checkpoint at step 2
+    assert (project / "loads-0.txt").read_text() == "load_base"
+    assert (project / "loads-1.txt").read_text() == "load_skeleton"
     run = project / "runs" / "fsdp"
+    records = ht.tracking.read_metrics(run / "metrics.jsonl")
+    single_records = ht.tracking.read_metrics(single.run_dir / "metrics.jsonl")
+    assert records[0]["when"] == "before" and records[0]["eval_loss"] == pytest.approx(single_records[0]["eval_loss"])
     assert not (run / "adapters").exists() and (run / "checkpoints").is_dir()
     torchrun("-m", "hybridtune", "train", str(path), cwd=project)  # resumes at step 2, sharded moments
     assert_same_weights(single.adapters_dir, run / "adapters")

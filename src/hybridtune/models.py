@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .quantization import QuantizationConfig, keep_norms_fp32, quantization_problems
 
@@ -128,6 +128,29 @@ def load_base(
         model.config._name_or_path = EMBEDDED_NAME
     if quantization is not None:
         keep_norms_fp32(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_skeleton(
+    name: str = EMBEDDED_NAME, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``load_base``'s model with its weights on the meta device (no memory, no values) and real
+    buffers, and its tokenizer: what the processes of a sharded run other than the first build,
+    before they receive their shards from the first (see ``recipes.engine.shard``)."""
+    from accelerate import init_empty_weights
+
+    source = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load the config of model '{name}' from local files ({exc})") from exc
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, **({} if dtype is None else {"dtype": dtype}))
+    if name == EMBEDDED_NAME:
+        model.config._name_or_path = EMBEDDED_NAME
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

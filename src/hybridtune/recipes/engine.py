@@ -174,14 +174,22 @@ def make_accelerator(config: RunConfig) -> Accelerator:
             os.environ["ACCELERATE_USE_DEEPSPEED"] = launcher_flag
 
 
-def shard(model: HybridModel, config: RunConfig) -> None:
+def shard(model: HybridModel, config: RunConfig, device: torch.device) -> None:
     """FSDP2: ``fully_shard`` each transformer layer (the classes the model names in
     ``_no_split_modules``, so a layer's branches are sharded and gathered with it), then the rest.
 
     PyTorch's own API rather than accelerate's FSDP path, which only engages on GPUs: the same
     code then runs on CPU processes (gloo, in the tests) and on GPUs (NCCL). Parameters stay
     fp32 and sharded; a half ``training.precision`` becomes FSDP's mixed-precision policy.
+
+    Only the first process holds the weights (loaded on the CPU; fully_shard moves them to
+    ``device`` a layer at a time as it shards); the others built the model on the meta device
+    (``models.load_skeleton``), so no process but the first ever holds the whole model. They
+    allocate their shards on ``device`` (the CPU with ``cpu_offload``) and receive them, and the
+    buffers, from the first.
     """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     base = model.base_model
@@ -191,14 +199,27 @@ def shard(model: HybridModel, config: RunConfig) -> None:
         raise ConfigError([f"fsdp: cannot tell the transformer layers of {type(base).__name__} (no _no_split_modules)"])
     kwargs: dict = {"reshard_after_forward": config.fsdp.reshard_after_forward}
     if config.fsdp.cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())  # pinning needs CUDA
     half = DTYPES.get(mixed_precision(config))  # None when the run computes in full precision
     if half is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
     contiguous_parameters(model)
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    full = model.state_dict() if first else {}
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(base, **kwargs)
+    if not first:  # fully_shard placed the first process's tensors itself (sharded params offloaded or not)
+        model.to_empty(device=torch.device("cpu") if config.fsdp.cpu_offload else device)
+        if config.fsdp.cpu_offload:  # the parameters' shards live on the CPU, the buffers where compute is
+            for module in model.modules():
+                for name, buffer in module._buffers.items():
+                    if buffer is not None:
+                        module._buffers[name] = buffer.to(device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    for buffer in model.buffers():  # not in the state dict when non-persistent (rotary frequencies)
+        dist.broadcast(buffer, src=0)
 
 
 @contextlib.contextmanager

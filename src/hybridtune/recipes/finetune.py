@@ -35,7 +35,7 @@ from ..data import Encoded, Example, collate, encode, pack, read_examples, split
 from ..evaluation import Generation, eval_loss, exact_match
 from ..methods.lora_mixture import LoRAMixtureConfig
 from ..model import HybridModel, inject
-from ..models import load_base
+from ..models import load_base, load_skeleton
 from ..quantization import prepare_for_kbit_training
 from ..run_config import ConfigError, RunConfig, StageConfig
 from ..tracking import METRICS_FILE, Tracker, read_metrics
@@ -231,7 +231,6 @@ class Run:
         self.log = log if self.main else (lambda *_: None)  # one process speaks for the run
         self.run_dir = Path(config.output)
         self.generations_before: list[Generation] = []
-        self._sharded = False
 
     def execute(self, overwrite: bool = False) -> RunResult:
         config, t = self.config, self.config.training
@@ -265,7 +264,9 @@ class Run:
             before = self._saved_before()
             if before:
                 summary["before"] = before
-        elif self.data.eval and config.eval.before_training:
+        if config.fsdp is not None:  # after a resumed run's weights are in, before anything runs the model
+            shard(self.model, config, self.accelerator.device)
+        if not resuming and self.data.eval and config.eval.before_training:
             summary["before"] = self.evaluate(position.global_step, "before", keep=self.generations_before)
 
         started = time.time()
@@ -297,7 +298,6 @@ class Run:
     # ---- one stage --------------------------------------------------------------------------
     def run_stage(self, index: int, stage: StageConfig, position: Position, checkpoint: Path | None) -> Position:
         t, acc = self.config.training, self.accelerator
-        self._shard_once()
         self.model.set_trainable(stage.train)
         params = self.model.parameters_to_train()
         lr = stage.lr or t.lr
@@ -313,7 +313,7 @@ class Run:
             model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
             if self.deepspeed and model.zero_optimization_stage() == 3:
                 zero3_input_branches(self.model)
-        else:  # sharded in place already (see _build_model); accelerate keeps the optimizer
+        else:  # sharded in place already (see execute); accelerate keeps the optimizer
             model, (optimizer, scheduler) = self.model, acc.prepare(optimizer, scheduler)
         if t.compile:
             model = torch.compile(model)
@@ -430,9 +430,13 @@ class Run:
         would round small updates away."""
         config, t, acc = self.config, self.config.training, self.accelerator
         quant = config.model_quantization
+        sharded = config.fsdp is not None  # weights reach the device as shards, from the first process
         # the first process converts the embedded model once
         with acc.main_process_first(), full_weights_at_load(acc):
-            base, self.tokenizer = load_base(config.model, base_dtype(config), quant, acc.device)
+            if sharded and not self.main:
+                base, self.tokenizer = load_skeleton(config.model, base_dtype(config))
+            else:
+                base, self.tokenizer = load_base(config.model, base_dtype(config), quant, acc.device)
         if quant is not None:
             prepare_for_kbit_training(base)
         model = inject(base, config.hybrid_config())
@@ -440,13 +444,7 @@ class Run:
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             base.config.use_cache = False
-        return model if quant is not None else model.to(acc.device)
-
-    def _shard_once(self) -> None:
-        """FSDP shards the model in place, after a resumed run's weights are loaded (full tensors)."""
-        if self.config.fsdp is not None and not self._sharded:
-            shard(self.model, self.config)
-            self._sharded = True
+        return model if quant is not None or sharded else model.to(acc.device)
 
     def _grow(self, stage: StageConfig, stage_step: int, steps_per_epoch: int, step: int | None = None) -> None:
         """Growing-rank schedules of the stage's entries follow the stage's own step count."""

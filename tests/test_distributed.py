@@ -273,3 +273,11 @@ def test_deepspeed_config_takes_the_yaml_values_and_names_conflicts(project, tin
     run.deepspeed = {"zero_optimization": {"stage": 4}}
     with pytest.raises(ConfigError, match=r"zero_optimization.stage 4 is not a ZeRO stage; use 0, 1, 2 or 3"):
         filled(run, processes=1)
+    run.deepspeed = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}  # the YAML says fp32 here
+    with pytest.raises(ConfigError, match=r"'bf16.enabled' is True in the DeepSpeed config, but training.precision"):
+        filled(run, processes=1)
+    run.training.precision = "bf16"
+    assert filled(run, processes=1)["bf16"] == {"enabled": True}
+    run.deepspeed = {"zero_optimization": {"stage": 0}}
+    with pytest.raises(ConfigError, match="ZeRO stage 0 in bf16 keeps its fp32 master weights where they cannot"):
+        filled(run, processes=1)

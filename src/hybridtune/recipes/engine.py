@@ -129,9 +129,23 @@ def deepspeed_config(config: RunConfig, processes: int) -> dict[str, Any]:
                 f"deepspeed: '{key}' is {given!r} in the DeepSpeed config, but the YAML's training settings give "
                 f'{value!r}; write "auto" there (the YAML decides) or make them agree'
             )
+    precision = mixed_precision(config)
+    for half in ("bf16", "fp16"):  # the YAML's precision decides these too
+        given = (ds.get(half) or {}).get("enabled", "auto")
+        if given != "auto" and bool(given) != (precision == half):
+            problems.append(
+                f"deepspeed: '{half}.enabled' is {given!r} in the DeepSpeed config, but training.precision gives "
+                f"{config.training.precision!r} ({precision if precision != 'no' else 'fp32'} here); "
+                'write "auto" there or make them agree'
+            )
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         problems.append(f"deepspeed: zero_optimization.stage {stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
+    elif stage == 0 and precision != "no":
+        problems.append(
+            f"deepspeed: ZeRO stage 0 in {precision} keeps its fp32 master weights where they cannot be read back for "
+            "checkpoints; use stage 1, 2 or 3, or leave out 'deepspeed' (DDP) for one copy per process"
+        )
     if problems:
         raise ConfigError(problems)
     ds.setdefault("zero_allow_untested_optimizer", True)  # the recipe's own torch AdamW

@@ -1,12 +1,12 @@
 """Peak memory of one real training run per precision regime, on the embedded model.
 
-python bench/memory.py [--regimes fp32,bf16,4bit,8bit] [--steps 24]
+python bench/memory.py [--regimes fp32,bf16,fp16,4bit,8bit,ds-zero2-bf16,...] [--steps 24]
 
 Each regime is a `hybridtune train` of the quickstart (examples/sentiment: LoRA q,v + Adapter
 after every MLP) in its own process, so its peak is its own: allocated GPU memory on CUDA, the
-resident set on the CPU. Quantized regimes also check that the saved adapters load back into a
-freshly quantized base and give the eval loss the run itself measured. Writes a markdown table
-to bench/results/memory_<device>.md.
+resident set on the CPU. DeepSpeed regimes (ds-*) run under torchrun with one process. Quantized
+and DeepSpeed regimes also check that the saved adapters load back into a fresh base and give
+the eval loss the run itself measured. Writes a markdown table to bench/results/memory_<device>.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ REGIMES = {
     "bf16": ["training.precision=bf16", "training.base_dtype=bf16"],
     "4bit": ["model_quantization={bits: 4, type: nf4, double_quant: true, compute_dtype: bf16}"],
     "8bit": ["model_quantization={bits: 8, compute_dtype: bf16}"],
+    "fp16": ["training.precision=fp16", "training.base_dtype=fp16"],
+    "ds-zero2-bf16": ["training.precision=bf16", "deepspeed={zero_optimization: {stage: 2}}"],
+    "ds-zero2-fp16": ["training.precision=fp16", "deepspeed={zero_optimization: {stage: 2}}"],
+    "ds-zero3-bf16": ["training.precision=bf16", "deepspeed={zero_optimization: {stage: 3}}"],
 }
+CUDA_REGIMES = "fp32,bf16,fp16,4bit,8bit,ds-zero2-bf16,ds-zero2-fp16,ds-zero3-bf16"
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
 
 
 def reload_check(run_dir: Path, overrides: list[str]) -> float:
@@ -39,11 +45,15 @@ def reload_check(run_dir: Path, overrides: list[str]) -> float:
     from hybridtune.recipes.finetune import prepare_data
     from hybridtune.run_config import load_run_config
 
-    config = load_run_config(CONFIG, overrides)
-    base, tokenizer = load_base(config.model, quantization=config.model_quantization, device="cuda")
+    config = load_run_config(CONFIG, [o for o in overrides if not o.startswith("deepspeed=")])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base, tokenizer = load_base(config.model, quantization=config.model_quantization, device=device)
     model = ht.load(base, run_dir / "adapters")
+    if config.model_quantization is None:
+        model.to(device)
     data = prepare_data(config, tokenizer)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    half = torch.float16 if config.training.precision == "fp16" else torch.bfloat16
+    with torch.autocast(device, dtype=half):
         return eval_loss(model, data.eval, tokenizer.pad_token_id, config.eval.batch_size)["eval_loss"]
 
 
@@ -52,7 +62,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     cuda = torch.cuda.is_available()
-    parser.add_argument("--regimes", default="fp32,bf16,4bit,8bit" if cuda else "fp32,bf16")
+    parser.add_argument("--regimes", default=CUDA_REGIMES if cuda else "fp32,bf16")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--reload-check", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -66,7 +76,8 @@ def main() -> None:
         for regime in args.regimes.split(","):
             run_dir = Path(tmp) / regime
             overrides = [*REGIMES[regime], f"training.max_steps={args.steps}", f"output={run_dir}"]
-            cmd = [sys.executable, "-m", "hybridtune", "train", str(CONFIG), *overrides]
+            launcher = TORCHRUN if regime.startswith("ds-") else []
+            cmd = [sys.executable, *launcher, "-m", "hybridtune", "train", str(CONFIG), *overrides]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
@@ -74,7 +85,7 @@ def main() -> None:
                 continue
             s = json.loads((run_dir / "summary.json").read_text())
             reload = ""
-            if regime.endswith("bit"):
+            if regime.endswith("bit") or regime.startswith("ds-"):
                 check = [sys.executable, __file__, "--reload-check", f"{run_dir},{regime}"]
                 loaded = json.loads(subprocess.run(check, capture_output=True, text=True, check=True).stdout)
                 reload = f"{loaded:.4f} (run: {s['after']['eval_loss']:.4f})"
@@ -90,7 +101,8 @@ def main() -> None:
         "",
         f"The quickstart (`examples/sentiment/config.yaml`: SmolLM2-135M-Instruct, LoRA r8 q,v + Adapter after "
         f"every MLP, batch 8, {args.steps} steps, eval before/after included), one `hybridtune train` process "
-        "per regime; branch weights stay fp32 in every regime. Command: `python bench/memory.py`.",
+        "per regime; branch weights stay fp32 in every regime (under DeepSpeed: its fp32 masters). Command: "
+        f"`python bench/memory.py --regimes {args.regimes} --steps {args.steps}`.",
         "",
         f"| regime | {memory} | train s | eval loss | exact match | reloaded eval loss |",
         "|---|---|---|---|---|---|",

@@ -177,12 +177,13 @@ def test_deepspeed_given_twice_is_refused(project, tiny_lm_dir, monkeypatch):
 
 
 def staged_mix(project, tiny_lm_dir, name, deepspeed=None, **changes):
-    """Every kind of branch hook: LoRA, an adapter, IA3 on FFN inputs and prefix tuning (both read
-    their weights in input hooks), trained in two stages of 3 steps."""
+    """Every kind of branch hook: LoRA (with a growing rank), an adapter, IA3 on FFN inputs and
+    prefix tuning (both read their weights in input hooks), trained in two stages of 3 steps."""
     path = config(project, tiny_lm_dir, name, **changes)
     raw = yaml.safe_load(path.read_text())
     raw["methods"]["ia3"] = {"type": "ia3", "targets": ["down_proj"], "feedforward": ["down_proj"]}
     raw["methods"]["prefix"] = {"type": "prefix_tuning", "num_virtual_tokens": 4}
+    raw["methods"]["lora"]["r"] = {"start": 2, "max": 4, "grow_by": 2, "every_steps": 2}  # sized by numbers
     raw["training"].pop("max_steps")
     raw["stages"] = [
         {"name": "domain", "train": ["adapter", "ia3"], "max_steps": 3},
@@ -225,6 +226,8 @@ def engine_fp32_weights(checkpoint):
     )
     by_key = {}
     for name, tensor in weights.items():
+        if not tensor.is_floating_point():  # buffers come along (a growing rank's current value)
+            continue
         target, branch = name.removeprefix("base_model.").split(".hybridtune.")
         entry, weight = branch.split(".", 1)
         by_key[f"{entry}.{target}.{weight}"] = tensor

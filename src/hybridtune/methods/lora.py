@@ -175,7 +175,8 @@ class LoRABranch(Branch):
         capacity: int | None = None,
     ) -> None:
         super().__init__()
-        capacity = capacity or rank
+        # sizes kept as numbers: a partitioned weight (DeepSpeed ZeRO-3) has no shape outside forward
+        self.capacity = capacity = capacity or rank
         self.rank, self.alpha, self.scale, self.transposed = rank, alpha, scale, transposed
         self.lora_A = nn.Parameter(torch.empty(capacity, in_features, dtype=dtype, device=device))
         # B is [out, r] like peft's (and in checkpoints), stored transposed in memory: Bᵀ is then a
@@ -191,15 +192,11 @@ class LoRABranch(Branch):
     @property
     def A(self) -> torch.Tensor:
         """The active rows of lora_A (all of them unless the rank grows)."""
-        return self.lora_A if self.rank == self.lora_A.shape[0] else self.lora_A[: self.rank]
+        return self.lora_A if self.rank == self.capacity else self.lora_A[: self.rank]
 
     @property
     def B(self) -> torch.Tensor:
-        return self.lora_B if self.rank == self.lora_B.shape[1] else self.lora_B[:, : self.rank]
-
-    @property
-    def capacity(self) -> int:
-        return self.lora_A.shape[0]
+        return self.lora_B if self.rank == self.capacity else self.lora_B[:, : self.rank]
 
     def set_rank(self, rank: int) -> None:
         """Use the first ``rank`` directions (up to the capacity allocated at injection)."""

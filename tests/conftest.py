@@ -118,12 +118,13 @@ def make_tokenizer(chat_template: bool = True):
     return fast
 
 
-def save_tiny_lm(directory, seed: int = 0, chat_template: bool = True):
-    """A tiny Llama + tokenizer saved as a normal transformers directory (what `model:` points at)."""
+def save_tiny_lm(directory, seed: int = 0, chat_template: bool = True, tied: bool = False):
+    """A tiny Llama + tokenizer saved as a normal transformers directory (what `model:` points at);
+    ``tied``: one embedding matrix for input and output, as SmolLM2 has."""
     tokenizer = make_tokenizer(chat_template)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2,
+        vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=tied,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **_LLAMA_LIKE,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config)

@@ -124,6 +124,22 @@ def test_fsdp_trains_saves_resumes_and_loads(project, tiny_lm_dir, single, cpu_o
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_the_skeleton_has_the_loaded_models_parameters_tied_ones_included(tmp_path):
+    """What FSDP's other processes build must be the first process's model without values: the
+    same parameters, and tied embeddings one parameter in both (else the shards' collectives
+    disagree: SmolLM2 aborted in gloo before this held)."""
+    from conftest import save_tiny_lm
+    from hybridtune.models import load_skeleton
+
+    directory = save_tiny_lm(tmp_path / "tied", tied=True)
+    loaded, skeleton = load_base(str(directory))[0], load_skeleton(str(directory))[0]
+    assert [(n, p.shape) for n, p in skeleton.named_parameters()] == [
+        (n, p.shape) for n, p in loaded.named_parameters()
+    ]
+    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight and skeleton.lm_head.weight.is_meta
+    assert all(not b.is_meta for b in skeleton.buffers())  # rotary frequencies are computed, not loaded
+
+
 def deepspeed_config(project, tiny_lm_dir, name, zero, **changes):
     path = config(project, tiny_lm_dir, name, **changes)
     raw = yaml.safe_load(path.read_text())

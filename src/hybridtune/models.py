@@ -149,6 +149,7 @@ def load_skeleton(
         raise ModelNotFoundError(f"cannot load the config of model '{name}' from local files ({exc})") from exc
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, **({} if dtype is None else {"dtype": dtype}))
+    model.tie_weights()  # as from_pretrained does: tied embeddings must be one parameter, like the first process's
     if name == EMBEDDED_NAME:
         model.config._name_or_path = EMBEDDED_NAME
     if tokenizer.pad_token is None:

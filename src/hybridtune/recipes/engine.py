@@ -218,7 +218,13 @@ def shard(model: HybridModel, config: RunConfig, device: torch.device) -> None:
     if half is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
     contiguous_parameters(model)
-    first = not dist.is_initialized() or dist.get_rank() == 0
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    first = not several or dist.get_rank() == 0
+    if several:  # the first process's loaded model and the others' skeletons must match, tied weights included
+        layouts = [None] * dist.get_world_size()
+        dist.all_gather_object(layouts, [(name, tuple(p.shape)) for name, p in model.named_parameters()])
+        if any(layout != layouts[0] for layout in layouts):
+            raise RuntimeError("fsdp: the processes built models with different parameters (names, shapes or tying)")
     full = model.state_dict() if first else {}
     for layer in layers:
         fully_shard(layer, **kwargs)

@@ -124,10 +124,18 @@ def load_base(
             f"cannot load model '{name}' from local files ({exc}). Use '{EMBEDDED_NAME}', a local directory, or a "
             "hub name already in the local cache: this tool never downloads."
         ) from exc
-    if name == EMBEDDED_NAME:
-        model.config._name_or_path = EMBEDDED_NAME
     if quantization is not None:
         keep_norms_fp32(model)
+    return _finished(model, tokenizer, name)
+
+
+def _finished(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Both loaders' last step: the embedded model keeps its short name (checkpoints record it),
+    and batching needs a pad token."""
+    if name == EMBEDDED_NAME:
+        model.config._name_or_path = EMBEDDED_NAME
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -150,8 +158,4 @@ def load_skeleton(
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, **({} if dtype is None else {"dtype": dtype}))
     model.tie_weights()  # as from_pretrained does: tied embeddings must be one parameter, like the first process's
-    if name == EMBEDDED_NAME:
-        model.config._name_or_path = EMBEDDED_NAME
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return _finished(model, tokenizer, name)

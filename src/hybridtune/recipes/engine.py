@@ -225,10 +225,12 @@ def shard(model: HybridModel, config: RunConfig, device: torch.device) -> None:
         dist.all_gather_object(layouts, [(name, tuple(p.shape)) for name, p in model.named_parameters()])
         if any(layout != layouts[0] for layout in layouts):
             raise RuntimeError("fsdp: the processes built models with different parameters (names, shapes or tying)")
-    full = model.state_dict() if first else {}
+    full = model.state_dict() if first and several else {}
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(base, **kwargs)
+    if not several:
+        return
     if not first:  # fully_shard placed the first process's tensors itself (sharded params offloaded or not)
         model.to_empty(device=torch.device("cpu") if config.fsdp.cpu_offload else device)
         if config.fsdp.cpu_offload:  # the parameters' shards live on the CPU, the buffers where compute is
@@ -247,7 +249,7 @@ def full_weights_at_load(accelerator: Accelerator) -> Iterator[None]:
     """Under ZeRO-3, transformers would build the base inside ``deepspeed.zero.Init`` (partitioned
     as it loads); the branches are injected into full weights instead, and DeepSpeed partitions
     base and branches together when the engine is made. Each process holds the whole base until
-    then, as under FSDP."""
+    then, as under DDP."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None or getattr(plugin, "dschf", None) is None:
         yield

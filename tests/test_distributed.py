@@ -53,10 +53,37 @@ def single(project, tiny_lm_dir):
     return train(load_run_config(config(project, tiny_lm_dir, "single.yaml", batch_size=8)), log=quiet)
 
 
+EVAL_SHARE_SPY = """
+import os, sys
+import hybridtune.recipes.finetune as recipe
+from hybridtune.cli import app
+counts, sums = [], recipe.loss_sums
+def counted(model, encoded, *args):
+    counts.append(len(encoded))
+    return sums(model, encoded, *args)
+recipe.loss_sums = counted
+try:
+    app(["train", sys.argv[1]])
+finally:
+    open(f"eval-{os.environ['RANK']}.txt", "w").write(" ".join(map(str, counts)))
+"""
+
+
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(project, tiny_lm_dir, single):
+    """Training, and evaluation: each process evaluates half of the examples, and the eval loss
+    and exact match of the whole set equal one process's."""
     path = config(project, tiny_lm_dir, "ddp.yaml", batch_size=4)
-    out = torchrun("-m", "hybridtune", "train", str(path), cwd=project)
+    driver = project / "driver.py"
+    driver.write_text(textwrap.dedent(EVAL_SHARE_SPY))
+    out = torchrun(str(driver), str(path), cwd=project)
+    assert [(project / f"eval-{rank}.txt").read_text() for rank in (0, 1)] == ["3 3", "3 3"]  # 6 examples, twice
     run = project / "runs" / "ddp"
+    evals = [r for r in ht.tracking.read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
+    single_evals = [r for r in ht.tracking.read_metrics(single.run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["when"] for r in evals] == ["before", "after"] == [r["when"] for r in single_evals]
+    for ours, theirs in zip(evals, single_evals, strict=True):
+        assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
+        assert ours["exact_match"] == theirs["exact_match"]
     assert_same_weights(single.adapters_dir, run / "adapters")
     assert out.count("adapters:") == 1  # one process reports; the other stays quiet
     records = [r for r in ht.tracking.read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]

@@ -12,9 +12,20 @@ from torch import nn
 from .data import Encoded, Example, collate, render_prompt, with_system
 
 
-@torch.no_grad()
 def eval_loss(model: nn.Module, encoded: list[Encoded], pad_id: int, batch_size: int) -> dict[str, float]:
     """Token-weighted mean loss over the assistant tokens, and its perplexity."""
+    return loss_metrics(*loss_sums(model, encoded, pad_id, batch_size))
+
+
+def loss_metrics(total: float, tokens: int) -> dict[str, float]:
+    loss = total / max(tokens, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def loss_sums(model: nn.Module, encoded: list[Encoded], pad_id: int, batch_size: int) -> tuple[float, int]:
+    """The summed loss of the assistant tokens and their count: what ``eval_loss`` averages, and
+    what processes that each evaluate a share add up."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -31,8 +42,7 @@ def eval_loss(model: nn.Module, encoded: list[Encoded], pad_id: int, batch_size:
         total += losses.item()
         tokens += int((shift_labels != -100).sum())
     model.train(was_training)
-    loss = total / max(tokens, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    return total, tokens
 
 
 def normalize(text: str) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -32,7 +32,7 @@ from transformers import get_scheduler
 
 from .. import checkpoint as adapter_io
 from ..data import Encoded, Example, collate, encode, pack, read_examples, split, with_system
-from ..evaluation import Generation, eval_loss, exact_match
+from ..evaluation import Generation, exact_match, loss_metrics, loss_sums
 from ..methods.lora_mixture import LoRAMixtureConfig
 from ..model import HybridModel, inject
 from ..models import load_base, load_skeleton
@@ -538,20 +538,31 @@ class Run:
             return self._evaluate(step, when, with_metric, keep)
 
     def _evaluate(self, step: int, when: str, with_metric: bool, keep: list[Generation] | None) -> dict[str, Any]:
-        model = self.accelerator.unwrap_model(self.model)
-        ev = self.config.eval
-        result: dict[str, Any] = eval_loss(model, self.data.eval, self.tokenizer.pad_token_id, ev.batch_size)
+        """Under DDP each process evaluates every N-th example and the sums are added up; FSDP and
+        DeepSpeed gather weights inside each forward, so there every process runs every example."""
+        acc, ev = self.accelerator, self.config.eval
+        model = acc.unwrap_model(self.model)
+        split = acc.num_processes > 1 and self.config.fsdp is None and not self.deepspeed
+        share = slice(acc.process_index, None, acc.num_processes) if split else slice(None)
+        sums = loss_sums(model, self.data.eval[share], self.tokenizer.pad_token_id, ev.batch_size)
+        if split:
+            sums = acc.reduce(torch.tensor(sums, dtype=torch.float64, device=acc.device), "sum").tolist()
+        result: dict[str, Any] = loss_metrics(*sums)
         if with_metric and ev.metric == "exact_match":
-            examples = self.data.eval_examples[: ev.max_samples]
+            indices = list(range(len(self.data.eval_examples[: ev.max_samples])))[share]
             accuracy, generations = exact_match(
                 model,
                 self.tokenizer,
-                examples,
-                task_ids=[e.task_id for e in self.data.eval[: ev.max_samples]],
+                [self.data.eval_examples[i] for i in indices],
+                task_ids=[self.data.eval[i].task_id for i in indices],
                 system=self.config.data.system,
                 max_new_tokens=ev.max_new_tokens,
                 batch_size=ev.batch_size,
             )
+            if split:  # every process's generations, back in the examples' order
+                pairs = sorted(gather_object(list(zip(indices, generations, strict=True))), key=lambda p: p[0])
+                generations = [g for _, g in pairs]
+                accuracy = sum(g.correct for g in generations) / max(len(generations), 1)
             result["exact_match"] = accuracy
             if keep is not None:
                 keep += generations

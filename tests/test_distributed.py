@@ -192,6 +192,9 @@ def test_deepspeed_zero_trains_resumes_and_equals_one_process(project, tiny_lm_d
     assert (checkpoints[0] / "engine").is_dir() and not (checkpoints[0] / "optimizer.pt").exists()
     torchrun("-m", "hybridtune", "train", str(path), cwd=project)
     assert_same_weights(single.adapters_dir, run / "adapters")
+    summary = yaml.safe_load((run / "summary.json").read_text())  # each process evaluated half: whole weights
+    for when in ("before", "after"):
+        assert summary[when]["eval_loss"] == pytest.approx(single.summary[when]["eval_loss"], rel=1e-5)
 
 
 def test_deepspeed_from_accelerate_launch_trains_resumes_and_equals_one_process(project, tiny_lm_dir, single):
@@ -256,7 +259,8 @@ def test_deepspeed_zero3_partitions_everything_and_equals_one_process(project, t
     assert_same_weights(single.run_dir / "stages" / "domain", run / "stages" / "domain")
     assert_same_weights(single.adapters_dir, run / "adapters")
     summary = yaml.safe_load((run / "summary.json").read_text())
-    assert summary["after"]["eval_loss"] == pytest.approx(single.summary["after"]["eval_loss"], rel=1e-5)
+    for when in ("before", "after"):  # split before partitioning, whole set on every process after
+        assert summary[when]["eval_loss"] == pytest.approx(single.summary[when]["eval_loss"], rel=1e-5)
 
 
 def engine_fp32_weights(checkpoint):

@@ -538,11 +538,13 @@ class Run:
             return self._evaluate(step, when, with_metric, keep)
 
     def _evaluate(self, step: int, when: str, with_metric: bool, keep: list[Generation] | None) -> dict[str, Any]:
-        """Under DDP each process evaluates every N-th example and the sums are added up; FSDP and
-        DeepSpeed gather weights inside each forward, so there every process runs every example."""
+        """With whole weights in every process (DDP, DeepSpeed ZeRO 0-2) each process evaluates
+        every N-th example and the sums are added up; sharded weights (FSDP, ZeRO-3) are gathered
+        inside each forward, so there every process runs every example."""
         acc, ev = self.accelerator, self.config.eval
         model = acc.unwrap_model(self.model)
-        split = acc.num_processes > 1 and self.config.fsdp is None and not self.deepspeed
+        sharded = any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in model.parameters())
+        split = acc.num_processes > 1 and not sharded
         share = slice(acc.process_index, None, acc.num_processes) if split else slice(None)
         sums = loss_sums(model, self.data.eval[share], self.tokenizer.pad_token_id, ev.batch_size)
         if split:

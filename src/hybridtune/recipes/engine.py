@@ -44,7 +44,7 @@ def environment_problems(config: RunConfig) -> list[str]:
         )
     if launcher is not None and config.fsdp is not None:
         problems.append("fsdp: accelerate launch asks for DeepSpeed; give either 'fsdp' or DeepSpeed, not both")
-    source = deepspeed_source(config)
+    source = config.deepspeed if config.deepspeed is not None else launcher
     if source is not None:
         if importlib.util.find_spec("deepspeed") is None:
             problems.append('deepspeed: the deepspeed package is not installed: pip install "hybridtune[deepspeed]"')

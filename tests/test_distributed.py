@@ -241,25 +241,90 @@ def staged_mix(project, tiny_lm_dir, name, deepspeed=None, **changes):
     return path
 
 
+BASE_HELD_SPY = """
+import os, sys
+import hybridtune.recipes.finetune as recipe
+load = recipe.load_base
+def held(*args, **kwargs):
+    base, tokenizer = load(*args, **kwargs)
+    local = sum(getattr(p, "ds_tensor", p).numel() for p in base.parameters())
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
+    open(f"held-{os.environ['RANK']}.txt", "w").write(f"{local} {full}")
+    return base, tokenizer
+recipe.load_base = held
+"""
+
+
+def assert_base_loaded_partitioned(project):
+    """Each process held about half of the base right after loading it (ZeRO-3 partitions it as it
+    loads; before, each loaded it whole and the engine partitioned it later)."""
+    for rank in (0, 1):
+        local, full = map(int, (project / f"held-{rank}.txt").read_text().split())
+        assert local <= full / 2 + 1000, (rank, local, full)  # rounding pads each weight's partitions
+
+
 def test_deepspeed_zero3_partitions_everything_and_equals_one_process(project, tiny_lm_dir):
-    """ZeRO-3 with every weight partitioned (no persistence threshold): saved adapters are gathered
-    (not the empty local partitions), input hooks see gathered weights, a second stage makes a new
-    engine on the partitioned model, and a run stopped in that stage resumes; adapters, the first
-    stage's adapters and the final eval equal one process's."""
+    """ZeRO-3 with every weight partitioned (no persistence threshold): the base is partitioned as
+    it loads, saved adapters are gathered (not the empty local partitions), input hooks see
+    gathered weights, a second stage makes a new engine on the partitioned model, and a run
+    stopped in that stage resumes; adapters, the first stage's adapters and the eval before and
+    after equal one process's."""
     pytest.importorskip("deepspeed")
     single = train(load_run_config(staged_mix(project, tiny_lm_dir, "staged.yaml", batch_size=8)), log=quiet)
     zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     path = staged_mix(project, tiny_lm_dir, "zero3.yaml", zero3, batch_size=2, grad_accum=2)
     driver = project / "driver.py"
-    driver.write_text(textwrap.dedent(FSDP_DRIVER))
+    driver.write_text(textwrap.dedent(BASE_HELD_SPY) + textwrap.dedent(FSDP_DRIVER))
     torchrun(str(driver), str(path), "5", cwd=project)  # checkpoints at step 3 (stage end) and 4
+    assert_base_loaded_partitioned(project)
     run = project / "runs" / "zero3"
     assert (run / "checkpoints" / "step-0000004-stage1" / "engine").is_dir()
     torchrun("-m", "hybridtune", "train", str(path), cwd=project)
     assert_same_weights(single.run_dir / "stages" / "domain", run / "stages" / "domain")
     assert_same_weights(single.adapters_dir, run / "adapters")
     summary = yaml.safe_load((run / "summary.json").read_text())
-    for when in ("before", "after"):  # split before partitioning, whole set on every process after
+    for when in ("before", "after"):  # run on the engine's gathered weights, the whole set on every process
+        assert summary[when]["eval_loss"] == pytest.approx(single.summary[when]["eval_loss"], rel=1e-5)
+
+
+def test_deepspeed_zero3_initialises_from_partitioned_base_weights(project, tiny_lm_dir):
+    """Branches whose initial values come from base weights, injected into a base that ZeRO-3
+    partitioned as it loaded: DoRA's magnitudes (the base weight's norms) and prompt tuning's
+    vocabulary init (rows of the embedding matrix) are read gathered; a parallel adapter and its
+    sizes come from the full shapes. All three train to one process's values, evaluated before
+    training (on the engine's gathered weights) and after like one process."""
+    pytest.importorskip("deepspeed")
+
+    def mix(name, deepspeed=None, **changes):
+        path = config(project, tiny_lm_dir, name, **changes)
+        raw = yaml.safe_load(path.read_text())
+        raw["methods"] = {
+            "dora": {"type": "dora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]},
+            "prompt": {"type": "prompt_tuning", "num_virtual_tokens": 3, "init": "vocab"},
+            "parallel": {"type": "parallel_adapter", "after": "mlp", "bottleneck_size": 8},
+        }
+        if deepspeed is not None:
+            raw["deepspeed"] = deepspeed
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    single = train(load_run_config(mix("single-init.yaml", batch_size=8)), log=quiet)
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    path = mix("zero3-init.yaml", zero3, batch_size=4)
+    driver = project / "driver.py"
+    driver.write_text(textwrap.dedent(BASE_HELD_SPY) + "from hybridtune.cli import app\napp(['train', sys.argv[1]])\n")
+    torchrun(str(driver), str(path), cwd=project)
+    assert_base_loaded_partitioned(project)
+    run = project / "runs" / "zero3-init"
+    assert {key.split(".")[0] for key in load_file(run / "adapters" / WEIGHTS)} == {"dora", "prompt", "parallel"}
+    assert_same_weights(single.adapters_dir, run / "adapters")
+    # the checkpoint describes the targets by their full shapes: it loads into a plain model
+    model = ht.load(load_base(str(tiny_lm_dir))[0], run / "adapters")
+    reference = ht.load(load_base(str(tiny_lm_dir))[0], single.adapters_dir)
+    ids = torch.tensor([[5, 9, 14, 3, 7]])
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+    summary = yaml.safe_load((run / "summary.json").read_text())
+    for when in ("before", "after"):
         assert summary[when]["eval_loss"] == pytest.approx(single.summary[when]["eval_loss"], rel=1e-5)
 
 

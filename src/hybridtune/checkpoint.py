@@ -26,6 +26,7 @@ from .config import HybridConfig
 from .errors import CheckpointError, TargetError
 from .inject import describe_target
 from .model import HybridModel, inject
+from .partitioned import gathered
 
 CONFIG_NAME = "hybridtune_config.json"
 WEIGHTS_NAME = "hybridtune_model.safetensors"
@@ -93,17 +94,6 @@ def fp32_master(param: nn.Parameter | None) -> torch.Tensor | None:
     from deepspeed.utils import safe_get_full_fp32_param
 
     return safe_get_full_fp32_param(param)
-
-
-def gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
-    """Full values of ZeRO-3-partitioned parameters (they carry ``ds_id``) while in the block;
-    nothing to do for any other parameter."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(partitioned)
 
 
 def save_adapters(model: HybridModel, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:

@@ -18,6 +18,7 @@ from torch import nn
 from .config import HybridConfig
 from .methods import Branch
 from .methods.base import first_input
+from .partitioned import full_shape
 from .routing import current as current_routing
 from .targeting import BRANCH_ATTR
 
@@ -131,7 +132,7 @@ def describe_target(module: nn.Module) -> dict[str, Any]:
     weight = getattr(module, "weight", None)
     return {
         "class": type(module).__name__,
-        "shape": list(weight.shape) if weight is not None and hasattr(weight, "shape") else None,
+        "shape": list(full_shape(weight)) if weight is not None and hasattr(weight, "shape") else None,
     }
 
 

@@ -17,6 +17,7 @@ from .config import HybridConfig
 from .errors import MergeError
 from .inject import DEFAULT_SET, attach_config, branch_key, detach, fingerprint, iter_branches, sync_hook
 from .methods import Branch
+from .partitioned import full_numel
 from .quantization import is_quantized
 from .routing import routed
 from .targeting import BRANCH_ATTR
@@ -282,10 +283,10 @@ class HybridModel(nn.Module):
         per_entry = {e: {"trainable": 0, "total": 0} for e in self.hybrid_config.methods}
         for entry, _, _, branch in self.branches():
             for p in branch.parameters():
-                per_entry[entry]["total"] += p.numel()
-                per_entry[entry]["trainable"] += p.numel() if p.requires_grad else 0
+                per_entry[entry]["total"] += full_numel(p)
+                per_entry[entry]["trainable"] += full_numel(p) if p.requires_grad else 0
         branch_ids = {id(p) for *_, b in self._all_branches() for p in b.parameters()}
-        base = sum(p.numel() for p in self.base_model.parameters() if id(p) not in branch_ids)
+        base = sum(full_numel(p) for p in self.base_model.parameters() if id(p) not in branch_ids)
         trainable = sum(v["trainable"] for v in per_entry.values())
         return {"entries": per_entry, "base": base, "trainable": trainable}
 

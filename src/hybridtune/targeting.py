@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import TargetError
+from .partitioned import full_shape
 
 BRANCH_ATTR = "hybridtune"
 """Name of the child ModuleDict that holds the branches attached to a target module."""
@@ -50,7 +51,7 @@ def is_linear(module: nn.Module) -> bool:
 def linear_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like layer; Conv1D stores its weight as [in, out]."""
     if isinstance(module, Conv1D):
-        fan_in, fan_out = module.weight.shape
+        fan_in, fan_out = full_shape(module.weight)
         return int(fan_in), int(fan_out)
     return int(module.in_features), int(module.out_features)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import TargetError
+from ..partitioned import gathered
 from ..quantization import is_quantized
 from .base import first_input
 from .lora import LoRABranch, LowRankConfig, RankSchedule
@@ -38,7 +39,7 @@ class DoRABranch(LoRABranch):
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         super().__init__(**kwargs)
         self.__dict__["base_layer"] = base_layer  # a reference, not a child: its weight is the base's
-        with torch.no_grad():
+        with torch.no_grad(), gathered([base_layer.weight]):  # ZeRO-3: partitioned outside a forward
             magnitude = self.weight_norm().to(self.lora_A.dtype)
         self.magnitude = nn.Parameter(magnitude)
         self._norm_at_merge: torch.Tensor | None = None

@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..partitioned import full_shape, gathered
 from .base import Branch, MethodConfig
 from .virtual_tokens import call_batch, is_first_call, prefix_positions, shift_for_leading_tokens
 
@@ -57,11 +58,13 @@ class PromptTuningConfig(MethodConfig):
 
     def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> PromptTuningBranch:
         embeddings = model.get_input_embeddings().weight
+        vocab, width = full_shape(embeddings)
         if self.init == "vocab":
-            picks = torch.randint(0, embeddings.shape[0], (self.num_virtual_tokens,))
-            initial = embeddings.detach()[picks].clone()
+            picks = torch.randint(0, vocab, (self.num_virtual_tokens,))
+            with gathered([embeddings]):  # ZeRO-3: partitioned outside a forward
+                initial = embeddings.detach()[picks].clone()
         else:
-            initial = torch.randn(self.num_virtual_tokens, embeddings.shape[1], dtype=embeddings.dtype) * 0.02
+            initial = torch.randn(self.num_virtual_tokens, width, dtype=embeddings.dtype) * 0.02
         return PromptTuningBranch(model, initial.to(embeddings.device))
 
 

@@ -246,10 +246,10 @@ def shard(model: HybridModel, config: RunConfig, device: torch.device) -> None:
 
 @contextlib.contextmanager
 def full_weights_at_load(accelerator: Accelerator) -> Iterator[None]:
-    """Under ZeRO-3, transformers would build the base inside ``deepspeed.zero.Init`` (partitioned
-    as it loads); the branches are injected into full weights instead, and DeepSpeed partitions
-    base and branches together when the engine is made. Each process holds the whole base until
-    then, as under DDP."""
+    """Under ZeRO-3, transformers builds every model inside ``deepspeed.zero.Init``, whose
+    partitioning is a collective of all processes. That is what the run's base wants (each process
+    only ever holds its part), but not a load that one process does alone: converting the embedded
+    GGUF model into the cache. Such loads go in this block."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None or getattr(plugin, "dschf", None) is None:
         yield

@@ -35,7 +35,8 @@ from ..data import Encoded, Example, collate, encode, pack, read_examples, split
 from ..evaluation import Generation, exact_match, loss_metrics, loss_sums
 from ..methods.lora_mixture import LoRAMixtureConfig
 from ..model import HybridModel, inject
-from ..models import load_base, load_skeleton
+from ..models import load_base, load_skeleton, resolve_model
+from ..partitioned import is_partitioned
 from ..quantization import prepare_for_kbit_training
 from ..run_config import ConfigError, RunConfig, StageConfig
 from ..tracking import METRICS_FILE, Tracker, read_metrics
@@ -266,7 +267,10 @@ class Run:
                 summary["before"] = before
         if config.fsdp is not None:  # after a resumed run's weights are in, before anything runs the model
             shard(self.model, config, self.accelerator.device)
-        if not resuming and self.data.eval and config.eval.before_training:
+        evaluate_before = not resuming and self.data.eval and config.eval.before_training
+        # a base that ZeRO-3 partitioned as it loaded runs only once an engine gathers its weights
+        deferred = evaluate_before and any(hasattr(p, "ds_id") for p in self.model.parameters())
+        if evaluate_before and not deferred:
             summary["before"] = self.evaluate(position.global_step, "before", keep=self.generations_before)
 
         started = time.time()
@@ -274,7 +278,8 @@ class Run:
             if index < position.stage_index:
                 continue
             resume_from = checkpoint if (checkpoint is not None and index == position.stage_index) else None
-            position = self.run_stage(index, stage, position, resume_from)
+            position = self.run_stage(index, stage, position, resume_from, summary if deferred else None)
+            deferred = False
         summary["train_seconds"] = round(time.time() - started, 1)
         summary["steps"] = position.global_step
         summary["peak_memory_mb"] = round(peak_memory_mb(self.accelerator.device), 1)
@@ -296,7 +301,16 @@ class Run:
         return RunResult(self.run_dir, adapters_dir, summary, generations, self.generations_before, self.main)
 
     # ---- one stage --------------------------------------------------------------------------
-    def run_stage(self, index: int, stage: StageConfig, position: Position, checkpoint: Path | None) -> Position:
+    def run_stage(
+        self,
+        index: int,
+        stage: StageConfig,
+        position: Position,
+        checkpoint: Path | None,
+        summary_before: dict[str, Any] | None = None,
+    ) -> Position:
+        """Train one stage. ``summary_before`` gets the eval before training, deferred until the
+        engine is made (a base partitioned at load, see ``execute``)."""
         t, acc = self.config.training, self.accelerator
         self.model.set_trainable(stage.train)
         params = self.model.parameters_to_train()
@@ -315,6 +329,8 @@ class Run:
                 zero3_input_branches(self.model)
         else:  # sharded in place already (see execute); accelerate keeps the optimizer
             model, (optimizer, scheduler) = self.model, acc.prepare(optimizer, scheduler)
+        if summary_before is not None:
+            summary_before["before"] = self.evaluate(position.global_step, "before", keep=self.generations_before)
         if t.compile:
             model = torch.compile(model)
         if checkpoint is not None and position.stage_step > 0:
@@ -431,20 +447,24 @@ class Run:
         config, t, acc = self.config, self.config.training, self.accelerator
         quant = config.model_quantization
         sharded = config.fsdp is not None  # weights reach the device as shards, from the first process
-        # the first process converts the embedded model once
         with acc.main_process_first(), full_weights_at_load(acc):
-            if sharded and not self.main:
-                base, self.tokenizer = load_skeleton(config.model, base_dtype(config))
-            else:
-                base, self.tokenizer = load_base(config.model, base_dtype(config), quant, acc.device)
+            resolve_model(config.model)  # the first process converts the embedded model once
+        if sharded and not self.main:
+            base, self.tokenizer = load_skeleton(config.model, base_dtype(config))
+        else:  # under DeepSpeed ZeRO-3 (not quantized): partitioned as it loads, by all processes together
+            base, self.tokenizer = load_base(config.model, base_dtype(config), quant, acc.device)
+        partitioned = [p.dtype for p in base.parameters() if is_partitioned(p)]
         if quant is not None:
             prepare_for_kbit_training(base)
         model = inject(base, config.hybrid_config())
-        model.cast_branches(torch.float32)
+        # DeepSpeed casts a model to its half dtype when it partitions it (its optimizer keeps fp32
+        # masters), but takes a base partitioned at load (and cast then) as it is: the same for the branches
+        model.cast_branches(partitioned[0] if partitioned else torch.float32)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             base.config.use_cache = False
-        return model if quant is not None or sharded else model.to(acc.device)
+        # partitions sit on their devices already; new branches were made next to them
+        return model if quant is not None or sharded or partitioned else model.to(acc.device)
 
     def _grow(self, stage: StageConfig, stage_step: int, steps_per_epoch: int, step: int | None = None) -> None:
         """Growing-rank schedules of the stage's entries follow the stage's own step count."""
@@ -543,7 +563,7 @@ class Run:
         inside each forward, so there every process runs every example."""
         acc, ev = self.accelerator, self.config.eval
         model = acc.unwrap_model(self.model)
-        sharded = any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in model.parameters())
+        sharded = any(is_partitioned(p) for p in model.parameters())
         split = acc.num_processes > 1 and not sharded
         share = slice(acc.process_index, None, acc.num_processes) if split else slice(None)
         sums = loss_sums(model, self.data.eval[share], self.tokenizer.pad_token_id, ev.batch_size)

@@ -291,8 +291,8 @@ def test_deepspeed_zero3_initialises_from_partitioned_base_weights(project, tiny
     """Branches whose initial values come from base weights, injected into a base that ZeRO-3
     partitioned as it loaded: DoRA's magnitudes (the base weight's norms) and prompt tuning's
     vocabulary init (rows of the embedding matrix) are read gathered; a parallel adapter and its
-    sizes come from the full shapes. All three train to one process's values, evaluated before
-    training (on the engine's gathered weights) and after like one process."""
+    sizes come from the full shapes. All three train, with gradient checkpointing, to one process's
+    values, evaluated before training (on the engine's gathered weights) and after like one process."""
     pytest.importorskip("deepspeed")
 
     def mix(name, deepspeed=None, **changes):
@@ -308,9 +308,9 @@ def test_deepspeed_zero3_initialises_from_partitioned_base_weights(project, tiny
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         return path
 
-    single = train(load_run_config(mix("single-init.yaml", batch_size=8)), log=quiet)
+    single = train(load_run_config(mix("single-init.yaml", batch_size=8, gradient_checkpointing=True)), log=quiet)
     zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-    path = mix("zero3-init.yaml", zero3, batch_size=4)
+    path = mix("zero3-init.yaml", zero3, batch_size=4, gradient_checkpointing=True)
     driver = project / "driver.py"
     driver.write_text(textwrap.dedent(BASE_HELD_SPY) + "from hybridtune.cli import app\napp(['train', sys.argv[1]])\n")
     torchrun(str(driver), str(path), cwd=project)

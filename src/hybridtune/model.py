@@ -104,13 +104,21 @@ class HybridModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
         """Non-reentrant checkpointing by default: it needs no grad-requiring inputs, which a frozen
-        embedding layer would not give."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        embedding layer would not give. Defined here (not left to the base) because transformers'
+        Trainer calls it on the model it is given, and the base's own default may be reentrant."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         if kwargs["use_reentrant"]:
             self.base_model.enable_input_require_grads()
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """The name transformers used before ``activation_checkpointing_enable``."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     # ---- adapter sets -----------------------------------------------------------------------
     def add_set(self, name: str, config: HybridConfig | dict, activate: bool = False) -> None:

@@ -461,7 +461,7 @@ class Run:
         # masters), but takes a base partitioned at load (and cast then) as it is: the same for the branches
         model.cast_branches(partitioned[0] if partitioned else torch.float32)
         if t.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
             base.config.use_cache = False
         # partitions sit on their devices already; new branches were made next to them
         return model if quant is not None or sharded or partitioned else model.to(acc.device)

@@ -222,6 +222,21 @@ def test_deepspeed_given_twice_is_refused(project, tiny_lm_dir, monkeypatch):
         train(load_run_config(path), log=quiet)
 
 
+def test_a_quantized_base_under_the_launchers_deepspeed_is_refused(project, tiny_lm_dir, monkeypatch):
+    """The YAML's own ``deepspeed:`` key with ``model_quantization`` is refused when the config is
+    read; DeepSpeed asked for by ``accelerate launch`` is only known at run time."""
+    from hybridtune.recipes.engine import environment_problems
+
+    path = config(project, tiny_lm_dir, "quantized.yaml")
+    run = load_run_config(path, ["model_quantization={bits: 4}"])
+    assert not any("DeepSpeed" in p for p in environment_problems(run))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert any(
+        "model_quantization is for one GPU per process (DDP); accelerate launch asks for DeepSpeed" in p
+        for p in environment_problems(run)
+    )
+
+
 def staged_mix(project, tiny_lm_dir, name, deepspeed=None, **changes):
     """Every kind of branch hook: LoRA (with a growing rank), an adapter, IA3 on FFN inputs and
     prefix tuning (both read their weights in input hooks), trained in two stages of 3 steps."""

@@ -44,6 +44,11 @@ def environment_problems(config: RunConfig) -> list[str]:
         )
     if launcher is not None and config.fsdp is not None:
         problems.append("fsdp: accelerate launch asks for DeepSpeed; give either 'fsdp' or DeepSpeed, not both")
+    if launcher is not None and config.model_quantization is not None:
+        problems.append(
+            "model_quantization is for one GPU per process (DDP); accelerate launch asks for DeepSpeed, which "
+            "cannot shard it"
+        )
     source = config.deepspeed if config.deepspeed is not None else launcher
     if source is not None:
         if importlib.util.find_spec("deepspeed") is None:

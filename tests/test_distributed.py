@@ -92,6 +92,31 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(project,
     assert [r["loss"] for r in records] == pytest.approx(single_losses, rel=1e-5)  # the global batch's loss
 
 
+def test_nproc_runs_the_same_command_under_torchrun(project, tiny_lm_dir, single):
+    """``hybridtune train --nproc 2`` is ``torchrun --standalone --nproc_per_node 2 -m hybridtune
+    train``, overrides included: the adapters of one process with the same global batch, one report."""
+    path = config(project, tiny_lm_dir, "nproc.yaml", batch_size=8)  # 2 x 4 rows with the override below
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "hybridtune", "train", str(path), "training.batch_size=4", "--nproc", "2"]
+    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert_same_weights(single.adapters_dir, project / "runs" / "nproc" / "adapters")
+    assert done.stdout.count("adapters:") == 1
+
+
+def test_nproc_refuses_bad_counts_and_nested_launches(project, tiny_lm_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from hybridtune.cli import app
+
+    path = config(project, tiny_lm_dir, "nproc.yaml")
+    bad = CliRunner().invoke(app, ["train", str(path), "--nproc", "0"])
+    assert bad.exit_code == 2 and "--nproc: expected a number of processes (1 or more) or 'auto', got '0'" in bad.output
+    monkeypatch.setenv("RANK", "0")
+    nested = CliRunner().invoke(app, ["train", str(path), "--nproc", "2"])
+    assert nested.exit_code == 2 and "already one process of a multi-process launch" in nested.output
+
+
 def test_gradient_accumulation_equals_the_big_batch(project, tiny_lm_dir, single):
     """Micro-batches are weighted by their label tokens, so 2 x 4 rows train exactly like 8 rows."""
     path = config(project, tiny_lm_dir, "accum.yaml", batch_size=4, grad_accum=2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from enum import Enum
 from pathlib import Path
@@ -55,13 +57,23 @@ def train(
         list[str] | None, typer.Argument(help="key.path=value overrides, e.g. training.lr=1e-4")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run in the output directory first.")] = False,
+    nproc: Annotated[
+        str,
+        typer.Option(
+            help="Processes on this machine: a number, or 'auto' for one per visible GPU. More than one runs "
+            "the same command under `torchrun --standalone` (DDP, or the YAML's fsdp/deepspeed)."
+        ),
+    ] = "1",
 ) -> None:
     """Train (or resume) the run a YAML file describes, evaluate it, and save its adapters."""
     from .recipes.finetune import TrainingStopped
     from .recipes.finetune import train as run_training
     from .run_config import ConfigError
 
-    cfg = _run_config(config, overrides)
+    cfg = _run_config(config, overrides)  # checked once, before any process starts
+    processes = _processes(nproc)
+    if processes > 1:
+        raise typer.Exit(_torchrun(processes, config, overrides or [], overwrite))
     try:
         result = run_training(cfg, overwrite=overwrite)
     except ConfigError as exc:
@@ -71,6 +83,26 @@ def train(
         return
     if result.is_main:
         _report(result, cfg.eval.show)
+
+
+def _processes(nproc: str) -> int:
+    if nproc == "auto":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    if not nproc.isdigit() or int(nproc) < 1:
+        _fail(f"--nproc: expected a number of processes (1 or more) or 'auto', got {nproc!r}")
+    return int(nproc)
+
+
+def _torchrun(processes: int, config: Path, overrides: list[str], overwrite: bool) -> int:
+    """This training command again, in ``processes`` processes started by torchrun (the engine
+    that does the work; nothing here coordinates processes). Returns torchrun's exit status."""
+    if "RANK" in os.environ:
+        _fail("--nproc: this is already one process of a multi-process launch (torchrun/accelerate); drop --nproc")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command = ["-m", "hybridtune", "train", str(config), *overrides, *(["--overwrite"] if overwrite else [])]
+    return subprocess.call([*launch, *command])
 
 
 def _report(result, show: int) -> None:

@@ -27,13 +27,12 @@ def full_numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
-def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -> contextlib.AbstractContextManager:
-    """Full values of ZeRO-3-partitioned parameters while in the block (a collective: every process
-    enters it for the same parameters); nothing to do for any other parameter. With
-    ``modifier_rank``, that process's changes are partitioned back on leaving."""
+def gathered(params: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Full values of ZeRO-3-partitioned parameters while in the block, to read (a collective:
+    every process enters it for the same parameters); nothing to do for any other parameter."""
     partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not partitioned:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+    return deepspeed.zero.GatheredParameters(partitioned)

@@ -443,7 +443,8 @@ class Run:
     def _build_model(self) -> HybridModel:
         """Base (in its storage dtype, or quantized) + branches, whose trainable weights stay fp32:
         AdamW updates of a few thousand parameters are cheap, and half-precision master weights
-        would round small updates away."""
+        would round small updates away. (Under DeepSpeed in half precision its optimizer keeps
+        the fp32 masters of branches it casts.)"""
         config, t, acc = self.config, self.config.training, self.accelerator
         quant = config.model_quantization
         sharded = config.fsdp is not None  # weights reach the device as shards, from the first process

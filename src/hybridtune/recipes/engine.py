@@ -111,9 +111,9 @@ def deepspeed_config(config: RunConfig, processes: int) -> dict[str, Any]:
     nothing: the batch per process, the accumulation steps, the clipping norm. A value it sets
     differently from the YAML is an error naming both, never a silent choice of one.
 
-    Any ZeRO stage: under ZeRO-3 the base loads whole and DeepSpeed partitions base and branches
-    when the engine is made (see ``full_weights_at_load``); evaluation runs on every process and
-    adapter saving gathers (``checkpoint.adapter_state``).
+    Any ZeRO stage: under ZeRO-3 the base is partitioned as it loads, the branches when the engine
+    is made (see ``Run._build_model``); evaluation runs on every process and adapter saving gathers
+    (``checkpoint.adapter_state``).
     """
     ds = deepspeed_source(config)
     ds = json.loads(ds.read_text()) if isinstance(ds, Path) else dict(ds)

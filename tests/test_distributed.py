@@ -47,6 +47,14 @@ def assert_same_weights(a, b, atol=1e-5):
     assert max(t.abs().max() for t in first.values()) > 1e-2  # they trained: equality is not trivial
 
 
+def assert_loads_like(tiny_lm_dir, adapters, reference_adapters):
+    """``adapters`` load into a plain single-process base and give ``reference_adapters``' logits."""
+    model = ht.load(load_base(str(tiny_lm_dir))[0], adapters)
+    reference = ht.load(load_base(str(tiny_lm_dir))[0], reference_adapters)
+    ids = torch.tensor([[5, 9, 14, 3, 7]])
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture
 def single(project, tiny_lm_dir):
     """One process, global batch 8."""
@@ -169,11 +177,7 @@ def test_fsdp_trains_saves_resumes_and_loads(project, tiny_lm_dir, single, cpu_o
     torchrun("-m", "hybridtune", "train", str(path), cwd=project)  # resumes at step 2, sharded moments
     assert_same_weights(single.adapters_dir, run / "adapters")
     # the gathered adapters load into a plain single-process model
-    base, _ = load_base(str(tiny_lm_dir))
-    model = ht.load(base, run / "adapters")
-    reference = ht.load(load_base(str(tiny_lm_dir))[0], single.adapters_dir)
-    ids = torch.tensor([[5, 9, 14, 3, 7]])
-    torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+    assert_loads_like(tiny_lm_dir, run / "adapters", single.adapters_dir)
 
 
 def test_the_skeleton_has_the_loaded_models_parameters_tied_ones_included(tmp_path):
@@ -359,10 +363,7 @@ def test_deepspeed_zero3_initialises_from_partitioned_base_weights(project, tiny
     assert {key.split(".")[0] for key in load_file(run / "adapters" / WEIGHTS)} == {"dora", "prompt", "parallel"}
     assert_same_weights(single.adapters_dir, run / "adapters")
     # the checkpoint describes the targets by their full shapes: it loads into a plain model
-    model = ht.load(load_base(str(tiny_lm_dir))[0], run / "adapters")
-    reference = ht.load(load_base(str(tiny_lm_dir))[0], single.adapters_dir)
-    ids = torch.tensor([[5, 9, 14, 3, 7]])
-    torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+    assert_loads_like(tiny_lm_dir, run / "adapters", single.adapters_dir)
     summary = yaml.safe_load((run / "summary.json").read_text())
     for when in ("before", "after"):
         assert summary[when]["eval_loss"] == pytest.approx(single.summary[when]["eval_loss"], rel=1e-5)

@@ -1,5 +1,8 @@
-"""Precision and quantized bases on a CPU machine: half-precision bases with fp32 branches, and the
-clear refusals (a quantized base without CUDA, fp16 without CUDA, merging into quantized weights)."""
+"""Precision and quantized bases on a CPU machine: half-precision bases with fp32 branches, fp16
+with loss scaling (accelerate's GPU path switched on for the CPU), and the clear refusals (a
+quantized base without CUDA, fp16 without CUDA, merging into quantized weights)."""
+
+import itertools
 
 import pytest
 import torch
@@ -10,8 +13,9 @@ import hybridtune as ht
 from conftest import make_model, quiet, set_keys, write_config
 from hybridtune.errors import MergeError, TargetError
 from hybridtune.quantization import QuantizationConfig, is_quantized, prepare_for_kbit_training
-from hybridtune.recipes.finetune import train
+from hybridtune.recipes.finetune import TrainingInterrupted, train
 from hybridtune.run_config import ConfigError, load_run_config
+from hybridtune.tracking import read_metrics
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
 
@@ -111,3 +115,79 @@ def test_prepare_for_kbit_training_freezes_and_keeps_norms_in_fp32():
     assert out.logits.dtype == torch.bfloat16  # fp32 norms hand the compute dtype on
     out.loss.backward()
     assert all(p.grad is not None and p.dtype == torch.float32 for p in hybrid.parameters_to_train())
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """accelerate's fp16 path on the CPU: autocast to fp16 around the model and a real GradScaler
+    (torch has both for the CPU; accelerate enables them only on GPUs, and the recipe refuses fp16
+    without CUDA for that reason). Everything of the recipe's fp16 handling then runs here: the
+    scaled backward, unscaling before clipping, skipped steps, the scale across a resume.
+
+    The scaler starts too high for fp16 (the first steps overflow and are skipped) and grows every
+    other step, so its state matters and differs from a fresh one's at any checkpoint."""
+    from hybridtune.recipes import finetune
+
+    real = finetune.make_accelerator
+    scalers = []
+
+    def make_accelerator(config):
+        accelerator = real(config)
+        assert accelerator.mixed_precision == "fp16" and accelerator.scaler is None  # what accelerate does on a CPU
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22, growth_interval=2)
+        scalers.append(accelerator.scaler)
+        return accelerator
+
+    monkeypatch.setattr(finetune, "make_accelerator", make_accelerator)
+    monkeypatch.setattr(finetune, "environment_problems", lambda config: [])
+    return scalers
+
+
+def test_fp16_trains_with_loss_scaling_and_resumes_at_the_same_scale(project, tiny_lm_dir, fp16_on_cpu):
+    """An fp16 base with fp32 branches under autocast + loss scaling (what a GPU run does): the
+    overflowing steps are skipped and recorded, the loss falls, weights are saved in fp32, and a
+    run stopped and resumed continues with the scale it had (not a fresh one), ending equal."""
+    keys = {"precision": "fp16", "base_dtype": "fp16", "max_steps": 10, "save_every": 5, "log_every": 1}
+    straight = train(load_run_config(write_config(project, tiny_lm_dir, "a.yaml", **keys)), log=quiet)
+    records = read_metrics(straight.run_dir / "metrics.jsonl")
+    skipped = [r["step"] for r in records if r["kind"] == "skipped"]
+    scales = [r["loss_scale"] for r in records if r["kind"] == "train"]
+    backing_off = next(i for i in range(1, 11) if i not in skipped) - 1  # the first steps overflow, halving the scale
+    assert backing_off >= 3 and len(skipped) < 10, skipped
+    assert scales[:backing_off] == [2.0 ** (21 - i) for i in range(backing_off)]
+    assert any(b > a for a, b in itertools.pairwise(scales)), scales  # and it grows again
+    assert straight.summary["after"]["eval_loss"] < straight.summary["before"]["eval_loss"]
+    weights = load_file(straight.adapters_dir / "hybridtune_model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+
+    cut = write_config(project, tiny_lm_dir, "b.yaml", **keys)
+    with pytest.raises(TrainingInterrupted):
+        train(load_run_config(cut), log=quiet, stop_after_step=7)  # checkpoint at 5
+    resumed = train(load_run_config(cut), log=quiet)
+    assert [r["loss_scale"] for r in read_metrics(resumed.run_dir / "metrics.jsonl") if r["kind"] == "train"] == scales
+    assert fp16_on_cpu[-1].get_scale() == fp16_on_cpu[0].get_scale()
+    assert resumed.summary["after"] == straight.summary["after"]
+    again = load_file(resumed.adapters_dir / "hybridtune_model.safetensors")
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
+
+
+def test_deepspeed_fp16_loss_scale_is_read_from_its_zero_optimizers():
+    """DeepSpeed's fp16 needs a GPU (or a CPU with fp16 kernels), so this reads the attributes the
+    recipe uses off DeepSpeed's own classes and runs the recipe's reader on a stand-in engine."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from hybridtune.recipes.finetune import Run
+
+    assert callable(DeepSpeedEngine.fp16_enabled)
+    assert isinstance(DeepSpeedZeroOptimizer.loss_scale, property)
+    assert isinstance(DeepSpeedZeroOptimizer_Stage3.loss_scale, property)
+    run = Run.__new__(Run)
+    run.accelerator, run.deepspeed = SimpleNamespace(scaler=None), True
+    engine = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace(loss_scale=1024))
+    assert run._loss_scale(engine) == 1024.0
+    assert run._loss_scale(SimpleNamespace(fp16_enabled=lambda: False)) is None  # bf16: nothing scales

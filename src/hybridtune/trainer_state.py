@@ -1,4 +1,5 @@
-"""Training checkpoints: adapters + optimizer + scheduler + RNG + position, written atomically.
+"""Training checkpoints: adapters + optimizer + scheduler (+ fp16 loss scaler) + RNG + position,
+written atomically.
 
 Adapters use the normal safetensors checkpoint; optimizer and scheduler states are torch files
 read back with ``weights_only=True`` (tensors and numbers only, no arbitrary pickles).
@@ -43,11 +44,13 @@ def save_checkpoint(
     position: Position,
     keep: int,
     engine_dir: Path | None = None,
+    scaler: dict | None = None,
 ) -> Path:
     """One resumable checkpoint (atomic: a staging directory renamed into place). ``adapters`` is
     ``adapter_state(model)``; ``optimizer``/``scheduler`` are state dicts, None at a stage's end.
     ``engine_dir``: what a distribution engine wrote itself (DeepSpeed: each process its part of
-    the optimizer), moved in as ``engine/``."""
+    the optimizer), moved in as ``engine/``. ``scaler``: fp16's GradScaler state (its scale took
+    many steps to find; a resume from a fresh one would skip steps the first run did not)."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{position.global_step:07d}-stage{position.stage_index}"
@@ -58,6 +61,8 @@ def save_checkpoint(
             torch.save(optimizer, staging / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler, staging / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler, staging / "scaler.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -100,6 +105,12 @@ def load_optimizer_state(checkpoint: Path) -> tuple[dict, dict]:
 
 def load_scheduler_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "scheduler.pt", weights_only=True)
+
+
+def load_scaler_state(checkpoint: Path) -> dict | None:
+    """The fp16 GradScaler state saved with ``checkpoint``; None when its run did not scale."""
+    path = checkpoint / "scaler.pt"
+    return torch.load(path, weights_only=True) if path.is_file() else None
 
 
 def restore_rng(checkpoint: Path) -> None:

@@ -47,6 +47,7 @@ from ..trainer_state import (
     list_checkpoints,
     load_adapter_weights,
     load_optimizer_state,
+    load_scaler_state,
     load_scheduler_state,
     read_position,
     restore_rng,
@@ -340,6 +341,9 @@ class Run:
             self.tracker.log({"kind": "stage_start", "stage": stage.name, "step": position.global_step})
         if checkpoint is not None:
             restore_rng(checkpoint)
+            scaler_state = load_scaler_state(checkpoint)
+            if acc.scaler is not None and scaler_state is not None:  # also at a stage boundary: one scaler per run
+                acc.scaler.load_state_dict(scaler_state)
 
         self._grow(stage, position.stage_step, steps_per_epoch)
         bar = tqdm(total=total, initial=position.stage_step, desc=f"stage {stage.name}", disable=not self.main)
@@ -369,6 +373,9 @@ class Run:
                         "lr": scheduler.get_last_lr()[0],
                         "tokens_per_s": window_tokens / elapsed,
                     }
+                    scale = self._loss_scale(model)
+                    if scale is not None:
+                        record["loss_scale"] = scale
                     self.tracker.log(record)
                     bar.set_postfix(
                         loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
@@ -440,6 +447,16 @@ class Run:
         return loss_sum / max(total, 1.0), int(inputs), applied
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _loss_scale(self, prepared: Any) -> float | None:
+        """fp16's current loss scale (accelerate's GradScaler, or DeepSpeed's dynamic scaler in
+        ``prepared``, its engine); None when the run does not scale. Logged with the loss: a scale
+        that keeps falling is the first sign of a run going to NaN."""
+        if self.accelerator.scaler is not None:
+            return float(self.accelerator.scaler.get_scale())
+        if self.deepspeed and prepared.fp16_enabled():
+            return float(prepared.optimizer.loss_scale)
+        return None
+
     def _build_model(self) -> HybridModel:
         """Base (in its storage dtype, or quantized) + branches, whose trainable weights stay fp32:
         AdamW updates of a few thousand parameters are cheap, and half-precision master weights
@@ -530,6 +547,7 @@ class Run:
                 position,
                 keep=self.config.training.keep_checkpoints,
                 engine_dir=engine_dir,
+                scaler=None if acc.scaler is None else acc.scaler.state_dict(),
             )
         acc.wait_for_everyone()
 

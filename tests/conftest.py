@@ -235,3 +235,28 @@ def wait_for(condition, timeout=120, every=0.1):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s")
+
+
+def enable_cpu_fp16(setattr=setattr, init_scale: float = 2.0**22, growth_interval: int = 2) -> list:
+    """Switch on accelerate's fp16 path for the CPU: autocast to fp16 around the model and a real
+    GradScaler (torch has both for the CPU; accelerate enables them only on GPUs, and the recipe
+    refuses fp16 without CUDA for that reason). Everything of the recipe's fp16 handling then runs
+    here: the scaled backward, unscaling before clipping, skipped steps, the scale across a resume.
+    ``setattr``: pytest's ``monkeypatch.setattr`` in a test, the builtin in a torchrun driver.
+    Returns the scalers made, one per run."""
+    from hybridtune.recipes import finetune
+
+    real = finetune.make_accelerator
+    scalers = []
+
+    def make_accelerator(config):
+        accelerator = real(config)
+        assert accelerator.mixed_precision == "fp16" and accelerator.scaler is None  # what accelerate does on a CPU
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=growth_interval)
+        scalers.append(accelerator.scaler)
+        return accelerator
+
+    setattr(finetune, "make_accelerator", make_accelerator)
+    setattr(finetune, "environment_problems", lambda config: [])
+    return scalers

@@ -1,5 +1,6 @@
 """Multi-process training on CPU (gloo): DDP and FSDP2 under torchrun give what one process gives."""
 
+import json
 import os
 import subprocess
 import sys
@@ -178,6 +179,56 @@ def test_fsdp_trains_saves_resumes_and_loads(project, tiny_lm_dir, single, cpu_o
     assert_same_weights(single.adapters_dir, run / "adapters")
     # the gathered adapters load into a plain single-process model
     assert_loads_like(tiny_lm_dir, run / "adapters", single.adapters_dir)
+
+
+FP16_DRIVER = f"""
+import atexit, json, os, sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from conftest import enable_cpu_fp16
+import hybridtune.recipes.finetune as recipe
+scalers, steps = enable_cpu_fp16(init_scale=2.0**17), []
+real_apply_step = recipe.apply_step
+def apply_step(*args):
+    applied = real_apply_step(*args)
+    steps.append([applied, scalers[-1].get_scale()])
+    return applied
+recipe.apply_step = apply_step
+atexit.register(lambda: open(f"steps-{{os.environ['RANK']}}.json", "w").write(json.dumps(steps)))
+from hybridtune.cli import app
+app(["train", sys.argv[1]])
+"""
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_fp16_loss_scaling_on_two_processes(project, tiny_lm_dir, engine):
+    """fp16 with loss scaling (accelerate's path switched on for the CPU, see conftest) on two
+    processes: both take every skip decision and scale together (else their weights part; under
+    FSDP each holds only its shards' gradients), the run trains, and what it logs is what they did.
+
+    Not compared with one process: a process's share of the loss carries its share of the global
+    batch, so its fp16 gradients are N times larger before averaging and overflow at a scale N
+    times lower (as in any DDP fp16 run); the step where the scale settles may differ by one."""
+    path = config(project, tiny_lm_dir, f"{engine}.yaml", batch_size=4, precision="fp16", log_every=1,
+                  fsdp={"reshard_after_forward": True} if engine == "fsdp" else None)  # fmt: skip
+    raw = yaml.safe_load(path.read_text())
+    raw["training"]["max_steps"] = 6
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    driver = project / "driver.py"
+    driver.write_text(FP16_DRIVER)
+    torchrun(str(driver), str(path), cwd=project)
+
+    first, second = (json.loads((project / f"steps-{rank}.json").read_text()) for rank in (0, 1))
+    assert first == second and len(first) == 6
+    assert not first[0][0] and any(applied for applied, _ in first), first  # skipped at first, then trains
+    run = project / "runs" / engine
+    records = ht.tracking.read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "skipped"] == [i + 1 for i, (a, _) in enumerate(first) if not a]
+    assert [r["loss_scale"] for r in records if r["kind"] == "train"] == [scale for _, scale in first]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    model = ht.load(load_base(str(tiny_lm_dir))[0], run / "adapters")  # saved whole (gathered), loads, trained
+    ids = torch.tensor([[5, 9, 14, 3, 7]])
+    assert not torch.allclose(model(ids).logits, load_base(str(tiny_lm_dir))[0](ids).logits, atol=1e-3)
 
 
 def test_the_skeleton_has_the_loaded_models_parameters_tied_ones_included(tmp_path):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import hybridtune as ht
-from conftest import make_model, quiet, set_keys, write_config
+from conftest import enable_cpu_fp16, make_model, quiet, set_keys, write_config
 from hybridtune.errors import MergeError, TargetError
 from hybridtune.quantization import QuantizationConfig, is_quantized, prepare_for_kbit_training
 from hybridtune.recipes.finetune import TrainingInterrupted, train
@@ -119,29 +119,9 @@ def test_prepare_for_kbit_training_freezes_and_keeps_norms_in_fp32():
 
 @pytest.fixture
 def fp16_on_cpu(monkeypatch):
-    """accelerate's fp16 path on the CPU: autocast to fp16 around the model and a real GradScaler
-    (torch has both for the CPU; accelerate enables them only on GPUs, and the recipe refuses fp16
-    without CUDA for that reason). Everything of the recipe's fp16 handling then runs here: the
-    scaled backward, unscaling before clipping, skipped steps, the scale across a resume.
-
-    The scaler starts too high for fp16 (the first steps overflow and are skipped) and grows every
+    """The scaler starts too high for fp16 (the first steps overflow and are skipped) and grows every
     other step, so its state matters and differs from a fresh one's at any checkpoint."""
-    from hybridtune.recipes import finetune
-
-    real = finetune.make_accelerator
-    scalers = []
-
-    def make_accelerator(config):
-        accelerator = real(config)
-        assert accelerator.mixed_precision == "fp16" and accelerator.scaler is None  # what accelerate does on a CPU
-        accelerator.native_amp = True
-        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22, growth_interval=2)
-        scalers.append(accelerator.scaler)
-        return accelerator
-
-    monkeypatch.setattr(finetune, "make_accelerator", make_accelerator)
-    monkeypatch.setattr(finetune, "environment_problems", lambda config: [])
-    return scalers
+    return enable_cpu_fp16(monkeypatch.setattr, init_scale=2.0**22)
 
 
 def test_fp16_trains_with_loss_scaling_and_resumes_at_the_same_scale(project, tiny_lm_dir, fp16_on_cpu):

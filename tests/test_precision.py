@@ -171,3 +171,22 @@ def test_deepspeed_fp16_loss_scale_is_read_from_its_zero_optimizers():
     engine = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace(loss_scale=1024))
     assert run._loss_scale(engine) == 1024.0
     assert run._loss_scale(SimpleNamespace(fp16_enabled=lambda: False)) is None  # bf16: nothing scales
+
+
+@pytest.mark.parametrize(
+    ("cuda", "bf16_units", "expected"),
+    [(False, False, "no"), (True, True, "bf16"), (True, False, "fp16")],
+)
+def test_auto_precision_follows_the_hardware(project, tiny_lm_dir, monkeypatch, cuda, bf16_units, expected):
+    """``auto``: bf16 where the GPU has bf16 units, fp16 with loss scaling on older GPUs (where torch
+    would emulate bf16, slowly), full precision on the CPU; a quantized base's compute dtype wins."""
+    from hybridtune.recipes.engine import mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_units or including_emulation
+    )
+    config = load_run_config(write_config(project, tiny_lm_dir))
+    assert mixed_precision(config) == expected
+    config = load_run_config(set_keys(write_config(project, tiny_lm_dir), model_quantization={"compute_dtype": "fp16"}))
+    assert mixed_precision(config) == "fp16"

@@ -78,14 +78,17 @@ def deepspeed_source(config: RunConfig) -> dict[str, Any] | Path | None:
 
 
 def mixed_precision(config: RunConfig) -> str:
-    """accelerate's mixed_precision for the run: ``auto`` is bf16 on a GPU that has it (the compute
-    dtype of a quantized base), full precision on the CPU."""
+    """accelerate's mixed_precision for the run. ``auto``: the compute dtype of a quantized base;
+    else bf16 on a GPU with bf16 units (Ampere and newer), fp16 with loss scaling on an older one
+    (V100, T4: torch would run bf16 there, emulated and slow), full precision on the CPU."""
     precision = config.training.precision
     if precision == "auto":
         quant = config.model_quantization
         if quant is not None:
             return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[quant.compute_dtype]
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if not torch.cuda.is_available():
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 

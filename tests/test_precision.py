@@ -3,9 +3,11 @@ with loss scaling (accelerate's GPU path switched on for the CPU), and the clear
 quantized base without CUDA, fp16 without CUDA, merging into quantized weights)."""
 
 import itertools
+import math
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
@@ -190,3 +192,29 @@ def test_auto_precision_follows_the_hardware(project, tiny_lm_dir, monkeypatch, 
     assert mixed_precision(config) == expected
     config = load_run_config(set_keys(write_config(project, tiny_lm_dir), model_quantization={"compute_dtype": "fp16"}))
     assert mixed_precision(config) == "fp16"
+
+
+def test_every_method_trains_in_fp16_with_gradient_checkpointing(project, tiny_lm_dir, monkeypatch):
+    """All the branch kinds in one model on an fp16 base, computing in fp16 under loss scaling, with
+    gradient checkpointing (prefix tuning's cache, DoRA's norms, IA3 on FFN inputs, prompt tuning's
+    embeddings): finite losses, no overflow at a sane scale, and the eval loss falls."""
+    enable_cpu_fp16(monkeypatch.setattr, init_scale=2.0**10)
+    keys = {"precision": "fp16", "base_dtype": "fp16", "max_steps": 8, "gradient_checkpointing": True}
+    path = write_config(project, tiny_lm_dir, **keys)
+    raw = yaml.safe_load(path.read_text())
+    raw["methods"] = {
+        "dora": {"type": "dora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+        "ia3": {"type": "ia3", "targets": ["k_proj", "down_proj"], "feedforward": ["down_proj"]},
+        "prompt": {"type": "prompt_tuning", "num_virtual_tokens": 3, "init": "vocab"},
+        "prefix": {"type": "prefix_tuning", "num_virtual_tokens": 2},
+        "parallel": {"type": "parallel_adapter", "after": "mlp", "bottleneck_size": 8},
+        "adapter": {"type": "adapter", "after": "self_attn", "bottleneck_size": 8},
+        "lora": {"type": "lora", "r": 4, "alpha": 8, "targets": ["o_proj", "up_proj"]},
+    }
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = train(load_run_config(path), log=quiet)
+    records = read_metrics(result.run_dir / "metrics.jsonl")
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
+    assert not [r for r in records if r["kind"] == "skipped"]
+    assert result.summary["after"]["eval_loss"] < result.summary["before"]["eval_loss"] - 1

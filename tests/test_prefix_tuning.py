@@ -47,3 +47,45 @@ def test_prefix_with_lora_trains_and_saves(input_ids, tmp_path):
     expected = model(input_ids).logits
     model.save_adapters(tmp_path)
     assert torch.equal(ht.load(make_model(), tmp_path)(input_ids).logits, expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "qwen2"])
+@pytest.mark.parametrize(("with_prompt", "use_cache"), [(False, False), (True, False), (False, None)])
+def test_gradient_checkpointing_keeps_the_prefixes(arch, with_prompt, use_cache, input_ids):
+    """transformers drops the cache from checkpointed layers (their recompute would write it a
+    second time), and the prefixes with it. A training call's prefixes are a read-only cache the
+    layers may keep: the same loss and gradients as without checkpointing, with prompt tuning too
+    and whether the call asks for no cache (the recipe) or leaves it to the config (transformers'
+    Trainer); the layers are left as they were."""
+    extra = {"prompt": ht.PromptTuningConfig(num_virtual_tokens=2)} if with_prompt else {}
+
+    def run(checkpointing):
+        model, _ = prefixed(arch, **extra)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        loss = model(input_ids, labels=input_ids, use_cache=use_cache).loss
+        loss.backward()
+        return model, loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    _, plain_loss, plain_grads = run(False)
+    model, loss, grads = run(True)
+    torch.testing.assert_close(loss, plain_loss, **TOL)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], **TOL, msg=name)
+    assert not any("_can_checkpoint_with_cache" in m.__dict__ for m in model.modules())
+
+
+def test_gradient_checkpointing_on_a_model_that_withholds_the_cache_is_a_clear_error(input_ids):
+    """GPT-2 passes its checkpointed blocks no cache at all: said plainly, not a shape mismatch."""
+    model, _ = prefixed("gpt2")
+    model.activation_checkpointing_enable()
+    model.train()
+    with pytest.raises(RuntimeError, match="cannot train GPT2LMHeadModel under gradient checkpointing"):
+        model(input_ids, labels=input_ids, use_cache=False)
+    model.eval()  # the layers were left as they were: the model still runs where it can
+    assert not any(
+        m._forward_pre_hooks or "_can_checkpoint_with_cache" in m.__dict__ for m in model.base_model.transformer.h
+    )
+    model(input_ids)

@@ -231,6 +231,41 @@ def test_fp16_loss_scaling_on_two_processes(project, tiny_lm_dir, engine):
     assert not torch.allclose(model(ids).logits, load_base(str(tiny_lm_dir))[0](ids).logits, atol=1e-3)
 
 
+def test_fsdp_from_accelerate_launch_is_the_yamls_fsdp(project, tiny_lm_dir, single):
+    """``accelerate launch --use_fsdp`` instead of ``fsdp:`` in the YAML: hybridtune's own sharding
+    with the launcher's offload and reshard settings (accelerate does not wrap the model as well),
+    stopped and resumed, equal to one process."""
+    path = config(project, tiny_lm_dir, "launched.yaml", batch_size=4)
+    driver = project / "driver.py"
+    driver.write_text(textwrap.dedent(WEIGHT_LOADS_SPY) + textwrap.dedent(FSDP_DRIVER))
+    launch = ("accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--fsdp_offload_params", "true",
+              "--fsdp_reshard_after_forward", "false", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no")  # fmt: skip
+    torchrun(str(driver), str(path), "3", cwd=project, launcher=launch)
+    assert (project / "loads-1.txt").read_text() == "load_skeleton"  # sharded: the second process got its shards
+    run = project / "runs" / "launched"
+    assert yaml.safe_load((run / "config.yaml").read_text())["fsdp"] == {"reshard_after_forward": False,
+                                                                       "cpu_offload": True}  # fmt: skip
+    torchrun("-m", "hybridtune", "train", str(path), cwd=project, launcher=launch)
+    assert_same_weights(single.adapters_dir, run / "adapters")
+
+
+def test_fsdp_given_twice_or_unshardable_is_refused(project, tiny_lm_dir, monkeypatch):
+    from hybridtune.recipes.engine import with_launcher_engines
+
+    run = load_run_config(config(project, tiny_lm_dir, "twice.yaml", fsdp={}))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ht.run_config.ConfigError, match="FSDP is set twice"):
+        with_launcher_engines(run)
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "NO_SHARD")
+    with pytest.raises(ht.run_config.ConfigError, match="'no_shard' is not one .* launch without --use_fsdp"):
+        with_launcher_engines(load_run_config(config(project, tiny_lm_dir, "once.yaml")))
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "true")
+    half = load_run_config(config(project, tiny_lm_dir, "half.yaml", base_dtype="bf16"))
+    with pytest.raises(ht.run_config.ConfigError, match="accelerate launch asks for FSDP: .*leave training.base_dtype"):
+        with_launcher_engines(half)
+
+
 def test_the_skeleton_has_the_loaded_models_parameters_tied_ones_included(tmp_path):
     """What FSDP's other processes build must be the first process's model without values: the
     same parameters, and tied embeddings one parameter in both (else the shards' collectives

@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from pydantic import ValidationError
 
 from ..inject import iter_branches, move_input_hook_last
 from ..model import HybridModel
 from ..quantization import DTYPES, quantization_problems
-from ..run_config import ConfigError, RunConfig
+from ..run_config import ConfigError, FSDPConfig, RunConfig
+from ..validation import describe_errors
 
 
 def environment_problems(config: RunConfig) -> list[str]:
@@ -56,6 +58,43 @@ def environment_problems(config: RunConfig) -> list[str]:
         if isinstance(source, Path) and not source.is_file():
             problems.append(f"deepspeed: config file '{source}' does not exist")
     return problems
+
+
+_RESHARD = {"true": True, "full_shard": True, "false": False, "shard_grad_op": False}
+
+
+def launcher_fsdp() -> FSDPConfig | None:
+    """FSDP as ``accelerate launch --use_fsdp`` (or an accelerate config's fsdp section) asks for
+    it, as the YAML's ``fsdp:`` section: resharding after forward and CPU offload are taken from
+    the launcher; the wrapping is hybridtune's own (each transformer layer with its branches), so
+    the launcher's wrap policy, prefetch and state-dict settings do not apply. None when the
+    launcher asked for no FSDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+    if reshard not in _RESHARD:
+        raise ConfigError(
+            [f"accelerate launch: FSDP reshard-after-forward '{reshard}' is not one hybridtune's FSDP2 sharding "
+             "does (true/FULL_SHARD or false/SHARD_GRAD_OP); without sharding, launch without --use_fsdp (DDP)"]
+        )  # fmt: skip
+    offload = os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
+    return FSDPConfig(reshard_after_forward=_RESHARD[reshard], cpu_offload=offload)
+
+
+def with_launcher_engines(config: RunConfig) -> RunConfig:
+    """``config`` with the FSDP the launcher asked for as its ``fsdp`` section (validated like one
+    written there); asking for it in both places is an error, as for DeepSpeed."""
+    fsdp = launcher_fsdp()
+    if fsdp is None:
+        return config
+    if config.fsdp is not None:
+        raise ConfigError(["fsdp: FSDP is set twice, by accelerate launch and by the YAML's 'fsdp' key; keep one"])
+    try:
+        return RunConfig.model_validate({**config.dump(), "fsdp": fsdp.model_dump()})
+    except ValidationError as error:
+        raise ConfigError(
+            [f"accelerate launch asks for FSDP: {problem}" for problem in describe_errors(error)]
+        ) from None
 
 
 def launcher_deepspeed() -> dict[str, Any] | Path | None:
@@ -180,6 +219,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     # the schedule's length (in optimizer steps of the global batch): accelerate must not step the
     # scheduler once per process
     launcher_flag = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    # the launcher's FSDP is the run's own fsdp section (with_launcher_engines): accelerate must not wrap the model too
+    fsdp_flag = os.environ.pop("ACCELERATE_USE_FSDP", None)
     try:
         return Accelerator(
             mixed_precision=mixed_precision(config),
@@ -194,6 +235,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
             os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
         else:
             os.environ["ACCELERATE_USE_DEEPSPEED"] = launcher_flag
+        if fsdp_flag is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = fsdp_flag
 
 
 def shard(model: HybridModel, config: RunConfig, device: torch.device) -> None:
@@ -250,6 +293,18 @@ def shard(model: HybridModel, config: RunConfig, device: torch.device) -> None:
     set_model_state_dict(model, full, options=options)
     for buffer in model.buffers():  # not in the state dict when non-persistent (rotary frequencies)
         dist.broadcast(buffer, src=0)
+
+
+def reshard(model: HybridModel) -> None:
+    """Put FSDP2 weights back into their shards after forwards without a backward (eval, generate).
+    With ``reshard_after_forward: false`` FSDP keeps them gathered until a backward that never
+    comes, with the gathered tensors registered as the module's parameters: an optimizer made then
+    trained copies nothing updates (the stage silently learned nothing), and checkpoints broke."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 @contextlib.contextmanager

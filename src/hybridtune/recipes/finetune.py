@@ -60,7 +60,9 @@ from .engine import (
     full_weights_at_load,
     make_accelerator,
     peak_memory_mb,
+    reshard,
     shard,
+    with_launcher_engines,
     zero3_input_branches,
 )
 
@@ -223,6 +225,7 @@ class Run:
     """One execution of the recipe; holds what the stage loop needs."""
 
     def __init__(self, config: RunConfig, log=print, stop_after_step: int | None = None) -> None:
+        config = with_launcher_engines(config)
         self.config, self.stop_after_step = config, stop_after_step
         problems = environment_problems(config)
         if problems:
@@ -573,8 +576,12 @@ class Run:
         self, step: int, when: str, with_metric: bool = True, keep: list[Generation] | None = None
     ) -> dict[str, Any]:
         """Eval loss (and exact match) in the precision the run trains in."""
-        with self.accelerator.autocast():
-            return self._evaluate(step, when, with_metric, keep)
+        try:
+            with self.accelerator.autocast():
+                return self._evaluate(step, when, with_metric, keep)
+        finally:
+            if self.config.fsdp is not None:
+                reshard(self.model)
 
     def _evaluate(self, step: int, when: str, with_metric: bool, keep: list[Generation] | None) -> dict[str, Any]:
         """With whole weights in every process (DDP, DeepSpeed ZeRO 0-2) each process evaluates

@@ -231,6 +231,26 @@ def test_fp16_loss_scaling_on_two_processes(project, tiny_lm_dir, engine):
     assert not torch.allclose(model(ids).logits, load_base(str(tiny_lm_dir))[0](ids).logits, atol=1e-3)
 
 
+def test_fsdp_with_model_level_branches_and_checkpointing_equals_one_process(project, tiny_lm_dir):
+    """Prompt and prefix tuning (weights on the root module, which FSDP shards last), IA3 on FFN
+    inputs (an input hook), under gradient checkpointing and ``reshard_after_forward: false``
+    (weights kept gathered between forward and backward): one process's adapters."""
+
+    def mix(name, **changes):
+        path = config(project, tiny_lm_dir, name, gradient_checkpointing=True, **changes)
+        raw = yaml.safe_load(path.read_text())
+        raw["methods"]["prompt"] = {"type": "prompt_tuning", "num_virtual_tokens": 3, "init": "vocab"}
+        raw["methods"]["prefix"] = {"type": "prefix_tuning", "num_virtual_tokens": 2}
+        raw["methods"]["ia3"] = {"type": "ia3", "targets": ["down_proj"], "feedforward": ["down_proj"]}
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    single = train(load_run_config(mix("single-mix.yaml", batch_size=8)), log=quiet)
+    path = mix("fsdp-mix.yaml", batch_size=4, fsdp={"reshard_after_forward": False})
+    torchrun("-m", "hybridtune", "train", str(path), cwd=project)
+    assert_same_weights(single.adapters_dir, project / "runs" / "fsdp-mix" / "adapters")
+
+
 def test_fsdp_from_accelerate_launch_is_the_yamls_fsdp(project, tiny_lm_dir, single):
     """``accelerate launch --use_fsdp`` instead of ``fsdp:`` in the YAML: hybridtune's own sharding
     with the launcher's offload and reshard settings (accelerate does not wrap the model as well),

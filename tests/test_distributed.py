@@ -270,11 +270,16 @@ def test_fsdp_from_accelerate_launch_is_the_yamls_fsdp(project, tiny_lm_dir, sin
     assert_same_weights(single.adapters_dir, run / "adapters")
 
 
-def test_fsdp_given_twice_or_unshardable_is_refused(project, tiny_lm_dir, monkeypatch):
+def test_launcher_fsdp_settings_and_refusals(project, tiny_lm_dir, monkeypatch):
     from hybridtune.recipes.engine import with_launcher_engines
 
     run = load_run_config(config(project, tiny_lm_dir, "twice.yaml", fsdp={}))
+    assert with_launcher_engines(run) is run  # no launcher FSDP: the config as it is
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for flag, checkpointing in (("false", False), ("true", True)):
+        monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", flag)
+        adopted = with_launcher_engines(load_run_config(config(project, tiny_lm_dir, "plain.yaml")))
+        assert adopted.fsdp is not None and adopted.training.gradient_checkpointing is checkpointing
     with pytest.raises(ht.run_config.ConfigError, match="FSDP is set twice"):
         with_launcher_engines(run)
     monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "NO_SHARD")

@@ -66,9 +66,9 @@ _RESHARD = {"true": True, "full_shard": True, "false": False, "shard_grad_op": F
 def launcher_fsdp() -> FSDPConfig | None:
     """FSDP as ``accelerate launch --use_fsdp`` (or an accelerate config's fsdp section) asks for
     it, as the YAML's ``fsdp:`` section: resharding after forward and CPU offload are taken from
-    the launcher; the wrapping is hybridtune's own (each transformer layer with its branches), so
-    the launcher's wrap policy, prefetch and state-dict settings do not apply. None when the
-    launcher asked for no FSDP."""
+    the launcher (activation checkpointing too, see ``with_launcher_engines``); the wrapping is
+    hybridtune's own (each transformer layer with its branches), so the launcher's wrap policy,
+    prefetch and state-dict settings do not apply. None when the launcher asked for no FSDP."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return None
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
@@ -83,14 +83,18 @@ def launcher_fsdp() -> FSDPConfig | None:
 
 def with_launcher_engines(config: RunConfig) -> RunConfig:
     """``config`` with the FSDP the launcher asked for as its ``fsdp`` section (validated like one
-    written there); asking for it in both places is an error, as for DeepSpeed."""
+    written there), and its ``--fsdp_activation_checkpointing`` as ``training.gradient_checkpointing``;
+    asking for FSDP in both places is an error, as for DeepSpeed."""
     fsdp = launcher_fsdp()
     if fsdp is None:
         return config
     if config.fsdp is not None:
         raise ConfigError(["fsdp: FSDP is set twice, by accelerate launch and by the YAML's 'fsdp' key; keep one"])
+    raw = {**config.dump(), "fsdp": fsdp.model_dump()}
+    if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
+        raw["training"] = {**raw.get("training", {}), "gradient_checkpointing": True}
     try:
-        return RunConfig.model_validate({**config.dump(), "fsdp": fsdp.model_dump()})
+        return RunConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(
             [f"accelerate launch asks for FSDP: {problem}" for problem in describe_errors(error)]
@@ -299,7 +303,8 @@ def reshard(model: HybridModel) -> None:
     """Put FSDP2 weights back into their shards after forwards without a backward (eval, generate).
     With ``reshard_after_forward: false`` FSDP keeps them gathered until a backward that never
     comes, with the gathered tensors registered as the module's parameters: an optimizer made then
-    trained copies nothing updates (the stage silently learned nothing), and checkpoints broke."""
+    held those copies, which no gradient reaches (the stage silently learned nothing), and saving
+    its state crashed."""
     from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():

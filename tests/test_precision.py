@@ -140,6 +140,7 @@ def test_fp16_trains_with_loss_scaling_and_resumes_at_the_same_scale(project, ti
     assert scales[:backing_off] == [2.0 ** (21 - i) for i in range(backing_off)]
     assert any(b > a for a, b in itertools.pairwise(scales)), scales  # and it grows again
     assert straight.summary["after"]["eval_loss"] < straight.summary["before"]["eval_loss"]
+    assert straight.summary["skipped_steps"] == len(skipped)
     weights = load_file(straight.adapters_dir / "hybridtune_model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}
 
@@ -216,5 +217,18 @@ def test_every_method_trains_in_fp16_with_gradient_checkpointing(project, tiny_l
     records = read_metrics(result.run_dir / "metrics.jsonl")
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
-    assert not [r for r in records if r["kind"] == "skipped"]
+    assert not [r for r in records if r["kind"] == "skipped"] and "skipped_steps" not in result.summary
     assert result.summary["after"]["eval_loss"] < result.summary["before"]["eval_loss"] - 1
+
+
+def test_the_report_says_how_many_steps_fp16_skipped(capsys, tmp_path):
+    from types import SimpleNamespace
+
+    from hybridtune.cli import _report
+
+    summary = {"steps": 10, "train_seconds": 1.5, "adapters": "a", "after": {"eval_loss": 1.0}, "skipped_steps": 3}
+    result = SimpleNamespace(summary=summary, generations=[], generations_before=[], run_dir=tmp_path)
+    _report(result, show=0)
+    assert "trained 10 steps in 1.5 s (3 skipped for fp16 overflow)" in capsys.readouterr().out
+    _report(SimpleNamespace(**{**vars(result), "summary": {**summary, "skipped_steps": 0}}), show=0)
+    assert "trained 10 steps in 1.5 s\n" in capsys.readouterr().out

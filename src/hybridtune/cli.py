@@ -119,7 +119,8 @@ def _report(result, show: int) -> None:
         if key in after:
             was = f"{before[key]:.3f} -> " if key in before else ""
             typer.secho(f"{key}: {was}{after[key]:.3f}", bold=True)
-    typer.echo(f"trained {s.get('steps')} steps in {s.get('train_seconds')} s")
+    skipped = f" ({s['skipped_steps']} skipped for fp16 overflow)" if s.get("skipped_steps") else ""
+    typer.echo(f"trained {s.get('steps')} steps in {s.get('train_seconds')} s{skipped}")
     typer.echo(f"adapters:   {s['adapters']}")
     typer.echo(f"metrics:    {result.run_dir / 'metrics.jsonl'}")
     if s.get("loss_curve"):

@@ -293,8 +293,12 @@ class Run:
         self._save_adapters(adapters_dir)
         if self.data.eval:
             summary["after"] = self.evaluate(position.global_step, "after", keep=generations)
-        train_losses = [r["loss"] for r in read_metrics(self.run_dir / METRICS_FILE) if r.get("kind") == "train"]
+        records = read_metrics(self.run_dir / METRICS_FILE)
+        train_losses = [r["loss"] for r in records if r.get("kind") == "train"]
         summary["final_train_loss"] = train_losses[-1] if train_losses else None
+        skipped = sum(r.get("kind") == "skipped" for r in records)
+        if skipped:  # fp16 overflows: steps that updated nothing
+            summary["skipped_steps"] = skipped
         summary["adapters"] = str(adapters_dir)
         if self.main:
             curve = self.tracker.plot()
@@ -380,9 +384,14 @@ class Run:
                     if scale is not None:
                         record["loss_scale"] = scale
                     self.tracker.log(record)
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
-                    )
+                    shown = {
+                        "loss": f"{loss:.4f}",
+                        "lr": f"{record['lr']:.2e}",
+                        "tok_s": f"{record['tokens_per_s']:.0f}",
+                    }
+                    if scale is not None:
+                        shown["scale"] = f"{scale:g}"
+                    bar.set_postfix(shown)
                     window_tokens, window_start = 0, time.time()
                 bar.update(1)
                 if t.eval_every and step % t.eval_every == 0 and self.data.eval:

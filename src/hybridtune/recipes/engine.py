@@ -60,7 +60,9 @@ def environment_problems(config: RunConfig) -> list[str]:
     return problems
 
 
-_RESHARD = {"true": True, "full_shard": True, "false": False, "shard_grad_op": False}
+# accelerate's FSDP1 sharding strategies (by name or number) and FSDP2's booleans, as hybridtune's
+# FSDP2 reshard_after_forward; the others (no sharding, hybrid sharding) it does not do
+_RESHARD = {"true": True, "full_shard": True, "1": True, "false": False, "shard_grad_op": False, "2": False}
 
 
 def launcher_fsdp() -> FSDPConfig | None:
@@ -71,11 +73,16 @@ def launcher_fsdp() -> FSDPConfig | None:
     prefetch and state-dict settings do not apply. None when the launcher asked for no FSDP."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return None
-    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+    if os.environ.get("FSDP_VERSION", "1") == "1":  # accelerate reads FSDP1's strategy from here
+        setting = "--fsdp_sharding_strategy"
+        reshard = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").lower()
+    else:
+        setting = "--fsdp_reshard_after_forward"
+        reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
     if reshard not in _RESHARD:
         raise ConfigError(
-            [f"accelerate launch: FSDP reshard-after-forward '{reshard}' is not one hybridtune's FSDP2 sharding "
-             "does (true/FULL_SHARD or false/SHARD_GRAD_OP); without sharding, launch without --use_fsdp (DDP)"]
+            [f"accelerate launch: FSDP {setting} '{reshard}' is not one hybridtune's FSDP2 sharding does "
+             "(true/FULL_SHARD or false/SHARD_GRAD_OP); without sharding, launch without --use_fsdp (DDP)"]
         )  # fmt: skip
     offload = os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
     return FSDPConfig(reshard_after_forward=_RESHARD[reshard], cpu_offload=offload)

@@ -291,7 +291,9 @@ def test_launcher_fsdp_settings_and_refusals(project, tiny_lm_dir, monkeypatch):
         assert adopted.fsdp.reshard_after_forward is reshard, (version, value)
     monkeypatch.setenv("FSDP_VERSION", "1")
     monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "NO_SHARD")
-    with pytest.raises(ht.run_config.ConfigError, match="--fsdp_sharding_strategy 'no_shard' is not one .* without --use_fsdp"):
+    with pytest.raises(
+        ht.run_config.ConfigError, match="--fsdp_sharding_strategy 'no_shard' is not one .* without --use_fsdp"
+    ):
         with_launcher_engines(load_run_config(config(project, tiny_lm_dir, "once.yaml")))
     monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
     half = load_run_config(config(project, tiny_lm_dir, "half.yaml", base_dtype="bf16"))

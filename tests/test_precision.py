@@ -232,3 +232,26 @@ def test_the_report_says_how_many_steps_fp16_skipped(capsys, tmp_path):
     assert "trained 10 steps in 1.5 s (3 skipped for fp16 overflow)" in capsys.readouterr().out
     _report(SimpleNamespace(**{**vars(result), "summary": {**summary, "skipped_steps": 0}}), show=0)
     assert "trained 10 steps in 1.5 s\n" in capsys.readouterr().out
+
+
+def test_the_launchers_mixed_precision_is_auto_s_choice_and_must_agree(project, tiny_lm_dir, monkeypatch):
+    """``accelerate launch --mixed_precision bf16`` decides ``precision: auto``; an explicit YAML
+    precision that disagrees is an error naming both (its "no" is the launcher's default: no choice)."""
+    from hybridtune.recipes.engine import environment_problems, mixed_precision
+
+    auto = load_run_config(write_config(project, tiny_lm_dir))
+    fp32 = load_run_config(write_config(project, tiny_lm_dir, "fp32.yaml", precision="fp32"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert mixed_precision(auto) == "no" and not environment_problems(fp32)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert mixed_precision(auto) == "bf16" and not environment_problems(auto)
+    assert environment_problems(fp32) == [
+        "training.precision: fp32, but accelerate launch asks for --mixed_precision bf16; make them agree "
+        "(or leave training.precision at auto)"
+    ]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert environment_problems(auto) == [
+        "accelerate launch --mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine"
+    ]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    assert "hybridtune trains in fp32, bf16 or fp16" in environment_problems(auto)[0]

@@ -38,6 +38,16 @@ def environment_problems(config: RunConfig) -> list[str]:
             )
         if t.base_dtype == "fp16":
             problems.append("training.base_dtype: fp16 weights need a CUDA GPU; use bf16 or fp32 on this machine")
+    asked = launcher_precision()
+    if asked not in (None, "bf16", "fp16"):
+        problems.append(f"accelerate launch --mixed_precision {asked}: hybridtune trains in fp32, bf16 or fp16")
+    elif asked is not None and t.precision != "auto" and t.precision != asked:
+        problems.append(
+            f"training.precision: {t.precision}, but accelerate launch asks for --mixed_precision {asked}; "
+            "make them agree (or leave training.precision at auto)"
+        )
+    if not torch.cuda.is_available() and asked == "fp16" and t.precision == "auto":
+        problems.append("accelerate launch --mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
     launcher = launcher_deepspeed()
     if launcher is not None and config.deepspeed is not None:
         problems.append(
@@ -129,17 +139,27 @@ def deepspeed_source(config: RunConfig) -> dict[str, Any] | Path | None:
 
 def mixed_precision(config: RunConfig) -> str:
     """accelerate's mixed_precision for the run. ``auto``: the compute dtype of a quantized base;
-    else bf16 on a GPU with bf16 units (Ampere and newer), fp16 with loss scaling on an older one
-    (V100, T4: torch would run bf16 there, emulated and slow), full precision on the CPU."""
+    else what ``accelerate launch --mixed_precision`` asked for; else bf16 on a GPU with bf16 units
+    (Ampere and newer), fp16 with loss scaling on an older one (V100, T4: torch would run bf16
+    there, emulated and slow), full precision on the CPU."""
     precision = config.training.precision
     if precision == "auto":
         quant = config.model_quantization
         if quant is not None:
             return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[quant.compute_dtype]
+        if launcher_precision() is not None:
+            return launcher_precision()
         if not torch.cuda.is_available():
             return "no"
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def launcher_precision() -> str | None:
+    """``accelerate launch --mixed_precision`` (or its config's), when it asks for half precision.
+    Its "no" is also the launcher's default, so it is no choice; "fp8" is returned for the error."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    return None if value == "no" else value
 
 
 def base_dtype(config: RunConfig) -> torch.dtype | None:

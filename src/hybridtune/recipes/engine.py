@@ -147,8 +147,9 @@ def mixed_precision(config: RunConfig) -> str:
         quant = config.model_quantization
         if quant is not None:
             return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[quant.compute_dtype]
-        if launcher_precision() is not None:
-            return launcher_precision()
+        launcher = launcher_precision()
+        if launcher is not None:
+            return launcher
         if not torch.cuda.is_available():
             return "no"
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"

@@ -55,6 +55,21 @@ def test_good_config_parses_numbers_and_resolves_data_paths(project):
     assert config.training.lr == 2e-3 and config.stage_list()[0].train == ["lora", "adapter"]
 
 
+def test_paths_in_the_file_follow_the_file_and_paths_on_the_command_line_the_current_directory(project, monkeypatch):
+    """``hybridtune train configs/run.yaml data.eval=my_eval.jsonl`` means ./my_eval.jsonl, as any
+    command-line tool would; the file's own ``data.train: train.jsonl`` stays next to the file."""
+    (project / "configs").mkdir()
+    path = write_config(project, **{"data.train": "../train.jsonl"}).rename(project / "configs" / "run.yaml")
+    cwd = project / "work"
+    cwd.mkdir()
+    (cwd / "my_eval.jsonl").write_text((project / "train.jsonl").read_text())
+    (cwd / "ds.json").write_text("{}")
+    monkeypatch.chdir(cwd)
+    config = load_run_config(path, ["data.eval=my_eval.jsonl", "deepspeed=ds.json"])
+    assert config.data.train.resolve() == project / "train.jsonl"
+    assert config.data.eval == cwd / "my_eval.jsonl" and config.deepspeed == cwd / "ds.json"
+
+
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [

@@ -195,18 +195,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_run_config(path: str | Path, overrides: list[str] = (), check_data: bool = True) -> RunConfig:
     """Parse, validate and (by default) check the data files; raise ConfigError listing every problem.
 
-    Relative data paths are resolved against the config file's folder; ``output`` against the
-    current directory.
+    Relative file paths (data, a DeepSpeed JSON) written in the file are resolved against the
+    file's folder, those given in ``overrides`` (the command line) against the current directory,
+    where the person typing them is; ``output`` always against the current directory.
     """
-    raw = apply_overrides(read_yaml(path), list(overrides))
-    base = Path(path).resolve().parent
-    data = raw.get("data")
-    if isinstance(data, dict):
-        for key in ("train", "eval"):
-            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
-                data[key] = str(base / data[key])
-    if isinstance(raw.get("deepspeed"), str) and not Path(raw["deepspeed"]).is_absolute():
-        raw["deepspeed"] = str(base / raw["deepspeed"])
+    raw = _resolve_paths(read_yaml(path), Path(path).resolve().parent)
+    raw = _resolve_paths(apply_overrides(raw, list(overrides)), Path.cwd())  # only the overrides' are left relative
     problems: list[str] = []
     config = None
     try:
@@ -220,6 +214,18 @@ def load_run_config(path: str | Path, overrides: list[str] = (), check_data: boo
     if problems:
         raise ConfigError(problems, str(path))
     return config
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the config's relative file paths absolute against ``base`` (in place; returns ``raw``)."""
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "eval"):
+            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                data[key] = str(base / data[key])
+    if isinstance(raw.get("deepspeed"), str) and not Path(raw["deepspeed"]).is_absolute():
+        raw["deepspeed"] = str(base / raw["deepspeed"])
+    return raw
 
 
 def _raw_stage_problems(raw: dict[str, Any]) -> list[str]:

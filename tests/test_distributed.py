@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from hybridtune.recipes.finetune import train
 from hybridtune.run_config import load_run_config
 
 WEIGHTS = "hybridtune_model.safetensors"
+EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
 def config(project, tiny_lm_dir, name, **changes):
@@ -258,9 +260,9 @@ def test_fsdp_from_accelerate_launch_is_the_yamls_fsdp(project, tiny_lm_dir, sin
     path = config(project, tiny_lm_dir, "launched.yaml", batch_size=4)
     driver = project / "driver.py"
     driver.write_text(textwrap.dedent(WEIGHT_LOADS_SPY) + textwrap.dedent(FSDP_DRIVER))
-    launch = ("accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--fsdp_offload_params", "true",
-              "--fsdp_reshard_after_forward", "false", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no")  # fmt: skip
+    launch = ("accelerate.commands.launch", "--config_file", str(EXAMPLES / "scale" / "accelerate_fsdp.yaml"),
+              "--fsdp_offload_params", "true", "--fsdp_reshard_after_forward", "false", "--num_processes", "2",
+              "--mixed_precision", "no")  # the shipped example, with this machine's settings  # fmt: skip
     torchrun(str(driver), str(path), "3", cwd=project, launcher=launch)
     assert (project / "loads-1.txt").read_text() == "load_skeleton"  # sharded: the second process got its shards
     run = project / "runs" / "launched"
@@ -321,6 +323,8 @@ def deepspeed_config(project, tiny_lm_dir, name, zero, **changes):
     path = config(project, tiny_lm_dir, name, **changes)
     raw = yaml.safe_load(path.read_text())
     raw["deepspeed"] = {"zero_optimization": {"stage": zero}, "train_micro_batch_size_per_gpu": "auto"}
+    if zero == 2:  # the shipped example config
+        raw["deepspeed"] = str(EXAMPLES / "scale" / "ds_zero2.json")
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 

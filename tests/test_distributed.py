@@ -319,12 +319,13 @@ def test_the_skeleton_has_the_loaded_models_parameters_tied_ones_included(tmp_pa
     assert all(not b.is_meta for b in skeleton.buffers())  # rotary frequencies are computed, not loaded
 
 
-def deepspeed_config(project, tiny_lm_dir, name, zero, **changes):
+def deepspeed_config(project, tiny_lm_dir, name, zero, example=None, **changes):
+    """``example``: a shipped DeepSpeed config of examples/scale instead of the bare stage."""
     path = config(project, tiny_lm_dir, name, **changes)
     raw = yaml.safe_load(path.read_text())
     raw["deepspeed"] = {"zero_optimization": {"stage": zero}, "train_micro_batch_size_per_gpu": "auto"}
-    if zero == 2:  # the shipped example config
-        raw["deepspeed"] = str(EXAMPLES / "scale" / "ds_zero2.json")
+    if example is not None:
+        raw["deepspeed"] = str(EXAMPLES / "scale" / example)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
@@ -335,7 +336,8 @@ def test_deepspeed_zero_trains_resumes_and_equals_one_process(project, tiny_lm_d
     step 3, resumed from the step-2 checkpoint (each process's part of the ZeRO optimizer state),
     and the adapters equal the single-process run's."""
     pytest.importorskip("deepspeed")
-    path = deepspeed_config(project, tiny_lm_dir, f"zero{zero}.yaml", zero, batch_size=2, grad_accum=2)
+    example = "ds_zero2.json" if zero == 2 else None  # the shipped one
+    path = deepspeed_config(project, tiny_lm_dir, f"zero{zero}.yaml", zero, example, batch_size=2, grad_accum=2)
     driver = project / "driver.py"
     driver.write_text(textwrap.dedent(FSDP_DRIVER))
     torchrun(str(driver), str(path), "3", cwd=project)

@@ -273,34 +273,34 @@ def test_fsdp_from_accelerate_launch_is_the_yamls_fsdp(project, tiny_lm_dir, sin
 
 
 def test_launcher_fsdp_settings_and_refusals(project, tiny_lm_dir, monkeypatch):
-    from hybridtune.recipes.engine import with_launcher_engines
+    from hybridtune.recipes.engine import with_launcher_fsdp
 
     run = load_run_config(config(project, tiny_lm_dir, "twice.yaml", fsdp={}))
-    assert with_launcher_engines(run) is run  # no launcher FSDP: the config as it is
+    assert with_launcher_fsdp(run) is run  # no launcher FSDP: the config as it is
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     for flag, checkpointing in (("false", False), ("true", True)):
         monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", flag)
-        adopted = with_launcher_engines(load_run_config(config(project, tiny_lm_dir, "plain.yaml")))
+        adopted = with_launcher_fsdp(load_run_config(config(project, tiny_lm_dir, "plain.yaml")))
         assert adopted.fsdp is not None and adopted.training.gradient_checkpointing is checkpointing
     with pytest.raises(ht.run_config.ConfigError, match="FSDP is set twice"):
-        with_launcher_engines(run)
+        with_launcher_fsdp(run)
     for version, key, value, reshard in (("1", "FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP", False),
                                          ("1", "FSDP_SHARDING_STRATEGY", "1", True),
                                          ("2", "FSDP_RESHARD_AFTER_FORWARD", "false", False)):  # fmt: skip
         monkeypatch.setenv("FSDP_VERSION", version)
         monkeypatch.setenv(key, value)
-        adopted = with_launcher_engines(load_run_config(config(project, tiny_lm_dir, "plain.yaml")))
+        adopted = with_launcher_fsdp(load_run_config(config(project, tiny_lm_dir, "plain.yaml")))
         assert adopted.fsdp.reshard_after_forward is reshard, (version, value)
     monkeypatch.setenv("FSDP_VERSION", "1")
     monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "NO_SHARD")
     with pytest.raises(
         ht.run_config.ConfigError, match="--fsdp_sharding_strategy 'no_shard' is not one .* without --use_fsdp"
     ):
-        with_launcher_engines(load_run_config(config(project, tiny_lm_dir, "once.yaml")))
+        with_launcher_fsdp(load_run_config(config(project, tiny_lm_dir, "once.yaml")))
     monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
     half = load_run_config(config(project, tiny_lm_dir, "half.yaml", base_dtype="bf16"))
     with pytest.raises(ht.run_config.ConfigError, match="accelerate launch asks for FSDP: .*leave training.base_dtype"):
-        with_launcher_engines(half)
+        with_launcher_fsdp(half)
 
 
 def test_the_skeleton_has_the_loaded_models_parameters_tied_ones_included(tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import parse_flag_from_env
 from pydantic import ValidationError
 
 from ..inject import iter_branches, move_input_hook_last
@@ -78,10 +79,10 @@ _RESHARD = {"true": True, "full_shard": True, "1": True, "false": False, "shard_
 def launcher_fsdp() -> FSDPConfig | None:
     """FSDP as ``accelerate launch --use_fsdp`` (or an accelerate config's fsdp section) asks for
     it, as the YAML's ``fsdp:`` section: resharding after forward and CPU offload are taken from
-    the launcher (activation checkpointing too, see ``with_launcher_engines``); the wrapping is
+    the launcher (activation checkpointing too, see ``with_launcher_fsdp``); the wrapping is
     hybridtune's own (each transformer layer with its branches), so the launcher's wrap policy,
     prefetch and state-dict settings do not apply. None when the launcher asked for no FSDP."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
         return None
     if os.environ.get("FSDP_VERSION", "1") == "1":  # accelerate reads FSDP1's strategy from here
         setting = "--fsdp_sharding_strategy"
@@ -94,11 +95,11 @@ def launcher_fsdp() -> FSDPConfig | None:
             [f"accelerate launch: FSDP {setting} '{reshard}' is not one hybridtune's FSDP2 sharding does "
              "(true/FULL_SHARD or false/SHARD_GRAD_OP); without sharding, launch without --use_fsdp (DDP)"]
         )  # fmt: skip
-    offload = os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
+    offload = parse_flag_from_env("FSDP_OFFLOAD_PARAMS")
     return FSDPConfig(reshard_after_forward=_RESHARD[reshard], cpu_offload=offload)
 
 
-def with_launcher_engines(config: RunConfig) -> RunConfig:
+def with_launcher_fsdp(config: RunConfig) -> RunConfig:
     """``config`` with the FSDP the launcher asked for as its ``fsdp`` section (validated like one
     written there), and its ``--fsdp_activation_checkpointing`` as ``training.gradient_checkpointing``;
     asking for FSDP in both places is an error, as for DeepSpeed."""
@@ -108,7 +109,7 @@ def with_launcher_engines(config: RunConfig) -> RunConfig:
     if config.fsdp is not None:
         raise ConfigError(["fsdp: FSDP is set twice, by accelerate launch and by the YAML's 'fsdp' key; keep one"])
     raw = {**config.dump(), "fsdp": fsdp.model_dump()}
-    if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
+    if parse_flag_from_env("FSDP_ACTIVATION_CHECKPOINTING"):
         raw["training"] = {**raw.get("training", {}), "gradient_checkpointing": True}
     try:
         return RunConfig.model_validate(raw)
@@ -122,7 +123,7 @@ def launcher_deepspeed() -> dict[str, Any] | Path | None:
     """DeepSpeed as ``accelerate launch`` asks for it (the deepspeed section of its config arrives
     as environment variables): the DeepSpeed JSON it names, or the settings it passes (ZeRO stage,
     offload devices) with the rest "auto". None when the launcher asked for no DeepSpeed."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         return None
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if path != "none":
@@ -251,7 +252,7 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     # the schedule's length (in optimizer steps of the global batch): accelerate must not step the
     # scheduler once per process
     launcher_flag = os.environ.get("ACCELERATE_USE_DEEPSPEED")
-    # the launcher's FSDP is the run's own fsdp section (with_launcher_engines): accelerate must not wrap the model too
+    # the launcher's FSDP is the run's own fsdp section (with_launcher_fsdp): accelerate must not wrap the model too
     fsdp_flag = os.environ.pop("ACCELERATE_USE_FSDP", None)
     try:
         return Accelerator(

@@ -62,7 +62,7 @@ from .engine import (
     peak_memory_mb,
     reshard,
     shard,
-    with_launcher_engines,
+    with_launcher_fsdp,
     zero3_input_branches,
 )
 
@@ -225,7 +225,7 @@ class Run:
     """One execution of the recipe; holds what the stage loop needs."""
 
     def __init__(self, config: RunConfig, log=print, stop_after_step: int | None = None) -> None:
-        config = with_launcher_engines(config)
+        config = with_launcher_fsdp(config)
         self.config, self.stop_after_step = config, stop_after_step
         problems = environment_problems(config)
         if problems:

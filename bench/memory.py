@@ -42,7 +42,7 @@ def reload_check(run_dir: Path, overrides: list[str]) -> float:
     import hybridtune as ht
     from hybridtune.evaluation import eval_loss
     from hybridtune.models import load_base
-    from hybridtune.recipes.finetune import prepare_data
+    from hybridtune.recipes.data_prep import prepare_data
     from hybridtune.run_config import load_run_config
 
     config = load_run_config(CONFIG, [o for o in overrides if not o.startswith("deepspeed=")])

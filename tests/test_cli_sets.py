@@ -10,7 +10,7 @@ from conftest import write_config
 from hybridtune.cli import app
 from hybridtune.combine import Ensemble
 from hybridtune.data import render_prompt
-from hybridtune.recipes.finetune import load_sets
+from hybridtune.recipes.loading import load_sets
 
 runner = CliRunner()
 

@@ -6,6 +6,7 @@ from transformers import DynamicCache
 
 import hybridtune as ht
 from conftest import assert_cached_generate_is_exact, make_model, train_losses
+from hybridtune.methods.virtual_tokens import cache_keyword
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -25,7 +26,9 @@ def test_forward_equals_an_explicit_prefix_cache(arch, input_ids):
         cache.update(branch.prefix_keys[layer].expand(2, -1, -1, -1), branch.prefix_values[layer].expand(2, -1, -1, -1),
                      layer)  # fmt: skip
     with model.disabled():
-        reference = base(input_ids, past_key_values=cache, attention_mask=torch.ones(2, 15, dtype=torch.long)).logits
+        reference = base(
+            input_ids, attention_mask=torch.ones(2, 15, dtype=torch.long), **{cache_keyword(base): cache}
+        ).logits
     out = model(input_ids, labels=input_ids)
     torch.testing.assert_close(out.logits, reference, **TOL)
     # the training recipe runs without a KV cache: the prefixes must still be there

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import hybridtune as ht
 from conftest import assert_cached_generate_is_exact, make_model, train_losses
+from hybridtune.methods.virtual_tokens import cache_keyword
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -109,6 +110,7 @@ def test_prompt_and_prefix_tuning_compose_in_either_order(input_ids, prefix_firs
                      layer)  # fmt: skip
     embeds = torch.cat([prompt.expand(2, -1, -1), base.get_input_embeddings()(input_ids)], dim=1)
     with model.disabled():
-        reference = base(inputs_embeds=embeds, past_key_values=cache, attention_mask=torch.ones(2, 19)).logits[:, 3:]
+        mask = torch.ones(2, 19)
+        reference = base(inputs_embeds=embeds, attention_mask=mask, **{cache_keyword(base): cache}).logits[:, 3:]
     torch.testing.assert_close(model(input_ids).logits, reference, **TOL)
     assert_cached_generate_is_exact(model, padded_row=1)

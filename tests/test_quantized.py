@@ -2,9 +2,16 @@
 
 bitsandbytes can run its 4-bit layers on the CPU (slowly), so these tests exercise the whole
 QLoRA path here: loading, k-bit preparation, LoRA + Adapter on Linear4bit layers, training,
-saving, reloading, and the merge refusal. hybridtune itself refuses quantized bases without CUDA
-(the issue's rule: the CPU path is far too slow for real use), so the tests lift that one check.
+saving, reloading, eval-mode inference and the merge refusal. hybridtune itself refuses quantized
+bases without CUDA (the CPU path is far too slow for real use), so the tests lift that one check.
 The same run on a GPU is in bench/memory.py (results in bench/results/memory_cuda.md).
+
+The model is wide enough for bitsandbytes' blocks (every layer's input a multiple of its 64-wide
+quantization blocks, every output a multiple of 32): on CPUs with avx512_bf16, bitsandbytes runs
+4-bit layers in eval mode through a packed-weight kernel that needs that (a narrower model fails
+there with "shape '[32, 0]' is invalid"), on other CPUs through its plain path. Both must give
+what training mode gives, so the tests pass or fail the same on either kind of CPU; the eval-mode
+test's failure message names the path this machine took.
 """
 
 import pytest
@@ -12,16 +19,23 @@ import torch
 from safetensors.torch import load_file
 
 import hybridtune as ht
-from conftest import quiet, set_keys, write_config
+from conftest import quiet, save_tiny_lm, set_keys, write_config
 from hybridtune.errors import MergeError
 from hybridtune.evaluation import eval_loss
 from hybridtune.models import load_base
 from hybridtune.quantization import QuantizationConfig, is_quantized
 from hybridtune.recipes import engine
-from hybridtune.recipes.finetune import prepare_data, train
+from hybridtune.recipes.data_prep import prepare_data
+from hybridtune.recipes.finetune import train
 from hybridtune.run_config import load_run_config
 
 bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def wide_lm_dir(tmp_path_factory):
+    """Layers 64 and 128 wide: whole quantization blocks (see the module docstring)."""
+    return save_tiny_lm(tmp_path_factory.mktemp("wide-lm"), hidden_size=64, intermediate_size=128)
 
 
 @pytest.fixture
@@ -32,15 +46,15 @@ def cpu_quantization(monkeypatch):
         monkeypatch.setattr(module, "quantization_problems", lambda config: [])
 
 
-def test_qlora_hybrid_trains_saves_and_reloads(project, tiny_lm_dir, cpu_quantization):
+def test_qlora_hybrid_trains_saves_and_reloads(project, wide_lm_dir, cpu_quantization):
     quantization = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bf16"}
-    config = load_run_config(set_keys(write_config(project, tiny_lm_dir, max_steps=6), model_quantization=quantization))
+    config = load_run_config(set_keys(write_config(project, wide_lm_dir, max_steps=6), model_quantization=quantization))
     result = train(config, log=quiet)
     assert result.summary["after"]["eval_loss"] < result.summary["before"]["eval_loss"] - 1.0
     weights = load_file(result.adapters_dir / "hybridtune_model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}  # branches trained and saved in fp32
 
-    base, tokenizer = load_base(str(tiny_lm_dir), quantization=config.model_quantization, device="cpu")
+    base, tokenizer = load_base(str(wide_lm_dir), quantization=config.model_quantization, device="cpu")
     q_proj = base.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit) and is_quantized(q_proj)
     model = ht.load(base, result.adapters_dir)
@@ -49,6 +63,42 @@ def test_qlora_hybrid_trains_saves_and_reloads(project, tiny_lm_dir, cpu_quantiz
     assert reloaded["eval_loss"] == pytest.approx(result.summary["after"]["eval_loss"], rel=1e-4)
     with pytest.raises(MergeError, match="quantized \\(Params4bit\\)"):
         model.merge()
+
+
+def test_4bit_hybrid_in_eval_mode_matches_training_mode(wide_lm_dir, tmp_path, cpu_quantization):
+    """What a user does after training: model.eval(), then inference without gradients (the call
+    bitsandbytes sends through its packed kernel on avx512_bf16 CPUs), generation, and saving the
+    adapters afterwards (bitsandbytes repacks the weight it changed)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    quantization = QuantizationConfig(bits=4, compute_dtype="fp32")
+    base, tokenizer = load_base(str(wide_lm_dir), quantization=quantization, device="cpu")
+    cfg = ht.HybridConfig(methods={
+        "lora": ht.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]),
+        "adapter": ht.AdapterConfig(bottleneck_size=8, after="mlp"),
+    })  # fmt: skip
+    model = ht.inject(base, cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, _, _, branch in model.branches():
+            for p in branch.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    ids = torch.randint(0, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(3))
+    model.train()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits  # training mode: bitsandbytes' plain path
+    model.eval()
+    path = "packed (avx512_bf16)" if has_avx512bf16() else "plain"
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, reference, rtol=1e-3, atol=1e-3, msg=lambda m: f"{path} eval path: {m}")
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape == (2, 12)
+    model.save_adapters(tmp_path / "adapters")
+    fresh, _ = load_base(str(wide_lm_dir), quantization=quantization, device="cpu")
+    reloaded = ht.load(fresh, tmp_path / "adapters")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, rtol=1e-3, atol=1e-3)
 
 
 def test_8bit_config_loads_int8_layers(tiny_lm_dir, cpu_quantization):

@@ -84,6 +84,7 @@ def test_resume_after_an_interruption_reaches_the_same_result(project, tiny_lm_d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_after_a_real_kill(project, tiny_lm_dir):
     """SIGKILL a `hybridtune train` process once its first checkpoint exists, run it again, and
     compare with an uninterrupted run of the same config."""
@@ -178,7 +179,7 @@ def test_cli_merge_of_a_lora_only_run(project, tiny_lm_dir, tmp_path):
 
 
 def load_trained_for_test(adapters, tiny_lm_dir):
-    from hybridtune.recipes.finetune import load_trained
+    from hybridtune.recipes.loading import load_trained
 
     model, tok = load_trained(adapters)
     model.eval()

@@ -22,9 +22,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from .attach import describe_target
 from .config import HybridConfig
 from .errors import CheckpointError, TargetError
-from .inject import describe_target
 from .model import HybridModel, inject
 from .partitioned import gathered
 
@@ -34,11 +34,27 @@ FORMAT = "hybridtune-adapters"
 FORMAT_VERSION = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once: temporary files and folders get the modes a plain open()/mkdir() would
+
+
+def normal_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a temporary file (0600) or folder (0700) the permissions of an ordinary new one, before
+    it is renamed into place: a run directory's files must not end up with mixed modes."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~UMASK)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` so that ``path`` holds either the old file or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -119,10 +135,23 @@ def save_adapters(model: HybridModel, directory: str | Path, state: dict[str, to
     return directory
 
 
+def not_an_adapter_dir(directory: Path) -> str:
+    """Why ``directory`` is not an adapter directory, with the likely one when it is nearby (a run
+    directory holds its adapters in ``adapters/``)."""
+    problem = f"no {CONFIG_NAME} in '{directory}': not a hybridtune adapter directory"
+    if not directory.exists():
+        return f"{problem} (it does not exist)"
+    if not directory.is_dir():
+        return f"{problem} (it is a file)"
+    nearby = [p.parent for p in directory.glob(f"*/{CONFIG_NAME}")]
+    nearby.sort(key=lambda p: (p.name != "adapters", str(p)))
+    return f"{problem}; did you mean {nearby[0]}?" if nearby else problem
+
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise CheckpointError(f"no {CONFIG_NAME} in '{directory}': not a hybridtune adapter directory")
+        raise CheckpointError(not_an_adapter_dir(Path(directory)))
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -18,7 +18,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags read as flags (rich panels show every flag as `<bool>`)
 )
+DEBUG_ENV = "HYBRIDTUNE_DEBUG"  # set to 1 (or pass --debug) for a traceback instead of the one-line error
 
 AdaptersOpt = Annotated[Path, typer.Option("--adapters", help="A saved adapter directory (e.g. RUN/adapters).")]
 ModelOpt = Annotated[
@@ -41,7 +43,12 @@ def _run_config(config: Path, overrides: list[str] | None):
 
 
 @app.callback(invoke_without_command=True)
-def _main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
     if version:
         typer.echo(__version__)
         raise typer.Exit()
@@ -141,7 +148,8 @@ def evaluate(
 ) -> None:
     """Loss, perplexity and the task metric of saved adapters on the config's eval split."""
     from .evaluation import eval_loss, exact_match
-    from .recipes.finetune import load_trained, prepare_data
+    from .recipes.data_prep import prepare_data
+    from .recipes.loading import load_trained
 
     cfg = _run_config(config, None)
     model, tokenizer = load_trained(adapters, cfg.model)
@@ -193,7 +201,7 @@ def generate(
     from .data import render_prompt
     from .evaluation import generate_batch
     from .models import EMBEDDED_NAME, load_base
-    from .recipes.finetune import load_sets, load_trained
+    from .recipes.loading import load_sets, load_trained
 
     if prompt is None and not interactive:
         _fail("give a prompt, or --interactive")
@@ -254,7 +262,7 @@ def merge_sets_command(
 ) -> None:
     """Merge several LoRA adapter sets into one (linear weighted), for deployment."""
     from .combine import merge_sets
-    from .recipes.finetune import load_sets
+    from .recipes.loading import load_sets
 
     if method not in {"concat", "svd"}:
         _fail(f"--method must be concat or svd, not '{method}'")
@@ -278,7 +286,7 @@ def merge(
 ) -> None:
     """Fold LoRA into the base weights and save a plain transformers model (or base + remaining adapters)."""
     from .errors import MergeError
-    from .recipes.finetune import load_trained
+    from .recipes.loading import load_trained
 
     hybrid, tokenizer = load_trained(adapters, model)
     if keep_adapters:
@@ -362,7 +370,7 @@ def export(
     if format is ExportFormat.merged:
         merge(adapters=adapters, out=out, model=model, keep_adapters=False)
         return
-    from .recipes.finetune import load_trained
+    from .recipes.loading import load_trained
 
     hybrid, tokenizer = load_trained(adapters, model)
     if format is ExportFormat.onnx:
@@ -445,8 +453,17 @@ def ui(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console entry point: expected errors (every HybridTuneError: a bad path, not an adapter
+    directory, a bad config...) are one line and exit code 2; a traceback only with --debug."""
+    from .errors import HybridTuneError
+
     try:
         app(args=argv if argv is not None else sys.argv[1:], prog_name="hybridtune")
     except SystemExit as exc:
-        return int(exc.code or 0)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except HybridTuneError as exc:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        return 2
     return 0

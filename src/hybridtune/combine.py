@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import HybridConfig
 from .methods.lora import LoRABranch, LoRAConfig, exact_config, stack_deltas
+from .methods.virtual_tokens import cache_keyword, returned_cache
 from .model import HybridModel
 
 
@@ -110,13 +111,15 @@ class Ensemble(nn.Module):
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         sets = self._sets_for(batch)
         tokens, past = input_ids, None
+        cache_kw = cache_keyword(self.model.base_model)
         step_ids, step_mask = self._replicated(input_ids), self._replicated(mask)
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             positions = (step_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+            cached = {cache_kw: past} if past is not None else {}
             out = self.model(input_ids=step_ids, attention_mask=step_mask, position_ids=positions,
-                             past_key_values=past, use_cache=True, adapter_sets=sets)  # fmt: skip
-            past = out.past_key_values
+                             use_cache=True, adapter_sets=sets, **cached)  # fmt: skip
+            past = returned_cache(out)
             next_token = self._mix(out.logits[:, -1], batch).argmax(-1)
             next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)

@@ -16,13 +16,15 @@ from typing import Any, Literal
 
 import torch
 
+from .errors import HybridTuneError
+
 IGNORE_INDEX = -100
 Format = Literal["alpaca", "sharegpt"]
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _PLAIN_USER = "### Instruction:\n{content}\n\n### Response:\n"
 
 
-class DataError(ValueError):
+class DataError(HybridTuneError, ValueError):
     """A data file is missing, empty or has a malformed record (the message names file and line)."""
 
 

@@ -6,7 +6,7 @@ hierarchy still catch them.
 
 
 class HybridTuneError(Exception):
-    """Base of every error raised on purpose by hybridtune."""
+    """Base of every error raised on purpose by hybridtune: the CLI prints these as one line (exit code 2)."""
 
 
 class TargetError(HybridTuneError, ValueError):

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attach import DEFAULT_SET, attach_config, branch_key, detach, fingerprint, iter_branches, sync_hook
 from .config import HybridConfig
 from .errors import MergeError
-from .inject import DEFAULT_SET, attach_config, branch_key, detach, fingerprint, iter_branches, sync_hook
 from .methods import Branch
 from .partitioned import full_numel
 from .quantization import is_quantized
@@ -63,6 +63,7 @@ class HybridModel(nn.Module):
         set_name: str = DEFAULT_SET,
     ):
         super().__init__()
+        self.training = base_model.training  # the wrapper reports the mode its base is in
         self.base_model = base_model
         self.sets: dict[str, HybridConfig] = {set_name: config}
         self._set_targets: dict[str, dict[str, dict[str, Any]]] = {set_name: targets}

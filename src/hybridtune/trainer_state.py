@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_meta, read_weights, save_adapters
+from .checkpoint import normal_mode, read_meta, read_weights, save_adapters
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 ENGINE_DIR = "engine"
+STAGING_PREFIX = ".tmp-"  # a checkpoint being written, renamed to its name when complete
+ENGINE_STAGING_PREFIX = ".engine-"  # DeepSpeed's own part of a checkpoint being written
 
 
 @dataclass
@@ -45,16 +47,19 @@ def save_checkpoint(
     keep: int,
     engine_dir: Path | None = None,
     scaler: dict | None = None,
+    stage_name: str | None = None,
 ) -> Path:
     """One resumable checkpoint (atomic: a staging directory renamed into place). ``adapters`` is
     ``adapter_state(model)``; ``optimizer``/``scheduler`` are state dicts, None at a stage's end.
     ``engine_dir``: what a distribution engine wrote itself (DeepSpeed: each process its part of
     the optimizer), moved in as ``engine/``. ``scaler``: fp16's GradScaler state (its scale took
-    many steps to find; a resume from a fresh one would skip steps the first run did not)."""
+    many steps to find; a resume from a fresh one would skip steps the first run did not).
+    ``stage_name``: the stage that trained this step, in the name when the run has several."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{position.global_step:07d}-stage{position.stage_index}"
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    final = root / checkpoint_name(position.global_step, stage_name)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
+    normal_mode(staging, directory=True)
     try:
         save_adapters(model, staging / "adapters", adapters)
         if optimizer is not None:  # absent when an engine saved its own (engine_dir)
@@ -78,6 +83,27 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_name(global_step: int, stage_name: str | None = None) -> str:
+    """``step-0000024``, or ``step-0000024-<stage>`` in a run of several stages."""
+    return f"step-{global_step:07d}" + (f"-{stage_name}" if stage_name else "")
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Remove what a save killed half-way left in ``checkpoints/``: staging folders (never a complete
+    checkpoint; resume ignores them) and DeepSpeed's parts of a checkpoint not yet renamed in.
+    Called when a run starts (one process). Returns what it removed."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    leftovers = [p for p in root.iterdir() if p.name.startswith((STAGING_PREFIX, ENGINE_STAGING_PREFIX))]
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return leftovers
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -21,7 +21,14 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from .base import Branch, MethodConfig, param_like
-from .virtual_tokens import PREFIX_POSITIONS, call_batch, is_first_call, shift_for_leading_tokens
+from .virtual_tokens import (
+    PREFIX_POSITIONS,
+    call_batch,
+    call_cache,
+    is_first_call,
+    set_call_cache,
+    shift_for_leading_tokens,
+)
 
 
 class PrefixTuningConfig(MethodConfig):
@@ -73,7 +80,7 @@ class PrefixTuningBranch(Branch):
         batch = call_batch(kwargs)
         shift_for_leading_tokens(kwargs, self.n, batch, new_positions=False)
         if first:
-            cache = kwargs.get("past_key_values")
+            cache = call_cache(kwargs)
             if cache is None:
                 keep = kwargs.get("use_cache")
                 keep = getattr(self.model.config, "use_cache", True) if keep is None else keep
@@ -88,7 +95,7 @@ class PrefixTuningBranch(Branch):
                 values = self.prefix_values[layer].to(dtype).unsqueeze(0).expand(batch, -1, -1, -1)
                 Cache.update(cache, keys, values, layer)  # stored, whatever the cache's own update does
             setattr(cache, PREFIX_POSITIONS, getattr(cache, PREFIX_POSITIONS, 0) + self.n)
-            kwargs["past_key_values"] = cache
+            set_call_cache(kwargs, self.model, cache)
         return args, kwargs
 
     def forward(self, args: tuple, kwargs: dict, output: Any) -> Any:

@@ -21,7 +21,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import parse_flag_from_env
 from pydantic import ValidationError
 
-from ..inject import iter_branches, move_input_hook_last
+from ..attach import iter_branches, move_input_hook_last
 from ..model import HybridModel
 from ..quantization import DTYPES, quantization_problems
 from ..run_config import ConfigError, FSDPConfig, RunConfig

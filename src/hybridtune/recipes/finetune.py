@@ -21,19 +21,12 @@ from typing import Any
 import torch
 import yaml
 from accelerate.utils import DistributedType, gather_object, set_seed
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from .. import checkpoint as adapter_io
-from ..data import Encoded, Example, collate, encode, pack, read_examples, split, with_system
+from ..data import collate
 from ..evaluation import Generation, exact_match, loss_metrics, loss_sums
-from ..methods.lora_mixture import LoRAMixtureConfig
 from ..model import HybridModel, inject
 from ..models import load_base, load_skeleton, resolve_model
 from ..partitioned import is_partitioned
@@ -43,6 +36,7 @@ from ..tracking import METRICS_FILE, Tracker, read_metrics
 from ..trainer_state import (
     CHECKPOINTS,
     ENGINE_DIR,
+    ENGINE_STAGING_PREFIX,
     Position,
     list_checkpoints,
     load_adapter_weights,
@@ -50,9 +44,11 @@ from ..trainer_state import (
     load_scaler_state,
     load_scheduler_state,
     read_position,
+    remove_leftovers,
     restore_rng,
     save_checkpoint,
 )
+from .data_prep import prepare_data
 from .engine import (
     base_dtype,
     contiguous_parameters,
@@ -65,9 +61,19 @@ from .engine import (
     with_launcher_fsdp,
     zero3_input_branches,
 )
+from .schedules import get_scheduler
 
 CONFIG_COPY = "config.yaml"
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _full_state():
+    """torch.distributed.checkpoint's state-dict functions and full-state options, imported only by
+    sharded runs (the module costs a second of start-up)."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict, state_dict.StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 SUMMARY = "summary.json"
 STOP_FILE = "STOP"  # created by a user (or the web UI) to stop a run cleanly at the next step
 
@@ -111,16 +117,6 @@ class EpochSampler(Sampler[int]):
         return self.size
 
 
-@dataclass
-class Prepared:
-    """The data of a run, tokenized once."""
-
-    train: list[Encoded]
-    eval: list[Encoded]
-    eval_examples: list[Example]
-    truncated: int
-
-
 def label_tokens(batch: dict) -> int:
     """Label tokens a causal LM's loss averages over (labels are shifted by one)."""
     return int((batch["labels"][:, 1:] != -100).sum())
@@ -136,51 +132,6 @@ def windows(loader: Any, size: int):
             window = []
     if window:
         yield window
-
-
-def prepare_data(config: RunConfig, tokenizer: Any) -> Prepared:
-    data = config.data
-    train_examples = read_examples(data.train, data.format)
-    if data.eval is not None:
-        eval_examples = read_examples(data.eval, data.format)
-    elif data.eval_split is not None:
-        train_examples, eval_examples = split(train_examples, data.eval_split, config.training.seed)
-    else:
-        eval_examples = []
-
-    tasks = task_names(config)
-
-    def encode_all(examples: list[Example]) -> list[Encoded]:
-        encoded = []
-        for e in examples:
-            item = encode(tokenizer, with_system(e.messages, data.system), data.max_length)
-            item.task_id = task_id(e, tasks)
-            encoded.append(item)
-        return encoded
-
-    train, evals = encode_all(train_examples), encode_all(eval_examples)
-    truncated = sum(e.truncated for e in train) + sum(e.truncated for e in evals)
-    if data.packing:
-        train = pack(train, data.max_length)
-    return Prepared(train, evals, eval_examples, truncated)
-
-
-def task_names(config: RunConfig) -> list[str] | None:
-    """The task list of the run's hard mixture entries (they must agree), or None."""
-    lists = {tuple(c.tasks) for c in config.methods.values() if isinstance(c, LoRAMixtureConfig) and c.mode == "hard"}
-    if len(lists) > 1:
-        raise ConfigError([f"hard lora_mixture entries must name the same tasks, got {sorted(lists)}"])
-    return list(lists.pop()) if lists else None
-
-
-def task_id(example: Example, tasks: list[str] | None) -> int | None:
-    if tasks is None:
-        return None
-    if example.task not in tasks:
-        raise ConfigError(
-            [f"an example has task {example.task!r}; the mixture's tasks are {tasks} (give each record a 'task' field)"]
-        )
-    return tasks.index(example.task)
 
 
 def apply_step(stepper: Any, scheduler: Any) -> bool:
@@ -224,7 +175,7 @@ def _check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> bool:
 class Run:
     """One execution of the recipe; holds what the stage loop needs."""
 
-    def __init__(self, config: RunConfig, log=print, stop_after_step: int | None = None) -> None:
+    def __init__(self, config: RunConfig, log=tqdm.write, stop_after_step: int | None = None) -> None:
         config = with_launcher_fsdp(config)
         self.config, self.stop_after_step = config, stop_after_step
         problems = environment_problems(config)
@@ -243,6 +194,7 @@ class Run:
         resuming = self._broadcast(resuming)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(self.run_dir)  # of a save that was killed half-way
             adapter_io.atomic_write(self.run_dir / CONFIG_COPY, yaml.safe_dump(config.dump(), sort_keys=False).encode())
         set_seed(t.seed)
         self.model = self._build_model()
@@ -394,7 +346,9 @@ class Run:
                     bar.set_postfix(shown)
                     window_tokens, window_start = 0, time.time()
                 bar.update(1)
-                if t.eval_every and step % t.eval_every == 0 and self.data.eval:
+                last_step = position.stage_step >= total and index == len(self.config.stage_list()) - 1
+                if t.eval_every and step % t.eval_every == 0 and self.data.eval and not last_step:
+                    # (the run's last step is evaluated once, "after", with the task metric too)
                     self.evaluate(step, "during", with_metric=False)
                     self.tracker.plot()
                 done = position.stage_step >= total
@@ -403,7 +357,7 @@ class Run:
                     position = Position(index + 1, 0, 0, 0, step)
                 stop = self._broadcast((self.run_dir / STOP_FILE).exists()) and not done
                 if (t.save_every and step % t.save_every == 0) or done or stop:
-                    self._save(position, model, None if done else optimizer, scheduler)
+                    self._save(position, model, None if done else optimizer, scheduler, stage.name)
                 if stop:
                     self.tracker.log({"kind": "stopped", "stage": stage.name, "step": step})
                     if self.main:  # the request is served: running again resumes
@@ -420,7 +374,7 @@ class Run:
                 continue
             break
         bar.close()
-        self.model = acc.unwrap_model(model)
+        self.model = self._unwrap(model)
         return position
 
     def _step(
@@ -459,6 +413,17 @@ class Run:
         return loss_sum / max(total, 1.0), int(inputs), applied
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _unwrap(self, model: Any) -> Any:
+        """The HybridModel inside what accelerate prepared. accelerate's own unwrap_model imports
+        DeepSpeed whenever it is installed (and DeepSpeed announces itself at import), so runs
+        that do not use DeepSpeed take off DDP's and torch.compile's wrappers themselves."""
+        if self.deepspeed:
+            return self.accelerator.unwrap_model(model)
+        model = getattr(model, "_orig_mod", model)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        return getattr(model, "_orig_mod", model)
+
     def _loss_scale(self, prepared: Any) -> float | None:
         """fp16's current loss scale (accelerate's GradScaler, or DeepSpeed's dynamic scaler in
         ``prepared``, its engine); None when the run does not scale. Logged with the loss: a scale
@@ -531,24 +496,26 @@ class Run:
         if self.main:
             self.model.save_adapters(directory, state)
 
-    def _save(self, position: Position, prepared: Any, optimizer: Any, scheduler: Any) -> None:
-        """``prepared``: the model as accelerate prepared it (under DeepSpeed, its engine)."""
+    def _save(self, position: Position, prepared: Any, optimizer: Any, scheduler: Any, stage_name: str) -> None:
+        """``prepared``: the model as accelerate prepared it (under DeepSpeed, its engine);
+        ``stage_name``: the stage that trained this step (in the checkpoint's name with several)."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        model = acc.unwrap_model(self.model)
+        model = self._unwrap(self.model)
         adapters = self._adapter_state(model)
         optimizer_state, engine_dir = None, None
         if optimizer is not None and self.deepspeed:
             # each process holds a part of the ZeRO optimizer state: DeepSpeed writes the parts
             # (no frozen weights), and the checkpoint takes them in when it is renamed into place
-            engine_dir = self.run_dir / CHECKPOINTS / f".engine-{position.global_step}"
+            engine_dir = self.run_dir / CHECKPOINTS / f"{ENGINE_STAGING_PREFIX}{position.global_step}"
             prepared.save_checkpoint(str(engine_dir), tag=ENGINE_TAG, exclude_frozen_parameters=True)
             acc.wait_for_everyone()
         elif optimizer is not None:
             if self.config.fsdp is None:
                 optimizer_state = optimizer.state_dict()
             else:  # the full (gathered) moments, keyed by parameter name: resumable on any process count
-                optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=FULL_STATE)
+                dcp, full = _full_state()
+                optimizer_state = dcp.get_optimizer_state_dict(model, optimizer.optimizer, options=full)
         if self.main:
             save_checkpoint(
                 self.run_dir,
@@ -560,6 +527,7 @@ class Run:
                 keep=self.config.training.keep_checkpoints,
                 engine_dir=engine_dir,
                 scaler=None if acc.scaler is None else acc.scaler.state_dict(),
+                stage_name=stage_name if len(self.config.stage_list()) > 1 else None,
             )
         acc.wait_for_everyone()
 
@@ -578,7 +546,8 @@ class Run:
         if self.config.fsdp is None:
             optimizer.load_state_dict(optimizer_state)
         else:
-            set_optimizer_state_dict(self.model, optimizer.optimizer, optimizer_state, options=FULL_STATE)
+            dcp, full = _full_state()
+            dcp.set_optimizer_state_dict(self.model, optimizer.optimizer, optimizer_state, options=full)
         scheduler.load_state_dict(scheduler_state)
 
     def evaluate(
@@ -597,7 +566,7 @@ class Run:
         every N-th example and the sums are added up; sharded weights (FSDP, ZeRO-3) are gathered
         inside each forward, so there every process runs every example."""
         acc, ev = self.accelerator, self.config.eval
-        model = acc.unwrap_model(self.model)
+        model = self._unwrap(self.model)
         sharded = any(is_partitioned(p) for p in model.parameters())
         split = acc.num_processes > 1 and not sharded
         share = slice(acc.process_index, None, acc.num_processes) if split else slice(None)
@@ -655,33 +624,9 @@ class Run:
         return box[0]
 
 
-def train(config: RunConfig, *, overwrite: bool = False, log=print, stop_after_step: int | None = None) -> RunResult:
-    """Run (or resume) the recipe for ``config``; see the module docstring."""
+def train(
+    config: RunConfig, *, overwrite: bool = False, log=tqdm.write, stop_after_step: int | None = None
+) -> RunResult:
+    """Run (or resume) the recipe for ``config``; see the module docstring. ``log`` prints a line;
+    tqdm's write by default, so lines printed while a progress bar runs get lines of their own."""
     return Run(config, log=log, stop_after_step=stop_after_step).execute(overwrite=overwrite)
-
-
-def load_trained(adapters_dir: str | Path, model_name: str | None = None) -> tuple[HybridModel, Any]:
-    """Base model + saved adapters, for eval/generate/merge/export. The base defaults to the one
-    recorded in the adapters' config."""
-    meta = adapter_io.read_meta(adapters_dir)
-    name = model_name or meta["base_model"].get("name_or_path")
-    if not name:
-        raise ConfigError([f"{adapters_dir} does not record its base model; pass --model"])
-    base, tokenizer = load_base(name)
-    return adapter_io.load(base, adapters_dir), tokenizer
-
-
-def load_sets(specs: list[tuple[Path, float]], model_name: str | None = None) -> tuple[HybridModel, Any, dict]:
-    """One base model with each saved adapter directory loaded as its own set (s0, s1, ...);
-    returns the model, the tokenizer and {set name: weight}."""
-    if not specs:
-        raise ConfigError(["no adapter directories given"])
-    first = adapter_io.read_meta(specs[0][0])
-    name = model_name or first["base_model"].get("name_or_path")
-    if not name:
-        raise ConfigError([f"{specs[0][0]} does not record its base model; pass --model"])
-    base, tokenizer = load_base(name)
-    hybrid = adapter_io.load(base, specs[0][0], set_name="s0")
-    for i, (directory, _) in enumerate(specs[1:], start=1):
-        hybrid.load_set(f"s{i}", directory)
-    return hybrid, tokenizer, {f"s{i}": weight for i, (_, weight) in enumerate(specs)}

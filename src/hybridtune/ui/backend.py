@@ -19,6 +19,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from ..errors import HybridTuneError
 from ..models import EMBEDDED_NAME
 from ..recipes.finetune import STOP_FILE, SUMMARY
 from ..run_config import RunConfig, data_problems
@@ -30,7 +31,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DATA_SUFFIXES = (".json", ".jsonl")
 
 
-class UIError(ValueError):
+class UIError(HybridTuneError, ValueError):
     """A request the UI refuses, with a message for the page."""
 
 

@@ -154,6 +154,7 @@ def attach_config(
     for entry, cfg, chosen in plan:
         for name, module in chosen:
             branch = cfg.build_branch(entry, name, module, model)
+            branch.train(module.training)  # a base in eval() (as from_pretrained returns it) gets no live dropout
             branch.set_name = set_name
             attach(module, branch_key(set_name, entry), branch)
             targets[name] = describe_target(module)

@@ -40,10 +40,10 @@ def reload_check(run_dir: Path, overrides: list[str]) -> float:
     import torch
 
     import hybridtune as ht
-    from hybridtune.evaluation import eval_loss
-    from hybridtune.models import load_base
-    from hybridtune.recipes.data_prep import prepare_data
-    from hybridtune.run_config import load_run_config
+    from hybridtune.core.base_models import load_base
+    from hybridtune.training.data_prep import prepare_data
+    from hybridtune.training.evaluation import eval_loss
+    from hybridtune.training.run_config import load_run_config
 
     config = load_run_config(CONFIG, [o for o in overrides if not o.startswith("deepspeed=")])
     device = "cuda" if torch.cuda.is_available() else "cpu"

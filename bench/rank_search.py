@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from hybridtune.rank_search import search
-from hybridtune.recipes.finetune import train
-from hybridtune.run_config import load_run_config
+from hybridtune.training.rank_search import search
+from hybridtune.training.recipe import train
+from hybridtune.training.run_config import load_run_config
 
 HERE = Path(__file__).parent
 CONFIG = HERE.parent / "examples" / "sentiment" / "lora_only.yaml"

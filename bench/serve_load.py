@@ -30,7 +30,7 @@ def make_sets(model: str, count: int, root: Path) -> list[str]:
     import torch
 
     import hybridtune as ht
-    from hybridtune.models import load_base
+    from hybridtune.core.base_models import load_base
 
     names = []
     for i in range(count):

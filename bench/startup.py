@@ -27,7 +27,7 @@ PY = sys.executable
 
 LOAD = (
     "import torch, transformers\n"
-    "from hybridtune.models import resolve_model\n"
+    "from hybridtune.core.base_models import resolve_model\n"
     "path = resolve_model('smollm2-135m')\n"
     "transformers.AutoModelForCausalLM.from_pretrained(path)\n"
     "transformers.AutoTokenizer.from_pretrained(path)\n"
@@ -38,7 +38,7 @@ def make_adapters(work: Path) -> tuple[Path, Path]:
     """A LoRA + Adapter set of the embedded model (untrained: start-up does not depend on it), and
     a run YAML with a 4-example eval file."""
     import hybridtune as ht
-    from hybridtune.models import load_base
+    from hybridtune.core.base_models import load_base
 
     base, _ = load_base("smollm2-135m")
     cfg = ht.HybridConfig(methods={
@@ -73,8 +73,15 @@ def main() -> None:
             "floor: import torch, transformers": [PY, "-c", "import torch, transformers"],
             "floor + load: the model and tokenizer": [PY, "-c", LOAD],
             "hybridtune --help": [*cli, "--help"],
-            "hybridtune generate (1 token)": [*cli, "generate", "--adapters", str(adapters), "--max-new-tokens", "1",
-                                              "Hello"],  # fmt: skip
+            "hybridtune generate (1 token)": [
+                *cli,
+                "generate",
+                "--adapters",
+                str(adapters),
+                "--max-new-tokens",
+                "1",
+                "Hello",
+            ],
             "hybridtune eval (4 examples)": [*cli, "eval", str(config), "--adapters", str(adapters)],
         }
         times: dict[str, list[float]] = {name: [] for name in regimes}

@@ -55,7 +55,7 @@ def build_model(kind: str):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     if kind == "smollm2":
-        from hybridtune.models import load_base
+        from hybridtune.core.base_models import load_base
 
         return load_base("smollm2-135m")[0]
     torch.manual_seed(0)

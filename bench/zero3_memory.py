@@ -33,7 +33,7 @@ RUN = ["training.precision=fp32", "training.base_dtype=fp32", "eval.before_train
 DRIVER = """
 import atexit, json, os, resource, sys
 import torch
-import hybridtune.recipes.finetune as recipe
+import hybridtune.training.recipe as recipe
 from hybridtune.cli import app
 
 def held():
@@ -69,7 +69,7 @@ def save_base(directory: Path, hidden: int, layers: int) -> int:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from hybridtune.models import embedded_model_dir
+    from hybridtune.core.base_models import embedded_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
     config = LlamaConfig(

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hybridtune as ht
-from hybridtune.combine import Ensemble, RuleRouter, merge_sets
+from hybridtune.interop.set_merging import Ensemble, RuleRouter, merge_sets
 
 
 def tiny_base():

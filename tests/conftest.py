@@ -246,7 +246,7 @@ def enable_cpu_fp16(setattr=setattr, init_scale: float = 2.0**22, growth_interva
     here: the scaled backward, unscaling before clipping, skipped steps, the scale across a resume.
     ``setattr``: pytest's ``monkeypatch.setattr`` in a test, the builtin in a torchrun driver.
     Returns the scalers made, one per run."""
-    from hybridtune.recipes import finetune
+    from hybridtune.training import recipe as finetune
 
     real = finetune.make_accelerator
     scalers = []

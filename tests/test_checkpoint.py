@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import hybridtune as ht
 from conftest import make_model, randomize
-from hybridtune.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from hybridtune.core.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 
 
 def hybrid_config():
@@ -149,7 +149,7 @@ def test_save_is_atomic(saved, monkeypatch):
     def broken_fsync(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr("hybridtune.checkpoint.os.fsync", broken_fsync)
+    monkeypatch.setattr("hybridtune.core.adapter_io.os.fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         hybrid.save_adapters(directory)
     assert (directory / WEIGHTS_NAME).read_bytes() == before

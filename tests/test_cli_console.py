@@ -11,7 +11,7 @@ import pytest
 
 from conftest import write_config
 from hybridtune.cli import main
-from hybridtune.trainer_state import CHECKPOINTS
+from hybridtune.training.checkpoints import CHECKPOINTS
 
 # What optional engines print when they are imported though the run does not use them
 NOISE = ("Setting accelerator to CPU", "kernels-community", "DeepSpeed", "bitsandbytes", "WARNING", "Warning")

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from conftest import write_config
 from hybridtune.cli import app
-from hybridtune.combine import Ensemble
-from hybridtune.data import render_prompt
-from hybridtune.recipes.loading import load_sets
+from hybridtune.interop.set_merging import Ensemble
+from hybridtune.training.data import render_prompt
+from hybridtune.training.trained_sets import load_sets
 
 runner = CliRunner()
 
@@ -56,4 +56,4 @@ def test_merge_sets_and_ensemble_from_the_command_line(project, tiny_lm_dir, tmp
 def test_generate_task_needs_a_mixture(project, tiny_lm_dir):
     a = lora_run(project, tiny_lm_dir, "a", 1)
     result = runner.invoke(app, ["generate", "--adapters", str(a), "--task", "colors", "hi"])
-    assert result.exit_code == 2 and "--task needs adapters with a hard lora_mixture entry" in result.output
+    assert result.exit_code == 2 and "--task needs adapters with an entry that routes rows by task" in result.output

@@ -5,7 +5,7 @@ import torch
 
 import hybridtune as ht
 from conftest import make_model, make_tokenizer, randomize
-from hybridtune.combine import ClassifierRouter, Ensemble, RuleRouter, merge_sets
+from hybridtune.interop.set_merging import ClassifierRouter, Ensemble, RuleRouter, merge_sets
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -29,7 +29,7 @@ def two_sets():
 
 def deltas(model, set_name):
     total = {}
-    with model._acting_on(set_name):
+    with model.acting_on(set_name):
         for _, target, _, branch in model.branches():
             total[target] = total.get(target, 0) + branch.delta_weight()
     return total

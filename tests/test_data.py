@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import make_tokenizer
-from hybridtune.data import IGNORE_INDEX, DataError, collate, encode, pack, read_examples, render_prompt
+from hybridtune.training.data import IGNORE_INDEX, DataError, collate, encode, pack, read_examples, render_prompt
 
 
 def write_jsonl(path, rows):

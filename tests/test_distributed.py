@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 import hybridtune as ht
 from conftest import quiet, write_config
-from hybridtune.models import load_base
-from hybridtune.recipes.finetune import train
-from hybridtune.run_config import load_run_config
+from hybridtune.core.base_models import load_base
+from hybridtune.training.recipe import train
+from hybridtune.training.run_config import load_run_config
 
 pytestmark = pytest.mark.slow  # every test here starts processes under torchrun: the longest part of the suite
 
@@ -68,7 +68,7 @@ def single(project, tiny_lm_dir):
 
 EVAL_SHARE_SPY = """
 import os, sys
-import hybridtune.recipes.finetune as recipe
+import hybridtune.training.recipe as recipe
 from hybridtune.cli import app
 counts, sums = [], recipe.loss_sums
 def counted(model, encoded, *args):
@@ -139,8 +139,8 @@ def test_gradient_accumulation_equals_the_big_batch(project, tiny_lm_dir, single
 
 FSDP_DRIVER = """
 import sys
-from hybridtune.recipes.finetune import TrainingInterrupted, train
-from hybridtune.run_config import load_run_config
+from hybridtune.training.recipe import TrainingInterrupted, train
+from hybridtune.training.run_config import load_run_config
 try:
     train(load_run_config(sys.argv[1]), log=lambda *_: None, stop_after_step=int(sys.argv[2]))
 except TrainingInterrupted:
@@ -150,7 +150,7 @@ except TrainingInterrupted:
 
 WEIGHT_LOADS_SPY = """
 import os
-import hybridtune.recipes.finetune as recipe
+import hybridtune.training.recipe as recipe
 loads = []
 def spy(load):
     def counted(*args, **kwargs):
@@ -189,7 +189,7 @@ FP16_DRIVER = f"""
 import atexit, json, os, sys
 sys.path.insert(0, {os.path.dirname(__file__)!r})
 from conftest import enable_cpu_fp16
-import hybridtune.recipes.finetune as recipe
+import hybridtune.training.recipe as recipe
 scalers, steps = enable_cpu_fp16(init_scale=2.0**17), []
 real_apply_step = recipe.apply_step
 def apply_step(*args):
@@ -275,7 +275,7 @@ def test_fsdp_from_accelerate_launch_is_the_yamls_fsdp(project, tiny_lm_dir, sin
 
 
 def test_launcher_fsdp_settings_and_refusals(project, tiny_lm_dir, monkeypatch):
-    from hybridtune.recipes.engine import with_launcher_fsdp
+    from hybridtune.training.launch import with_launcher_fsdp
 
     run = load_run_config(config(project, tiny_lm_dir, "twice.yaml", fsdp={}))
     assert with_launcher_fsdp(run) is run  # no launcher FSDP: the config as it is
@@ -310,7 +310,7 @@ def test_the_skeleton_has_the_loaded_models_parameters_tied_ones_included(tmp_pa
     same parameters, and tied embeddings one parameter in both (else the shards' collectives
     disagree: SmolLM2 aborted in gloo before this held)."""
     from conftest import save_tiny_lm
-    from hybridtune.models import load_skeleton
+    from hybridtune.core.base_models import load_skeleton
 
     directory = save_tiny_lm(tmp_path / "tied", tied=True)
     loaded, skeleton = load_base(str(directory))[0], load_skeleton(str(directory))[0]
@@ -372,7 +372,7 @@ def test_deepspeed_from_accelerate_launch_trains_resumes_and_equals_one_process(
 
 
 def test_deepspeed_given_twice_is_refused(project, tiny_lm_dir, monkeypatch):
-    from hybridtune.run_config import ConfigError
+    from hybridtune.training.run_config import ConfigError
 
     path = deepspeed_config(project, tiny_lm_dir, "twice.yaml", 2)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -383,7 +383,7 @@ def test_deepspeed_given_twice_is_refused(project, tiny_lm_dir, monkeypatch):
 def test_a_quantized_base_under_the_launchers_deepspeed_is_refused(project, tiny_lm_dir, monkeypatch):
     """The YAML's own ``deepspeed:`` key with ``model_quantization`` is refused when the config is
     read; DeepSpeed asked for by ``accelerate launch`` is only known at run time."""
-    from hybridtune.recipes.engine import environment_problems
+    from hybridtune.training.launch import environment_problems
 
     path = config(project, tiny_lm_dir, "quantized.yaml")
     run = load_run_config(path, ["model_quantization={bits: 4}"])
@@ -416,7 +416,7 @@ def staged_mix(project, tiny_lm_dir, name, deepspeed=None, **changes):
 
 BASE_HELD_SPY = """
 import os, sys
-import hybridtune.recipes.finetune as recipe
+import hybridtune.training.recipe as recipe
 load = recipe.load_base
 def held(*args, **kwargs):
     base, tokenizer = load(*args, **kwargs)
@@ -544,8 +544,8 @@ def test_deepspeed_bf16_saves_the_fp32_master_weights(project, tiny_lm_dir, zero
 
 
 def test_deepspeed_config_takes_the_yaml_values_and_names_conflicts(project, tiny_lm_dir):
-    from hybridtune.recipes.engine import deepspeed_config as filled
-    from hybridtune.run_config import ConfigError
+    from hybridtune.training.launch import deepspeed_config as filled
+    from hybridtune.training.run_config import ConfigError
 
     path = deepspeed_config(project, tiny_lm_dir, "ds.yaml", 2, batch_size=4, grad_accum=2)
     run = load_run_config(path)

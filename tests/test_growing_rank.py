@@ -71,8 +71,8 @@ def test_saved_adapters_record_the_current_rank(tmp_path, input_ids):
 
 
 def test_resume_mid_schedule_matches_an_uninterrupted_run(tmp_path, tiny_lm_dir):
-    from hybridtune.recipes.finetune import TrainingInterrupted, train
-    from hybridtune.run_config import load_run_config
+    from hybridtune.training.recipe import TrainingInterrupted, train
+    from hybridtune.training.run_config import load_run_config
 
     rows = [{"instruction": f"what color is the {t}?", "output": c} for t, c in
             [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"), ("sun", "yellow")]]  # fmt: skip

@@ -131,38 +131,54 @@ def test_bf16_base_with_fp32_lora_under_autocast_matches_peft(input_ids):
 
 
 def test_lora_dropout_rate_scale_and_sharing():
-    from hybridtune.methods.lora import lora_dropout
+    from hybridtune.methods.dropout import SharedDropout
 
     torch.manual_seed(0)
     x = torch.randn(64, 128, 256)
-    dropped = lora_dropout(x, 0.1, training=True)
+    dropout = SharedDropout(0.1)
+    dropped = dropout(x, training=True)
     zero = dropped == 0
     assert abs(zero.float().mean().item() - 0.1) < 0.003
     torch.testing.assert_close(dropped[~zero], x[~zero] / 0.9)
-    assert lora_dropout(x, 0.1, training=True) is dropped  # a second reader of x shares the mask
-    assert lora_dropout(x, 0.2, training=True) is not dropped
-    assert lora_dropout(x, 0.1, training=False) is x
+    assert dropout(x, training=True) is dropped  # a second reader of x in the entry shares the mask
+    assert SharedDropout(0.1)(x, training=True) is not dropped  # another entry draws its own
+    assert dropout(x, training=False) is x
     x.add_(1.0)  # a changed tensor gets a new mask
-    assert lora_dropout(x, 0.1, training=True) is not dropped
+    assert dropout(x, training=True) is not dropped
+    assert not hasattr(x, "_hybridtune_dropout") and "_hybridtune_dropout" not in x.__dict__  # nothing kept on x
 
 
 def test_q_k_v_share_one_dropout_mask(llama, input_ids):
     hybrid = randomize(lora(llama, targets=["q_proj", "k_proj", "v_proj"], dropout=0.3))
     hybrid.train()
-    seen = []
+    seen, masks = [], []
+    attention = llama.model.layers[0].self_attn
     for name in ["q_proj", "k_proj", "v_proj"]:
-        module = getattr(llama.model.layers[0].self_attn, name)
-        branch = module.hybridtune["lora"]
+        branch = getattr(attention, name).hybridtune["lora"]
         original = branch._hidden
 
-        def spy(x, original=original):
+        def spy(x, original=original, branch=branch):
             seen.append(x)
-            return original(x)
+            hidden = original(x)
+            masks.append(branch.input_dropout.last_mask())
+            return hidden
 
         branch._hidden = spy
     hybrid(input_ids)
     assert seen[0] is seen[1] is seen[2]
-    assert seen[0].__dict__["_hybridtune_dropout"][2].eq(0).any()
+    dropouts = {id(getattr(attention, n).hybridtune["lora"].input_dropout) for n in ("q_proj", "k_proj", "v_proj")}
+    assert len(dropouts) == 1  # one per entry
+    assert masks[0].eq(0).any() and torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
+
+
+def test_entries_and_sets_draw_their_own_dropout_masks(llama, input_ids):
+    """Two entries on the same targets, and a second set, never share a mask."""
+    methods = {name: {"type": "lora", "r": 4, "targets": ["q_proj"], "dropout": 0.3} for name in ("a", "b")}
+    hybrid = ht.inject(llama, {"methods": methods})
+    hybrid.add_set("other", {"methods": methods})
+    q = llama.model.layers[0].self_attn.q_proj.hybridtune
+    dropouts = [q[key].input_dropout for key in q]
+    assert len(dropouts) == 4 and len({id(d) for d in dropouts}) == 4
 
 
 @pytest.mark.parametrize("shape", [(7, 32), (3, 5, 32), (2, 3, 4, 32)])  # addmm_, baddbmm_, generic path
@@ -176,7 +192,7 @@ def test_dropout_forward_and_gradients_match_hand_computation(llama, shape):
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad=True)
     out = layer(x)
-    mask = x.__dict__["_hybridtune_dropout"][2].detach() / x.detach()  # 0 or 1/(1-p)
+    mask = branch.input_dropout.last_mask()  # 0 or 1/(1-p)
     assert set(mask.round(decimals=4).unique().tolist()) == {0.0, 2.0}
     weight = torch.randn_like(out)
     (out * weight).sum().backward()
@@ -190,7 +206,7 @@ def test_dropout_forward_and_gradients_match_hand_computation(llama, shape):
 
 
 def test_random_words_are_splitmix64_of_a_seed_from_torch():
-    from hybridtune.methods.lora import random_words
+    from hybridtune.methods.dropout import random_words
 
     def splitmix64(seed, i):  # the published algorithm, on Python integers
         z = (seed + i * 0x9E3779B97F4A7C15) % 2**64
@@ -212,11 +228,11 @@ def test_dropout_masks_are_uniform_per_lane_and_independent_of_neighbours():
     """Each of the four 16-bit lanes of a word drops at rate p, and neighbours (in one word, across
     words, same lane of the next word) drop together at rate p²: a biased lane or correlated lanes
     (e.g. an arithmetic instead of a logical shift in the mixer) fail this."""
-    from hybridtune.methods.lora import lora_dropout
+    from hybridtune.methods.dropout import SharedDropout
 
     p = 0.3
     torch.manual_seed(0)
-    dropped = lora_dropout(torch.ones(2048, 512), p, training=True).flatten() == 0
+    dropped = SharedDropout(p)(torch.ones(2048, 512), training=True).flatten() == 0
     tolerance = 6 * math.sqrt(p * (1 - p) / (dropped.numel() / 4))  # six standard errors
     for lane in range(4):
         assert abs(dropped[lane::4].float().mean().item() - p) < tolerance

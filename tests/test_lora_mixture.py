@@ -79,8 +79,8 @@ def test_training_from_yaml_with_task_fields(tmp_path, tiny_lm_dir):
 
     import yaml
 
-    from hybridtune.recipes.finetune import train
-    from hybridtune.run_config import ConfigError, load_run_config
+    from hybridtune.training.recipe import train
+    from hybridtune.training.run_config import ConfigError, load_run_config
 
     colors = [
         {"instruction": f"what color is the {t}?", "output": c, "task": "colors"}

@@ -65,6 +65,8 @@ def test_import_peft_into_an_eval_base_runs_without_dropout(tmp_path, input_ids)
 
 @pytest.mark.parametrize("entry", ["lora", "adapter"])
 def test_entries_added_to_an_existing_hybrid_follow_its_mode(entry, input_ids):
-    model = ht.inject(make_model("llama"), ht.HybridConfig(methods={"first": ht.IA3Config(targets=["k_proj"], feedforward=[])}))
+    model = ht.inject(
+        make_model("llama"), ht.HybridConfig(methods={"first": ht.IA3Config(targets=["k_proj"], feedforward=[])})
+    )
     model = ht.inject(model, ht.HybridConfig(methods={entry: METHODS[entry]}))
     assert not any(b.training for *_, b in model.branches())

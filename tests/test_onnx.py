@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 import hybridtune as ht
 from conftest import make_model, randomize
 from hybridtune.cli import app
-from hybridtune.models import load_base
-from hybridtune.onnx_export import export_onnx
+from hybridtune.core.base_models import load_base
+from hybridtune.interop.onnx_export import export_onnx
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

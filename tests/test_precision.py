@@ -13,11 +13,11 @@ from torch import nn
 
 import hybridtune as ht
 from conftest import enable_cpu_fp16, make_model, quiet, set_keys, write_config
-from hybridtune.errors import MergeError, TargetError
-from hybridtune.quantization import QuantizationConfig, is_quantized, prepare_for_kbit_training
-from hybridtune.recipes.finetune import TrainingInterrupted, train
-from hybridtune.run_config import ConfigError, load_run_config
-from hybridtune.tracking import read_metrics
+from hybridtune.core.errors import MergeError, TargetError
+from hybridtune.core.quantization import QuantizationConfig, is_quantized, prepare_for_kbit_training
+from hybridtune.training.recipe import TrainingInterrupted, train
+from hybridtune.training.run_config import ConfigError, load_run_config
+from hybridtune.training.tracking import read_metrics
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
 
@@ -164,7 +164,7 @@ def test_deepspeed_fp16_loss_scale_is_read_from_its_zero_optimizers():
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from hybridtune.recipes.finetune import Run
+    from hybridtune.training.recipe import Run
 
     assert callable(DeepSpeedEngine.fp16_enabled)
     assert isinstance(DeepSpeedZeroOptimizer.loss_scale, property)
@@ -183,7 +183,7 @@ def test_deepspeed_fp16_loss_scale_is_read_from_its_zero_optimizers():
 def test_auto_precision_follows_the_hardware(project, tiny_lm_dir, monkeypatch, cuda, bf16_units, expected):
     """``auto``: bf16 where the GPU has bf16 units, fp16 with loss scaling on older GPUs (where torch
     would emulate bf16, slowly), full precision on the CPU; a quantized base's compute dtype wins."""
-    from hybridtune.recipes.engine import mixed_precision
+    from hybridtune.training.launch import mixed_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(
@@ -237,7 +237,7 @@ def test_the_report_says_how_many_steps_fp16_skipped(capsys, tmp_path):
 def test_the_launchers_mixed_precision_is_auto_s_choice_and_must_agree(project, tiny_lm_dir, monkeypatch):
     """``accelerate launch --mixed_precision bf16`` decides ``precision: auto``; an explicit YAML
     precision that disagrees is an error naming both (its "no" is the launcher's default: no choice)."""
-    from hybridtune.recipes.engine import environment_problems, mixed_precision
+    from hybridtune.training.launch import environment_problems, mixed_precision
 
     auto = load_run_config(write_config(project, tiny_lm_dir))
     fp32 = load_run_config(write_config(project, tiny_lm_dir, "fp32.yaml", precision="fp32"))

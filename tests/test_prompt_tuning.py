@@ -65,8 +65,8 @@ def test_lora_plus_prompt_tuning_from_yaml(project, tiny_lm_dir):
     import yaml
 
     from conftest import write_config
-    from hybridtune.recipes.finetune import train
-    from hybridtune.run_config import load_run_config
+    from hybridtune.training.recipe import train
+    from hybridtune.training.run_config import load_run_config
 
     path = write_config(project, tiny_lm_dir, max_steps=12)
     raw = yaml.safe_load(path.read_text())

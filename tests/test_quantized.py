@@ -20,14 +20,14 @@ from safetensors.torch import load_file
 
 import hybridtune as ht
 from conftest import quiet, save_tiny_lm, set_keys, write_config
-from hybridtune.errors import MergeError
-from hybridtune.evaluation import eval_loss
-from hybridtune.models import load_base
-from hybridtune.quantization import QuantizationConfig, is_quantized
-from hybridtune.recipes import engine
-from hybridtune.recipes.data_prep import prepare_data
-from hybridtune.recipes.finetune import train
-from hybridtune.run_config import load_run_config
+from hybridtune.core.base_models import load_base
+from hybridtune.core.errors import MergeError
+from hybridtune.core.quantization import QuantizationConfig, is_quantized
+from hybridtune.training import launch as engine
+from hybridtune.training.data_prep import prepare_data
+from hybridtune.training.evaluation import eval_loss
+from hybridtune.training.recipe import train
+from hybridtune.training.run_config import load_run_config
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -40,9 +40,9 @@ def wide_lm_dir(tmp_path_factory):
 
 @pytest.fixture
 def cpu_quantization(monkeypatch):
-    import hybridtune.models
+    import hybridtune.core.base_models
 
-    for module in (hybridtune.models, engine):
+    for module in (hybridtune.core.base_models, engine):
         monkeypatch.setattr(module, "quantization_problems", lambda config: [])
 
 

@@ -6,8 +6,8 @@ from typer.testing import CliRunner
 
 from conftest import write_config
 from hybridtune.cli import app
-from hybridtune.rank_search import ModuleSpectrum, allocate, parse_budget, uniform_rank
-from hybridtune.run_config import ConfigError, load_run_config
+from hybridtune.training.rank_search import ModuleSpectrum, allocate, parse_budget, uniform_rank
+from hybridtune.training.run_config import ConfigError, load_run_config
 
 
 def test_parse_budget():

@@ -8,7 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from hybridtune.cli import app
-from hybridtune.run_config import ConfigError, load_run_config
+from hybridtune.training.run_config import ConfigError, load_run_config
 
 
 @pytest.fixture

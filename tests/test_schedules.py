@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.optimization import get_scheduler as transformers_scheduler
 
-from hybridtune.recipes.schedules import SCHEDULES, get_scheduler
+from hybridtune.training.schedules import SCHEDULES, get_scheduler
 
 
 def _lrs(make, name: str, warmup: int, total: int) -> list[float]:

@@ -13,9 +13,9 @@ import torch
 
 import hybridtune as ht
 from conftest import free_port, randomize, wait_for
-from hybridtune.data import render_prompt
-from hybridtune.evaluation import generate_batch
-from hybridtune.models import load_base
+from hybridtune.core.base_models import load_base
+from hybridtune.training.data import render_prompt
+from hybridtune.training.evaluation import generate_batch
 
 openai = pytest.importorskip("openai")
 

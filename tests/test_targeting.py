@@ -2,7 +2,7 @@ import pytest
 
 import hybridtune as ht
 from conftest import make_model
-from hybridtune.targeting import matches
+from hybridtune.core.targeting import matches
 
 
 def lora_targets(model, **kwargs):

@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 import hybridtune as ht
 from conftest import quiet, write_config
 from hybridtune.cli import app
-from hybridtune.data import render_prompt
-from hybridtune.evaluation import generate_batch
-from hybridtune.models import load_base
-from hybridtune.recipes.finetune import TrainingInterrupted, train
-from hybridtune.run_config import load_run_config
+from hybridtune.core.base_models import load_base
+from hybridtune.training.data import render_prompt
+from hybridtune.training.evaluation import generate_batch
+from hybridtune.training.recipe import TrainingInterrupted, train
+from hybridtune.training.run_config import load_run_config
 
 
 def test_train_lowers_loss_and_writes_the_run_directory(project, tiny_lm_dir):
@@ -179,7 +179,7 @@ def test_cli_merge_of_a_lora_only_run(project, tiny_lm_dir, tmp_path):
 
 
 def load_trained_for_test(adapters, tiny_lm_dir):
-    from hybridtune.recipes.loading import load_trained
+    from hybridtune.training.trained_sets import load_trained
 
     model, tok = load_trained(adapters)
     model.eval()
@@ -228,8 +228,8 @@ def test_bf16_mixed_precision_trains_on_cpu(project, tiny_lm_dir):
 def test_stop_file_stops_cleanly_with_a_checkpoint_and_the_run_resumes(project, tiny_lm_dir):
     import threading
 
-    from hybridtune.recipes.finetune import STOP_FILE, TrainingStopped
-    from hybridtune.trainer_state import list_checkpoints, read_position
+    from hybridtune.training.checkpoints import list_checkpoints, read_position
+    from hybridtune.training.recipe import STOP_FILE, TrainingStopped
 
     config = load_run_config(write_config(project, tiny_lm_dir, max_steps=300, save_every=1000))
     run_dir = project / "runs" / "run"
@@ -260,7 +260,7 @@ def test_an_fp16_overflow_skips_the_update_and_holds_the_schedule():
     from accelerate.optimizer import AcceleratedOptimizer
     from transformers import get_scheduler
 
-    from hybridtune.recipes.finetune import apply_step
+    from hybridtune.training.recipe import apply_step
 
     Accelerator()  # the process state accelerate's optimizer reads
     weight = torch.nn.Parameter(torch.ones(3))

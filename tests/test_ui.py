@@ -49,7 +49,7 @@ def page_config(name="run1", steps=6, **training):
 
 def test_check_gives_yaml_problems_and_parameter_counts(workdir):
     import hybridtune as ht
-    from hybridtune.models import load_base
+    from hybridtune.core.base_models import load_base
 
     client = TestClient(create_app(workdir))
     assert client.get("/api/options").json()["data_files"] == ["eval.jsonl", "train.jsonl"]

@@ -1,7 +1,8 @@
 """hybridtune: LoRA, bottleneck Adapters and friends, composed in one transformers model.
 
 The public names below are imported on first use, so ``hybridtune --help`` and other quick
-commands do not pay for importing torch and transformers.
+commands do not pay for importing torch and transformers. Every registered method's config
+class is a public name too (``hybridtune.LoRAConfig``, ...): see ``hybridtune.methods``.
 """
 
 from __future__ import annotations
@@ -13,56 +14,47 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _PUBLIC = {
-    "load": ".checkpoint",
-    "HybridConfig": ".config",
-    "CheckpointError": ".errors",
-    "HybridTuneError": ".errors",
-    "MergeError": ".errors",
-    "TargetError": ".errors",
+    "HybridConfig": ".core.config",
+    "CheckpointError": ".core.errors",
+    "HybridTuneError": ".core.errors",
+    "MergeError": ".core.errors",
+    "TargetError": ".core.errors",
+    "HybridModel": ".core.model",
+    "inject": ".core.model",
+    "load": ".core.model",
+    "export_peft": ".interop.peft_format",
+    "import_peft": ".interop.peft_format",
     "METHODS": ".methods",
-    "AdapterConfig": ".methods",
-    "DoRAConfig": ".methods",
-    "IA3Config": ".methods",
-    "LoRAConfig": ".methods",
-    "LoRAMixtureConfig": ".methods",
     "MethodConfig": ".methods",
-    "ParallelAdapterConfig": ".methods",
-    "PrefixTuningConfig": ".methods",
-    "PromptTuningConfig": ".methods",
-    "HybridModel": ".model",
-    "inject": ".model",
-    "export_peft": ".peft_interop",
-    "import_peft": ".peft_interop",
+    "register_method": ".methods",
 }
 
 __all__ = [
     "METHODS",
-    "AdapterConfig",
     "CheckpointError",
-    "DoRAConfig",
     "HybridConfig",
     "HybridModel",
     "HybridTuneError",
-    "IA3Config",
-    "LoRAConfig",
-    "LoRAMixtureConfig",
     "MergeError",
     "MethodConfig",
-    "ParallelAdapterConfig",
-    "PrefixTuningConfig",
-    "PromptTuningConfig",
     "TargetError",
     "__version__",
     "export_peft",
     "import_peft",
     "inject",
     "load",
+    "register_method",
 ]
 
 
 def __getattr__(name: str) -> Any:
     module = _PUBLIC.get(name)
     if module is None:
+        if name.endswith("Config"):  # a registered method's config class
+            methods = importlib.import_module(".methods", __name__)
+            value = getattr(methods, name, None)
+            if value is not None:
+                return value
         raise AttributeError(f"module 'hybridtune' has no attribute {name!r}")
     value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value
@@ -74,20 +66,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .checkpoint import load
-    from .config import HybridConfig
-    from .errors import CheckpointError, HybridTuneError, MergeError, TargetError
-    from .methods import (
-        METHODS,
-        AdapterConfig,
-        DoRAConfig,
-        IA3Config,
-        LoRAConfig,
-        LoRAMixtureConfig,
-        MethodConfig,
-        ParallelAdapterConfig,
-        PrefixTuningConfig,
-        PromptTuningConfig,
-    )
-    from .model import HybridModel, inject
-    from .peft_interop import export_peft, import_peft
+    from .core.config import HybridConfig
+    from .core.errors import CheckpointError, HybridTuneError, MergeError, TargetError
+    from .core.model import HybridModel, inject, load
+    from .interop.peft_format import export_peft, import_peft
+    from .methods import METHODS, MethodConfig, register_method

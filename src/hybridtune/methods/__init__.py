@@ -1,30 +1,59 @@
-"""The method registry: ``type`` name -> config class. A new method is one module plus one line here."""
+"""The method registry: ``type`` name -> config class.
+
+A new method is one module in this package (its config, a MethodConfig subclass with a
+``type: Literal["name"]`` field, and its branch) plus its module name in METHOD_MODULES.
+Everything else — YAML validation, the CLI, the web UI, checkpoints, ``hybridtune.NameConfig`` —
+finds it here and asks the config what it can do. Methods defined elsewhere (a plugin, a test)
+join with ``register_method``.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any
 
-from .adapter import AdapterConfig
 from .base import Branch, MethodConfig
-from .dora import DoRAConfig
-from .ia3 import IA3Config
-from .lora import LoRAConfig
-from .lora_mixture import LoRAMixtureConfig
-from .parallel_adapter import ParallelAdapterConfig
-from .prefix_tuning import PrefixTuningConfig
-from .prompt_tuning import PromptTuningConfig
 
-METHODS: dict[str, type[MethodConfig]] = {
-    "lora": LoRAConfig,
-    "adapter": AdapterConfig,
-    "lora_mixture": LoRAMixtureConfig,
-    "dora": DoRAConfig,
-    "parallel_adapter": ParallelAdapterConfig,
-    "ia3": IA3Config,
-    "prompt_tuning": PromptTuningConfig,
-    "prefix_tuning": PrefixTuningConfig,
-}
+# the registry line: one module name per method, in the order the docs and the UI list them
+METHOD_MODULES = (
+    "lora", "adapter", "lora_mixture", "dora", "parallel_adapter", "ia3", "prompt_tuning", "prefix_tuning",
+)  # fmt: skip
+
+METHODS: dict[str, type[MethodConfig]] = {}
+
+
+def register_method(config_class: type[MethodConfig]) -> type[MethodConfig]:
+    """Make ``config_class`` available under its ``type`` name (usable as a class decorator)."""
+    kind = config_class.model_fields["type"].default
+    if not isinstance(kind, str):
+        raise TypeError(f"{config_class.__name__} needs a `type: Literal['name'] = 'name'` field to be registered")
+    if METHODS.get(kind, config_class) is not config_class:
+        raise ValueError(f"method type '{kind}' is registered already ({METHODS[kind].__name__})")
+    METHODS[kind] = config_class
+    return config_class
+
+
+def unregister_method(kind: str) -> None:
+    """Remove a method registered with ``register_method`` (tests, plugins being unloaded)."""
+    METHODS.pop(kind, None)
+
+
+def _method_of(module: Any) -> type[MethodConfig]:
+    """The one registrable config class a method module defines."""
+    found = [
+        value
+        for value in vars(module).values()
+        if isinstance(value, type) and issubclass(value, MethodConfig) and value.__module__ == module.__name__
+        and isinstance(value.model_fields["type"].default, str)
+    ]  # fmt: skip
+    if len(found) != 1:
+        raise TypeError(f"method module {module.__name__} must define one MethodConfig with a type name, not {found}")
+    return found[0]
+
+
+for _name in METHOD_MODULES:
+    register_method(_method_of(importlib.import_module(f".{_name}", __name__)))
 
 
 def method_config(data: dict[str, Any] | MethodConfig) -> MethodConfig:
@@ -43,17 +72,16 @@ def method_config(data: dict[str, Any] | MethodConfig) -> MethodConfig:
     return METHODS[kind].model_validate(data)
 
 
-__all__ = [
-    "METHODS",
-    "AdapterConfig",
-    "Branch",
-    "DoRAConfig",
-    "IA3Config",
-    "LoRAConfig",
-    "LoRAMixtureConfig",
-    "MethodConfig",
-    "ParallelAdapterConfig",
-    "PrefixTuningConfig",
-    "PromptTuningConfig",
-    "method_config",
-]
+def __getattr__(name: str) -> type[MethodConfig]:
+    """Registered config classes by class name: ``methods.LoRAConfig``, ``hybridtune.LoRAConfig``."""
+    for config_class in METHODS.values():
+        if config_class.__name__ == name:
+            return config_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *(c.__name__ for c in METHODS.values())})
+
+
+__all__ = ["METHODS", "Branch", "MethodConfig", "method_config", "register_method", "unregister_method"]

@@ -14,8 +14,8 @@ from pydantic import Field, field_validator
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..routing import map_hidden, replace_rows
-from ..targeting import is_linear, linear_features, named_base_modules, select_modules
+from ..core.routing import map_hidden, replace_rows
+from ..core.targeting import is_linear, linear_features, named_base_modules, select_modules
 from .base import Branch, MethodConfig, for_weights, param_like
 
 

@@ -13,17 +13,21 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..routing import replace_rows
-from ..validation import StrictModel
+from ..core.routing import replace_rows
+from ..core.validation import StrictModel
 
 
 class MethodConfig(StrictModel):
     """Base of every method's config. Unknown keys are errors that name the closest valid key."""
 
     type: str
-    mergeable: ClassVar[bool] = False
+    # What the method can do: the core, recipe, CLI, interop and UI read these, never a method's name.
+    mergeable: ClassVar[bool] = False  # its branches fold into the base weights (merge_into / unmerge_from)
     identity_at_init: ClassVar[bool] = True  # False for methods that change outputs from the start (prompts)
     supports_routing: ClassVar[bool] = True  # False: cannot serve a different adapter set per row
+    # True: each branch's effect is exactly W + scale · B @ A on its target (branch.A, branch.B,
+    # branch.scale, stored as lora_A / lora_B): peft's LoRA format, set merging and rank search use it
+    linear_low_rank: ClassVar[bool] = False
 
     @classmethod
     def example(cls) -> MethodConfig:
@@ -40,11 +44,24 @@ class MethodConfig(StrictModel):
         dtype and device."""
         raise NotImplementedError
 
+    def begin_attach(self) -> None:
+        """Called once before this entry's branches are built (state the branches of one entry
+        share, e.g. LoRA's dropout masks, starts here)."""
+
+    def rank_at(self, step: int, epoch: float) -> int | None:
+        """The rank the entry's branches should have at this point of its stage (a growing-rank
+        schedule), or None when the method has no schedule."""
+        return None
+
+    def routing_tasks(self) -> list[str] | None:
+        """The task names a row can be routed to by ``task_ids`` (hard mixtures), or None."""
+        return None
+
 
 class Branch(nn.Module):
-    """The trainable part of one method at one target module."""
+    """The trainable part of one method at one target module. Whether it merges is its config's
+    ``mergeable``; a branch of a mergeable method implements ``merge_into``/``unmerge_from``."""
 
-    mergeable: ClassVar[bool] = False
     modifies_input: ClassVar[bool] = False  # True: ``pre`` runs before the target module (IA3 on FFN inputs)
 
     def __init__(self) -> None:

@@ -13,9 +13,9 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from ..errors import TargetError
-from ..partitioned import gathered
-from ..quantization import is_quantized
+from ..core.errors import TargetError
+from ..core.partitioned import gathered
+from ..core.quantization import is_quantized
 from .base import first_input
 from .lora import LoRABranch, LowRankConfig, RankSchedule
 

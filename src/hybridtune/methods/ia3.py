@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..targeting import first_match, is_linear, linear_features, select_modules
+from ..core.targeting import first_match, is_linear, linear_features, select_modules
 from .base import Branch, MethodConfig, first_input, param_like, replace_first_input
 
 
@@ -52,8 +52,6 @@ class IA3Config(MethodConfig):
 
 
 class IA3Branch(Branch):
-    mergeable: ClassVar[bool] = True
-
     def __init__(self, features: int, on_input: bool, transposed: bool, dtype: torch.dtype, device) -> None:
         super().__init__()
         self.on_input, self.transposed = on_input, transposed

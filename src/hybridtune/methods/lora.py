@@ -17,9 +17,10 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..targeting import first_match, is_linear, linear_features, select_modules
-from ..validation import StrictModel
+from ..core.targeting import first_match, is_linear, linear_features, select_modules
+from ..core.validation import StrictModel
 from .base import Branch, MethodConfig, first_input, for_weights, param_like
+from .dropout import InputDropout, SharedDropout
 
 
 class RankSchedule(StrictModel):
@@ -50,7 +51,7 @@ class RankSchedule(StrictModel):
         return min(self.max, self.start + self.grow_by * done)
 
 
-class LowRankConfig(MethodConfig):
+class LowRankConfig(InputDropout, MethodConfig):
     """Fields and target rules shared by the low-rank methods (LoRA, DoRA).
 
     ``rank_pattern``/``alpha_pattern`` map a pattern (same rules as ``targets``) to a per-module
@@ -64,7 +65,6 @@ class LowRankConfig(MethodConfig):
 
     r: int | RankSchedule = 8
     alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] = Field(min_length=1)
     exclude: list[str] = Field(default_factory=list)
     rank_pattern: dict[str, int] = Field(default_factory=dict)
@@ -96,6 +96,9 @@ class LowRankConfig(MethodConfig):
             if rank < 1:
                 raise ValueError(f"rank_pattern['{pattern}'] is {rank}; ranks must be >= 1")
         return value
+
+    def rank_at(self, step: int, epoch: float) -> int | None:
+        return self.r.rank_at(step, epoch) if isinstance(self.r, RankSchedule) else None
 
     def rank_for(self, name: str) -> int:
         """The rank a module starts with."""
@@ -141,7 +144,7 @@ class LowRankConfig(MethodConfig):
             capacity=self.r.max if isinstance(self.r, RankSchedule) else rank,
             alpha=alpha,
             scale=self.scale_for(rank, alpha),
-            dropout=self.dropout,
+            dropout=self.entry_dropout(),
             transposed=isinstance(module, Conv1D),
             **param_like(module),
         )
@@ -152,14 +155,13 @@ class LoRAConfig(LowRankConfig):
 
     type: Literal["lora"] = "lora"
     mergeable: ClassVar[bool] = True
+    linear_low_rank: ClassVar[bool] = True
 
     def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> LoRABranch:
         return LoRABranch(**self.branch_args(name, module))
 
 
 class LoRABranch(Branch):
-    mergeable: ClassVar[bool] = True
-
     def __init__(
         self,
         in_features: int,
@@ -168,7 +170,7 @@ class LoRABranch(Branch):
         rank: int,
         alpha: float,
         scale: float,
-        dropout: float,
+        dropout: SharedDropout | float,
         transposed: bool,
         dtype: torch.dtype,
         device: torch.device,
@@ -185,7 +187,7 @@ class LoRABranch(Branch):
         if capacity != rank:  # a growing rank: its current value travels in checkpoints
             self.register_buffer("rank_active", torch.tensor(rank, dtype=torch.long))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own default init
-        self.dropout_p = dropout
+        self.input_dropout = dropout if isinstance(dropout, SharedDropout) else SharedDropout(dropout)
         self.merged = False
         self._original_weight: torch.Tensor | None = None
 
@@ -213,7 +215,7 @@ class LoRABranch(Branch):
     def _hidden(self, x: torch.Tensor) -> torch.Tensor:
         """A·dropout(x): the rank-r activations."""
         x = for_weights(x, self.lora_A)
-        return F.linear(lora_dropout(x, self.dropout_p, self.training), self.A)
+        return F.linear(self.input_dropout(x, self.training), self.A)
 
     def _up(self, hidden: torch.Tensor) -> torch.Tensor:
         """s · B h as a new tensor (DoRA, routed rows, mixed dtypes)."""
@@ -277,54 +279,8 @@ class LoRABranch(Branch):
 
     def extra_repr(self) -> str:
         grows = f", capacity={self.capacity}" if self.capacity != self.rank else ""
-        drop = f", dropout={self.dropout_p}" if self.dropout_p else ""
+        drop = f", dropout={self.input_dropout.p}" if self.input_dropout.p else ""
         return f"rank={self.rank}{grows}, alpha={self.alpha}, scale={self.scale:g}{drop}, transposed={self.transposed}"
-
-
-def lora_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Dropout on the input of a low-rank path: each element is kept with probability 1 - p and
-    scaled by 1/(1 - p), like nn.Dropout, with three departures for speed:
-
-    - branches that read the same input tensor share one mask (q, k and v read the same
-      normalised hidden states; gate and up too), so it is drawn and applied once, not per layer;
-    - the mask comes from 16-bit lanes of 64-bit random words (one word per four elements), so p
-      is rounded to a multiple of 1/65536; on the CPU the words are SplitMix64 of a counter from
-      a seed drawn from torch's generator (parallel, ~2x cheaper than ``random_``, which is serial
-      there; ``torch.manual_seed`` still makes runs repeatable), elsewhere ``random_``;
-    - it is applied as a multiply by a {0, 1/(1-p)} tensor, whose backward is one more multiply
-      (cheaper than ``where``), for 4 bytes per element kept until the backward instead of 1.
-    """
-    if not training or p == 0:
-        return x
-    cached = x.__dict__.get("_hybridtune_dropout")
-    if cached is not None and cached[0] == p and cached[1] == x._version:
-        return cached[2]
-    with torch.no_grad():
-        lanes = random_words((x.numel() + 3) // 4, x.device).view(torch.int16)[: x.numel()].view(x.shape)
-        mask = torch.where(lanes >= round(p * 65536) - 32768, 1.0 / (1.0 - p), 0.0).to(x.dtype)
-    dropped = x * mask
-    x.__dict__["_hybridtune_dropout"] = (p, x._version, dropped)
-    return dropped
-
-
-# SplitMix64 (Steele, Lea & Flood 2014) as signed int64 constants: a counter times the golden
-# gamma plus a seed, then three xor-shift/multiply rounds.
-_GAMMA, _MIX1, _MIX2 = (c - 2**64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
-
-
-def random_words(count: int, device: torch.device) -> torch.Tensor:
-    """``count`` uniformly random int64 words drawn from torch's generator for ``device``."""
-    if device.type != "cpu":
-        return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
-    seed = int(torch.empty((), dtype=torch.int64).random_(-(2**63), 2**63 - 1))
-    words = torch.arange(1, count + 1, dtype=torch.int64).mul_(_GAMMA).add_(seed)
-    shifted = torch.empty_like(words)
-    for shift, multiplier in ((30, _MIX1), (27, _MIX2), (31, None)):
-        torch.bitwise_right_shift(words, shift, out=shifted).bitwise_and_((1 << (64 - shift)) - 1)  # logical shift
-        words.bitwise_xor_(shifted)
-        if multiplier is not None:
-            words.mul_(multiplier)
-    return words
 
 
 def stack_deltas(parts: list[tuple[LoRABranch, float]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from ..routing import current as current_routing
-from ..targeting import is_linear, linear_features, select_modules
+from ..core.routing import current as current_routing
+from ..core.targeting import is_linear, linear_features, select_modules
 from .base import Branch, MethodConfig, first_input, for_weights, param_like
+from .dropout import InputDropout, SharedDropout
 
 
-class LoRAMixtureConfig(MethodConfig):
+class LoRAMixtureConfig(InputDropout, MethodConfig):
     type: Literal["lora_mixture"] = "lora_mixture"
 
     @classmethod
@@ -42,7 +43,6 @@ class LoRAMixtureConfig(MethodConfig):
     gate: Literal["token", "global"] = "token"
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] = Field(min_length=1)
     exclude: list[str] = Field(default_factory=list)
     use_rslora: bool = False
@@ -64,6 +64,9 @@ class LoRAMixtureConfig(MethodConfig):
             raise ValueError("give 'experts' (how many) or 'tasks' (their names)")
         return self
 
+    def routing_tasks(self) -> list[str] | None:
+        return list(self.tasks) if self.mode == "hard" else None
+
     @property
     def num_experts(self) -> int:
         return len(self.tasks) if self.tasks else int(self.experts)
@@ -78,7 +81,7 @@ class LoRAMixtureConfig(MethodConfig):
         fan_in, fan_out = linear_features(module)
         scale = self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
         return LoRAMixtureBranch(
-            fan_in, fan_out, experts=self.num_experts, rank=self.r, scale=scale, dropout=self.dropout,
+            fan_in, fan_out, experts=self.num_experts, rank=self.r, scale=scale, dropout=self.entry_dropout(),
             mode=self.mode, gate=self.gate, **param_like(module),
         )  # fmt: skip
 
@@ -92,7 +95,7 @@ class LoRAMixtureBranch(Branch):
         experts: int,
         rank: int,
         scale: float,
-        dropout: float,
+        dropout: SharedDropout | float,
         mode: str,
         gate: str,
         dtype: torch.dtype,
@@ -110,7 +113,7 @@ class LoRAMixtureBranch(Branch):
             nn.init.zeros_(self.router.bias)
         elif mode == "soft":
             self.gate_logits = nn.Parameter(torch.zeros(experts, dtype=dtype, device=device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.input_dropout = dropout if isinstance(dropout, SharedDropout) else SharedDropout(dropout)
 
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Soft mode: mixing weights, [..., K] per token or [K] globally."""
@@ -123,7 +126,7 @@ class LoRAMixtureBranch(Branch):
         return F.linear(F.linear(x, self.lora_A[k]), self.lora_B[k]) * self.scale
 
     def forward(self, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(for_weights(first_input(args, kwargs), self.lora_A))
+        x = self.input_dropout(for_weights(first_input(args, kwargs), self.lora_A), self.training)
         if self.mode == "hard":
             routing = current_routing()
             if routing is None or routing.task_ids is None:

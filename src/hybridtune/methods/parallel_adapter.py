@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..routing import map_hidden
+from ..core.routing import map_hidden
 from .adapter import AdapterBranch, AdapterConfig, output_features
 from .base import first_input, for_weights, param_like
 

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..partitioned import full_shape, gathered
+from ..core.partitioned import full_shape, gathered
 from .base import Branch, MethodConfig
 from .virtual_tokens import call_batch, is_first_call, prefix_positions, shift_for_leading_tokens
 

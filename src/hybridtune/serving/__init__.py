@@ -26,7 +26,7 @@ def build_app(
     base model as ``base_name``: by default the base's own name (a directory's last part)."""
     import torch
 
-    from ..models import load_base
+    from ..core.base_models import load_base
 
     model, tokenizer = load_base(base)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from ..core.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..validation import describe_errors
+from ..core.validation import describe_errors
 from .adapters_dir import UnknownAdapter
 from .engine import Engine, Sampling
 from .engine import Request as Job

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .. import checkpoint
-from ..model import HybridModel
+from ..core.model import HybridModel, add_saved_set
 from .adapters_dir import AdaptersDir
 
 log = logging.getLogger("hybridtune.serve")
@@ -143,7 +142,7 @@ class Engine:
             return
         directory = self.adapters.resolve(adapter)
         internal = f"set{next(self._ids)}"
-        self.model = checkpoint.add_saved_set(self.model, internal, directory)
+        self.model = add_saved_set(self.model, internal, directory)
         self.loaded[adapter] = internal
         log.info("loaded adapter set %r", adapter)
         for name in list(self.loaded):

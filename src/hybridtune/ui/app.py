@@ -10,7 +10,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from .backend import UIError, Workdir, inspect_model
+from .backend import UIError, Workdir, inspect_model, method_catalog
 
 STATIC = Path(__file__).parent / "static"
 
@@ -30,11 +30,11 @@ class ChatService:
         self.models: dict[str, tuple[Any, Any, dict[str, tuple[str, float]]]] = {}
 
     def answer(self, request: ChatRequest) -> dict[str, str]:
-        from .. import checkpoint
-        from ..data import render_prompt
-        from ..evaluation import generate_batch
-        from ..model import HybridModel
-        from ..models import load_base
+        from ..core import adapter_io as checkpoint
+        from ..core.base_models import load_base
+        from ..core.model import HybridModel, add_saved_set
+        from ..training.data import render_prompt
+        from ..training.evaluation import generate_batch
 
         directories = {}
         for name in request.runs:
@@ -55,7 +55,7 @@ class ChatService:
                 if name in loaded:
                     model.delete_set(loaded.pop(name)[0])
                 internal = f"run{len(loaded)}_{abs(hash((name, stamp))) % 10**8}"
-                model = checkpoint.add_saved_set(model, internal, directory)
+                model = add_saved_set(model, internal, directory)
                 self.models[source] = (model, tokenizer, loaded)
                 loaded[name] = (internal, stamp)
             prompt = render_prompt(tokenizer, [{"role": "user", "content": request.prompt}])
@@ -65,7 +65,7 @@ class ChatService:
         return dict(zip(["base", *request.runs], texts, strict=True))
 
     def _base_of(self, directories: dict[str, Path]) -> str:
-        from .. import checkpoint
+        from ..core import adapter_io as checkpoint
 
         sources = {checkpoint.read_meta(d)["base_model"].get("name_or_path") for d in directories.values()}
         if len(sources) > 1:
@@ -94,6 +94,10 @@ def create_app(workdir: str | Path) -> FastAPI:
     @app.get("/api/options")
     def options() -> dict[str, Any]:
         return {"models": work.models(), "data_files": work.data_files(), "workdir": str(work.root)}
+
+    @app.get("/api/methods")
+    def methods() -> dict[str, Any]:
+        return method_catalog()
 
     @app.get("/api/modules")
     def modules(model: str) -> dict[str, Any]:

@@ -19,13 +19,13 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from ..errors import HybridTuneError
-from ..models import EMBEDDED_NAME
-from ..recipes.finetune import STOP_FILE, SUMMARY
-from ..run_config import RunConfig, data_problems
-from ..targeting import is_linear, named_base_modules
-from ..tracking import METRICS_FILE, read_metrics
-from ..validation import describe_errors
+from ..core.base_models import EMBEDDED_NAME
+from ..core.errors import HybridTuneError
+from ..core.targeting import is_linear, named_base_modules
+from ..core.validation import describe_errors
+from ..training.run_config import RunConfig, data_problems
+from ..training.run_dir import STOP_FILE, SUMMARY
+from ..training.tracking import METRICS_FILE, read_metrics
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DATA_SUFFIXES = (".json", ".jsonl")
@@ -238,9 +238,31 @@ def inspect_model(source: str) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=64)
+def method_catalog() -> dict[str, dict[str, Any]]:
+    """Every registered method, as the page builds its form from: the config's JSON schema (fields,
+    types, defaults, bounds), what the method can do, and a small example entry."""
+    from ..methods import METHODS
+
+    catalog = {}
+    for kind, config_class in METHODS.items():
+        try:
+            example = config_class.example().model_dump(mode="json")
+        except NotImplementedError:
+            example = None
+        catalog[kind] = {
+            "schema": config_class.model_json_schema(),
+            "doc": (config_class.__doc__ or "").strip().split("\n\n")[0],
+            "mergeable": config_class.mergeable,
+            "identity_at_init": config_class.identity_at_init,
+            "supports_routing": config_class.supports_routing,
+            "example": example,
+        }
+    return catalog
+
+
 def count_parameters(source: str, methods_json: str) -> dict[str, int]:
     """Trainable parameters per entry, computed on an empty-weights copy of the model."""
-    from ..model import inject
+    from ..core.model import inject
 
     hybrid = inject(_empty_model(source), {"methods": json.loads(methods_json)})
     counts = hybrid.trainable_parameters()
@@ -251,7 +273,7 @@ def _empty_model(source: str):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models import resolve_model
+    from ..core.base_models import resolve_model
 
     config = AutoConfig.from_pretrained(resolve_model(source), local_files_only=True)
     with init_empty_weights():

@@ -1,7 +1,7 @@
 """The fine-tuning recipe behind ``hybridtune train``: stages, evaluation, checkpoints and resume.
 
 The loop is plain PyTorch on top of accelerate, which supplies mixed precision, clipping and
-multi-process DDP (torchrun / accelerate launch); FSDP2 and the engine settings are in engine.py.
+multi-process DDP (torchrun / accelerate launch); FSDP2 and the engine settings are in launch.py.
 Gradient accumulation is the loop's own, so that a step's loss is the token mean of its whole
 global batch (see ``Run._step``). Each stage trains its own entries with a fresh optimizer; the
 other entries stay active, frozen.
@@ -12,167 +12,64 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from accelerate.utils import DistributedType, gather_object, set_seed
-from torch.utils.data import DataLoader, Sampler
+from accelerate.utils import DistributedType, set_seed
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import checkpoint as adapter_io
-from ..data import collate
-from ..evaluation import Generation, exact_match, loss_metrics, loss_sums
-from ..model import HybridModel, inject
-from ..models import load_base, load_skeleton, resolve_model
-from ..partitioned import is_partitioned
-from ..quantization import prepare_for_kbit_training
-from ..run_config import ConfigError, RunConfig, StageConfig
-from ..tracking import METRICS_FILE, Tracker, read_metrics
-from ..trainer_state import (
-    CHECKPOINTS,
-    ENGINE_DIR,
-    ENGINE_STAGING_PREFIX,
+from ..core import adapter_io as adapter_io
+from ..core.base_models import load_base, load_skeleton, resolve_model
+from ..core.model import HybridModel, inject
+from ..core.partitioned import is_partitioned
+from ..core.quantization import prepare_for_kbit_training
+from .checkpoints import (
     Position,
     list_checkpoints,
     load_adapter_weights,
-    load_optimizer_state,
     load_scaler_state,
-    load_scheduler_state,
     read_position,
     remove_leftovers,
     restore_rng,
-    save_checkpoint,
 )
+from .data import collate
 from .data_prep import prepare_data
-from .engine import (
+from .evaluation import Generation
+from .launch import (
     base_dtype,
     contiguous_parameters,
     environment_problems,
     full_weights_at_load,
     make_accelerator,
     peak_memory_mb,
-    reshard,
     shard,
     with_launcher_fsdp,
     zero3_input_branches,
 )
+from .run_checkpoints import RunCheckpoints
+from .run_config import ConfigError, RunConfig, StageConfig
+from .run_dir import (
+    CONFIG_COPY,
+    STOP_FILE,
+    SUMMARY,
+    RunResult,
+    TrainingInterrupted,
+    TrainingStopped,
+    check_run_dir,
+    saved_before,
+    truncate_metrics,
+)
+from .run_eval import RunEvaluation
 from .schedules import get_scheduler
-
-CONFIG_COPY = "config.yaml"
-
-
-def _full_state():
-    """torch.distributed.checkpoint's state-dict functions and full-state options, imported only by
-    sharded runs (the module costs a second of start-up)."""
-    from torch.distributed.checkpoint import state_dict
-
-    return state_dict, state_dict.StateDictOptions(full_state_dict=True, cpu_offload=True)
+from .steps import EpochSampler, apply_step, label_tokens, windows
+from .tracking import METRICS_FILE, Tracker, read_metrics
 
 
-SUMMARY = "summary.json"
-STOP_FILE = "STOP"  # created by a user (or the web UI) to stop a run cleanly at the next step
-
-ENGINE_TAG = "state"  # the tag of DeepSpeed's own checkpoint inside ours
-
-
-class TrainingInterrupted(RuntimeError):
-    """Raised by ``stop_after_step`` (tests use it to simulate a crash at a known step)."""
-
-
-class TrainingStopped(RuntimeError):
-    """The run was asked to stop (a ``STOP`` file in its directory); a checkpoint was written at
-    ``step`` and running the same config again resumes from it."""
-
-    def __init__(self, step: int, run_dir: Path) -> None:
-        super().__init__(f"stopped at step {step} as asked; checkpoint kept in {run_dir}, run again to resume")
-        self.step, self.run_dir = step, run_dir
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    adapters_dir: Path
-    summary: dict[str, Any]
-    generations: list[Generation] = field(default_factory=list)  # after training
-    generations_before: list[Generation] = field(default_factory=list)
-    is_main: bool = True  # False on the other processes of a multi-process run (they stay quiet)
-
-
-class EpochSampler(Sampler[int]):
-    """A shuffled order that depends only on (seed, stage, epoch): resumable, same on every rank."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed = size, seed
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
-def label_tokens(batch: dict) -> int:
-    """Label tokens a causal LM's loss averages over (labels are shifted by one)."""
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def windows(loader: Any, size: int):
-    """The loader's batches in lists of ``size`` (the last one shorter): one list per optimizer step."""
-    window = []
-    for batch in loader:
-        window.append(batch)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
-
-
-def apply_step(stepper: Any, scheduler: Any) -> bool:
-    """The optimizer step of a window whose gradients are in place (``stepper``: accelerate's
-    optimizer, or DeepSpeed's engine, which also clips and zeroes), then the schedule's step — only
-    when the weights were really updated: under fp16 a loss-scale overflow skips the update
-    (accelerate's GradScaler, DeepSpeed's dynamic scaler), and the schedule then waits for it, as
-    in transformers' Trainer. Returns whether the weights were updated."""
-    stepper.step()
-    if hasattr(stepper, "was_step_applied"):  # DeepSpeed's engine
-        applied = stepper.was_step_applied()
-    else:
-        applied = not getattr(stepper, "step_was_skipped", False)
-        stepper.zero_grad()
-    if applied:
-        scheduler.step()
-    return applied
-
-
-def _check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> bool:
-    """True when an interrupted run is there to resume; errors on a finished or different run."""
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    saved_path = run_dir / CONFIG_COPY
-    if not saved_path.is_file():
-        return False
-    saved = yaml.safe_load(saved_path.read_text())
-    if saved != config.dump():
-        keys = sorted(k for k in set(saved) | set(config.dump()) if saved.get(k) != config.dump().get(k))
-        raise ConfigError(
-            [
-                f"output '{run_dir}' holds a run with a different config (differs in: {', '.join(keys)}); "
-                "choose another output or pass --overwrite"
-            ]
-        )
-    if (run_dir / SUMMARY).is_file():
-        raise ConfigError([f"output '{run_dir}' holds a finished run; choose another output or pass --overwrite"])
-    return bool(list_checkpoints(run_dir))
-
-
-class Run:
+class Run(RunCheckpoints, RunEvaluation):
     """One execution of the recipe; holds what the stage loop needs."""
 
     def __init__(self, config: RunConfig, log=tqdm.write, stop_after_step: int | None = None) -> None:
@@ -190,7 +87,7 @@ class Run:
 
     def execute(self, overwrite: bool = False) -> RunResult:
         config, t = self.config, self.config.training
-        resuming = _check_run_dir(self.run_dir, config, overwrite) if self.main else False
+        resuming = check_run_dir(self.run_dir, config, overwrite) if self.main else False
         resuming = self._broadcast(resuming)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,9 +113,10 @@ class Run:
             adapter_io.load_state(
                 self.model, load_adapter_weights(checkpoint), list(self.model.entries), str(checkpoint)
             )
-            self._truncate_metrics(position.global_step)
+            if self.main:
+                truncate_metrics(self.run_dir, position.global_step)
             self.log(f"resuming from {checkpoint} (stage {position.stage_index}, step {position.global_step})")
-            before = self._saved_before()
+            before = saved_before(self.run_dir)
             if before:
                 summary["before"] = before
         if config.fsdp is not None:  # after a resumed run's weights are in, before anything runs the model
@@ -480,140 +378,6 @@ class Run:
             generator=torch.Generator().manual_seed(seed),
         )
         return self.accelerator.prepare_data_loader(loader)
-
-    def _adapter_state(self, model: HybridModel) -> dict[str, torch.Tensor]:
-        """Every process calls it (FSDP and ZeRO gather here). DeepSpeed's bf16/fp16 modes hold the
-        whole model in half precision: what a stage trains is read from the engine's fp32 master
-        weights, and entries the stage keeps frozen are saved in fp32 too (their half values
-        exactly), like every regime's checkpoints."""
-        state = adapter_io.adapter_state(model)
-        if self.deepspeed:
-            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        return state
-
-    def _save_adapters(self, directory: Path) -> None:
-        state = self._adapter_state(self.model)
-        if self.main:
-            self.model.save_adapters(directory, state)
-
-    def _save(self, position: Position, prepared: Any, optimizer: Any, scheduler: Any, stage_name: str) -> None:
-        """``prepared``: the model as accelerate prepared it (under DeepSpeed, its engine);
-        ``stage_name``: the stage that trained this step (in the checkpoint's name with several)."""
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        model = self._unwrap(self.model)
-        adapters = self._adapter_state(model)
-        optimizer_state, engine_dir = None, None
-        if optimizer is not None and self.deepspeed:
-            # each process holds a part of the ZeRO optimizer state: DeepSpeed writes the parts
-            # (no frozen weights), and the checkpoint takes them in when it is renamed into place
-            engine_dir = self.run_dir / CHECKPOINTS / f"{ENGINE_STAGING_PREFIX}{position.global_step}"
-            prepared.save_checkpoint(str(engine_dir), tag=ENGINE_TAG, exclude_frozen_parameters=True)
-            acc.wait_for_everyone()
-        elif optimizer is not None:
-            if self.config.fsdp is None:
-                optimizer_state = optimizer.state_dict()
-            else:  # the full (gathered) moments, keyed by parameter name: resumable on any process count
-                dcp, full = _full_state()
-                optimizer_state = dcp.get_optimizer_state_dict(model, optimizer.optimizer, options=full)
-        if self.main:
-            save_checkpoint(
-                self.run_dir,
-                model,
-                adapters,
-                optimizer_state,
-                None if optimizer is None else scheduler.state_dict(),
-                position,
-                keep=self.config.training.keep_checkpoints,
-                engine_dir=engine_dir,
-                scaler=None if acc.scaler is None else acc.scaler.state_dict(),
-                stage_name=stage_name if len(self.config.stage_list()) > 1 else None,
-            )
-        acc.wait_for_everyone()
-
-    def _load_optimizer(self, checkpoint: Path, prepared: Any, optimizer: Any, scheduler: Any) -> None:
-        if self.deepspeed:
-            engine = checkpoint / ENGINE_DIR
-            if not engine.is_dir():
-                raise ConfigError([f"{checkpoint} was not written by a DeepSpeed run: resume it without 'deepspeed'"])
-            prepared.load_checkpoint(
-                str(engine), tag=ENGINE_TAG, load_module_strict=False, load_optimizer_states=True,
-                load_lr_scheduler_states=False,
-            )  # fmt: skip
-            scheduler.load_state_dict(load_scheduler_state(checkpoint))
-            return
-        optimizer_state, scheduler_state = load_optimizer_state(checkpoint)
-        if self.config.fsdp is None:
-            optimizer.load_state_dict(optimizer_state)
-        else:
-            dcp, full = _full_state()
-            dcp.set_optimizer_state_dict(self.model, optimizer.optimizer, optimizer_state, options=full)
-        scheduler.load_state_dict(scheduler_state)
-
-    def evaluate(
-        self, step: int, when: str, with_metric: bool = True, keep: list[Generation] | None = None
-    ) -> dict[str, Any]:
-        """Eval loss (and exact match) in the precision the run trains in."""
-        try:
-            with self.accelerator.autocast():
-                return self._evaluate(step, when, with_metric, keep)
-        finally:
-            if self.config.fsdp is not None:
-                reshard(self.model)
-
-    def _evaluate(self, step: int, when: str, with_metric: bool, keep: list[Generation] | None) -> dict[str, Any]:
-        """With whole weights in every process (DDP, DeepSpeed ZeRO 0-2) each process evaluates
-        every N-th example and the sums are added up; sharded weights (FSDP, ZeRO-3) are gathered
-        inside each forward, so there every process runs every example."""
-        acc, ev = self.accelerator, self.config.eval
-        model = self._unwrap(self.model)
-        sharded = any(is_partitioned(p) for p in model.parameters())
-        split = acc.num_processes > 1 and not sharded
-        share = slice(acc.process_index, None, acc.num_processes) if split else slice(None)
-        sums = loss_sums(model, self.data.eval[share], self.tokenizer.pad_token_id, ev.batch_size)
-        if split:
-            sums = acc.reduce(torch.tensor(sums, dtype=torch.float64, device=acc.device), "sum").tolist()
-        result: dict[str, Any] = loss_metrics(*sums)
-        if with_metric and ev.metric == "exact_match":
-            indices = list(range(len(self.data.eval_examples[: ev.max_samples])))[share]
-            accuracy, generations = exact_match(
-                model,
-                self.tokenizer,
-                [self.data.eval_examples[i] for i in indices],
-                task_ids=[self.data.eval[i].task_id for i in indices],
-                system=self.config.data.system,
-                max_new_tokens=ev.max_new_tokens,
-                batch_size=ev.batch_size,
-            )
-            if split:  # every process's generations, back in the examples' order
-                pairs = sorted(gather_object(list(zip(indices, generations, strict=True))), key=lambda p: p[0])
-                generations = [g for _, g in pairs]
-                accuracy = sum(g.correct for g in generations) / max(len(generations), 1)
-            result["exact_match"] = accuracy
-            if keep is not None:
-                keep += generations
-        self.tracker.log({"kind": "eval", "when": when, "step": step, **result})
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in result.items())
-        self.log(f"eval ({when}, step {step}): {shown}")
-        return result
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop records the interrupted run wrote after the checkpoint it resumes from."""
-        path = self.run_dir / METRICS_FILE
-        if not self.main or not path.is_file():
-            return
-        kept = [
-            r
-            for r in read_metrics(path)
-            if r.get("step", 0) <= step and not (r.get("kind") == "eval" and r.get("when") == "after")
-        ]
-        adapter_io.atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-
-    def _saved_before(self) -> dict[str, Any] | None:
-        for record in read_metrics(self.run_dir / METRICS_FILE):
-            if record.get("kind") == "eval" and record.get("when") == "before":
-                return {k: v for k, v in record.items() if k not in {"kind", "when", "step"}}
-        return None
 
     def _broadcast(self, value: bool) -> bool:
         from accelerate.utils import broadcast_object_list

@@ -5,24 +5,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from .attach import DEFAULT_SET, attach_config, branch_key, detach, fingerprint, iter_branches, sync_hook
+from ..methods import Branch
+from . import adapter_io
+from .adapter_sets import SET_NAME, AdapterSets
+from .attach import DEFAULT_SET, Attached, attach_config, branch_key, detach, fingerprint, iter_branches
 from .config import HybridConfig
-from .errors import MergeError
-from .methods import Branch
+from .errors import CheckpointError, MergeError
+from .merging import Merging
 from .partitioned import full_numel
-from .quantization import is_quantized
 from .routing import routed
-from .targeting import BRANCH_ATTR
-
-_SET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class _ForwardWithBaseSignature:
@@ -43,7 +42,7 @@ class _ForwardWithBaseSignature:
         return bound
 
 
-class HybridModel(nn.Module):
+class HybridModel(AdapterSets, Merging, nn.Module):
     """Wraps a base model whose chosen modules carry method branches.
 
     Calls, ``generate`` and every other attribute go straight to the base model, so code written
@@ -121,77 +120,6 @@ class HybridModel(nn.Module):
         """The name transformers used before ``activation_checkpointing_enable``."""
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
-    # ---- adapter sets -----------------------------------------------------------------------
-    def add_set(self, name: str, config: HybridConfig | dict, activate: bool = False) -> None:
-        """Attach a new, independent set of entries (its own weights) to the same base."""
-        self._check_live()
-        if not isinstance(config, HybridConfig):
-            config = HybridConfig.model_validate(config)
-        if not _SET_NAME.fullmatch(name):
-            raise ValueError(f"adapter set name {name!r} must be an identifier (letters, digits, _)")
-        if name in self.sets:
-            raise ValueError(f"adapter set '{name}' already exists; sets: {', '.join(self.sets)}")
-        self._set_targets[name] = attach_config(self.base_model, config, set(), set_name=name)
-        self.sets[name] = config
-        for set_name, _, _, _, branch in self._all_branches():
-            if set_name == name:
-                branch.active = False
-        if activate:
-            self.set_active(name)
-
-    def list_sets(self) -> list[str]:
-        return list(self.sets)
-
-    def set_active(self, name: str | None) -> None:
-        """Make ``name`` the active set (None: the plain base model). Trainability is left alone:
-        switching never makes another set's parameters trainable or frozen."""
-        if name is not None:
-            self._check_set(name)
-        merged = [s for s, _, _, _, b in self._all_branches() if b.merged and s != name]
-        if merged:
-            raise MergeError(f"set '{merged[0]}' has LoRA merged into the base weights; unmerge() it before switching")
-        for set_name, _, _, _, branch in self._all_branches():
-            branch.active = set_name == name
-        self.active_set = name
-        if name is not None:
-            self._current = name
-
-    @contextlib.contextmanager
-    def using(self, name: str | None) -> Iterator[None]:
-        """Temporarily switch to another set (or None for the base model)."""
-        previous, current = self.active_set, self._current
-        self.set_active(name)
-        try:
-            yield
-        finally:
-            self.set_active(previous)
-            self._current = current
-
-    def delete_set(self, name: str) -> None:
-        self._check_set(name)
-        if len(self.sets) == 1:
-            raise ValueError(f"'{name}' is the only adapter set; delete entries or drop the HybridModel instead")
-        for set_name, entry, _, module, branch in list(self._all_branches()):
-            if set_name == name:
-                if branch.merged:
-                    branch.unmerge_from(module)
-                detach(module, branch_key(set_name, entry))
-        del self.sets[name], self._set_targets[name]
-        if self._current == name:
-            self._current = next(iter(self.sets))
-        if self.active_set == name:
-            self.set_active(None)
-
-    def save_set(self, name: str, directory: str | Path) -> Path:
-        with self._acting_on(name):
-            return self.save_adapters(directory)
-
-    def load_set(self, name: str, directory: str | Path, trainable: bool = False) -> None:
-        """Load a saved adapter directory as a new set ``name`` (not activated)."""
-        from .checkpoint import load
-
-        load(self, directory, trainable=trainable, set_name=name)
-
     # ---- entries of the active set ----------------------------------------------------------
     @property
     def hybrid_config(self) -> HybridConfig:
@@ -233,8 +161,8 @@ class HybridModel(nn.Module):
     def cast_branches(self, dtype: torch.dtype) -> None:
         """Keep every branch's floating-point weights in ``dtype`` whatever the base's dtype (fp32
         branches on a bf16 or quantized base: the branches cast inputs and outputs themselves)."""
-        for *_, branch in self._all_branches():
-            branch.to(dtype)
+        for a in self._all_branches():
+            a.branch.to(dtype)
 
     def set_trainable(self, entries: Iterable[str] | None = None) -> None:
         """Train only ``entries`` of the active set (all when None); the others stay active but
@@ -252,9 +180,9 @@ class HybridModel(nn.Module):
         targets = attach_config(self.base_model, config, set(self.hybrid_config.methods), set_name=current)
         self._set_targets[current] = {**self.targets, **targets}
         self.sets[current] = HybridConfig(methods={**self.hybrid_config.methods, **config.methods})
-        for set_name, _, _, _, branch in self._all_branches():
-            if set_name == current:
-                branch.active = self.active_set == current
+        for a in self._all_branches():
+            if a.set_name == current:
+                a.branch.active = self.active_set == current
 
     def delete_entry(self, entry: str) -> None:
         """Remove an entry; a merged LoRA is unmerged first so the base weights come back."""
@@ -271,16 +199,13 @@ class HybridModel(nn.Module):
         self._set_targets[self._current] = {k: v for k, v in self.targets.items() if k in live}
 
     def update_rank_schedules(self, step: int, epoch: float, entries: Iterable[str] | None = None) -> dict[str, int]:
-        """Apply growing-rank schedules of the active set's LoRA entries (default: all) at this
-        point of training; returns {entry: rank} for the entries whose rank changed."""
-        from .methods.lora import LoRAConfig, RankSchedule
-
+        """Apply the growing-rank schedules (``rank_at``) of the active set's entries (default:
+        all) at this point of training; returns {entry: rank} for the entries whose rank changed."""
         changed = {}
         for entry in self.hybrid_config.methods if entries is None else entries:
-            cfg = self.hybrid_config.methods[entry]
-            if not (isinstance(cfg, LoRAConfig) and isinstance(cfg.r, RankSchedule)):
+            rank = self.hybrid_config.methods[entry].rank_at(step, epoch)
+            if rank is None:
                 continue
-            rank = cfg.r.rank_at(step, epoch)
             for _, _, _, branch in self.branches(entry):
                 if branch.rank != rank:
                     branch.set_rank(rank)
@@ -294,7 +219,7 @@ class HybridModel(nn.Module):
             for p in branch.parameters():
                 per_entry[entry]["total"] += full_numel(p)
                 per_entry[entry]["trainable"] += full_numel(p) if p.requires_grad else 0
-        branch_ids = {id(p) for *_, b in self._all_branches() for p in b.parameters()}
+        branch_ids = {id(p) for a in self._all_branches() for p in a.branch.parameters()}
         base = sum(full_numel(p) for p in self.base_model.parameters() if id(p) not in branch_ids)
         trainable = sum(v["trainable"] for v in per_entry.values())
         return {"entries": per_entry, "base": base, "trainable": trainable}
@@ -326,105 +251,25 @@ class HybridModel(nn.Module):
             for b, was in zip(chosen, before, strict=True):
                 b.active = was
 
-    # ---- merging ----------------------------------------------------------------------------
-    def merge(self, entries: Iterable[str] | None = None, exact_unmerge: bool = True) -> None:
-        """Fold mergeable entries (LoRA) of the active set into the base weights; other entries
-        keep running.
-
-        With ``exact_unmerge`` a CPU copy of each merged weight is kept so ``unmerge`` restores
-        it bit for bit; without it, unmerge subtracts the delta (equal within float rounding).
-        """
-        self._check_live()
-        if self.active_set != self._current:
-            raise MergeError("no adapter set is active; set_active() one before merging")
-        wanted = set(self.hybrid_config.methods if entries is None else entries)
-        for name in wanted:
-            self._check_entry(name)
-        chosen = [(e, n, m, b) for e, n, m, b in self.branches() if e in wanted and b.mergeable]
-        for entry, name, module, _ in chosen:
-            _check_merge_target(entry, name, module)
-        for _, _, module, branch in chosen:
-            branch.merge_into(module, keep_original=exact_unmerge)
-            sync_hook(module)
-
-    def unmerge(self) -> None:
-        """Undo merge(), in reverse order so stacked merges on one weight unwind exactly."""
-        for *_, module, branch in reversed(list(self._all_branches())):
-            if branch.merged:
-                branch.unmerge_from(module)
-                sync_hook(module)
-
-    def bake(self, entries: Iterable[str] | None = None) -> None:
-        """Merge mergeable entries of the active set (default: all of them) into the base weights
-        for good and remove them; the other entries stay live. Deploys LoRA at zero cost next to
-        adapters."""
-        self._check_live()
-        configs = self.hybrid_config.methods
-        wanted = [e for e in (configs if entries is None else entries) if configs[e].mergeable]
-        for entry in wanted:
-            for _, name, module, _ in self.branches(entry):
-                _check_merge_target(entry, name, module)
-        for entry in wanted:
-            for _, _, module, branch in list(self.branches(entry)):
-                branch.merge_into(module, keep_original=False)
-                branch.merged = False  # the delta now lives in the weight, not in the branch
-                detach(module, branch_key(self._current, entry))
-            self._forget_entry(entry)
-
-    def merge_and_unload(self) -> nn.Module:
-        """Merge every entry and return the plain base model, with no hybridtune code left in it.
-
-        Refuses when an entry cannot be merged (an Adapter is extra computation, not a weight
-        delta): dropping it silently would change the model's outputs.
-        """
-        self._check_live()
-        if len(self.sets) > 1:
-            raise MergeError(f"the model has {len(self.sets)} adapter sets; delete_set() all but one first")
-        blocked = [e for e, cfg in self.hybrid_config.methods.items() if not cfg.mergeable]
-        if blocked:
-            kinds = ", ".join(f"'{e}' ({self.hybrid_config.methods[e].type})" for e in blocked)
-            raise MergeError(
-                f"cannot merge_and_unload: entries {kinds} are not mergeable into base weights. Use merge() "
-                "to fold the LoRA entries and keep these live, or delete_entry() them first."
-            )
-        self.unmerge()  # start from the original weights, then fold everything once
-        self.bake()
-        self._unloaded = True
-        base = self.base_model
-        for p in base.parameters():
-            p.requires_grad_(True)
-        return base
-
-    def base_state_dict(self) -> dict[str, Any]:
-        """The base model's state dict without any branch tensors (for saving a merged base)."""
-        return {
-            k: v
-            for k, v in self.base_model.state_dict().items()
-            if f".{BRANCH_ATTR}." not in k and not k.startswith(f"{BRANCH_ATTR}.")
-        }
-
     # ---- checkpoints ------------------------------------------------------------------------
     def save_adapters(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write the active set's config JSON + safetensors (atomic). See ``hybridtune.load``."""
-        from .checkpoint import save_adapters
+        """Write the active set's config JSON + safetensors (atomic). See ``from_pretrained``."""
+        from .adapter_io import save_adapters
 
         return save_adapters(self, directory, state)
 
     save_pretrained = save_adapters
 
-    # ---- helpers ----------------------------------------------------------------------------
-    def _all_branches(self) -> Iterator[tuple[str, str, str, nn.Module, Branch]]:
-        return iter_branches(self.base_model)
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | Path, **options: Any) -> HybridModel:
+        """Saved adapters on ``model`` (a base, or a HybridModel): ``hybridtune.load``, by the
+        name transformers and peft users reach for. ``options``: trainable, allow_base_mismatch,
+        set_name."""
+        return load(model, directory, **options)
 
-    @contextlib.contextmanager
-    def _acting_on(self, name: str) -> Iterator[None]:
-        self._check_set(name)
-        previous = self._current
-        self._current = name
-        try:
-            yield
-        finally:
-            self._current = previous
+    # ---- helpers ----------------------------------------------------------------------------
+    def _all_branches(self) -> Iterator[Attached]:
+        return iter_branches(self.base_model)
 
     def _call_context(
         self, adapter_sets: Sequence[str | None] | None, task_ids: Any
@@ -450,12 +295,8 @@ class HybridModel(nn.Module):
                     raise ValueError(
                         f"adapter_sets routing is not possible with entry '{entry}' ({cfg.type}) in set '{set_name}'"
                     )
-        if any(b.merged for *_, b in self._all_branches()):
+        if any(a.branch.merged for a in self._all_branches()):
             raise MergeError("adapter_sets routing needs unmerged LoRA: a merged delta would apply to every row")
-
-    def _check_set(self, name: str) -> None:
-        if name not in self.sets:
-            raise KeyError(f"no adapter set '{name}'; sets: {', '.join(self.sets)}")
 
     def _check_entry(self, entry: str) -> None:
         if entry not in self.hybrid_config.methods:
@@ -464,15 +305,6 @@ class HybridModel(nn.Module):
     def _check_live(self) -> None:
         if self._unloaded:
             raise MergeError("this HybridModel was merged and unloaded; use the model merge_and_unload() returned")
-
-
-def _check_merge_target(entry: str, name: str, module: nn.Module) -> None:
-    if is_quantized(module):
-        raise MergeError(
-            f"cannot merge '{entry}' into '{name}': its weight is quantized ({type(module.weight).__name__}), and "
-            "folding a delta into it would re-quantize and lose the delta. Load the base unquantized and merge "
-            "there (`hybridtune merge` and `hybridtune export` do), or keep the branch unmerged"
-        )
 
 
 def inject(model: nn.Module, config: HybridConfig | dict, set_name: str = DEFAULT_SET) -> HybridModel:
@@ -488,9 +320,66 @@ def inject(model: nn.Module, config: HybridConfig | dict, set_name: str = DEFAUL
         return model
     if any(True for _ in iter_branches(model)):
         raise ValueError("this model already carries hybridtune branches; pass its HybridModel instead")
-    if not _SET_NAME.fullmatch(set_name):
+    if not SET_NAME.fullmatch(set_name):
         raise ValueError(f"adapter set name {set_name!r} must be an identifier (letters, digits, _)")
     for p in model.parameters():
         p.requires_grad_(False)
     targets = attach_config(model, config, set(), set_name=set_name)
     return HybridModel(model, config, targets, set_name=set_name)
+
+
+def load(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    trainable: bool = False,
+    allow_base_mismatch: bool = False,
+    set_name: str | None = None,
+) -> HybridModel:
+    """Rebuild the saved entries on ``model`` and load their weights.
+
+    ``model`` is a fresh base model, or a HybridModel: then the entries join its active set, or
+    become the new adapter set ``set_name``. Every mismatch is an error naming what differs;
+    ``trainable=False`` freezes the loaded entries for inference.
+    """
+    meta = adapter_io.read_meta(directory)
+    try:
+        config = HybridConfig.model_validate({"methods": meta.get("methods")})
+    except ValidationError as exc:
+        raise CheckpointError(f"the method configs in {directory}/{adapter_io.CONFIG_NAME} are invalid: {exc}") from exc
+    base = model.base_model if isinstance(model, HybridModel) else model
+    adapter_io.check_base(base, meta, allow_base_mismatch)
+    adapter_io.check_targets(base, config, meta)
+    state = adapter_io.read_weights(directory, meta)
+    if isinstance(model, HybridModel) and set_name is not None:
+        model.add_set(set_name, config)
+        hybrid, rollback = model, lambda: model.delete_set(set_name)
+    else:
+        hybrid = inject(model, config, **({"set_name": set_name} if set_name else {}))
+
+        def rollback() -> None:
+            for entry in config.methods:  # leave the model as it was given
+                hybrid.delete_entry(entry)
+
+    with hybrid.acting_on(set_name or hybrid._current):
+        try:
+            adapter_io.load_state(hybrid, state, entries=list(config.methods), source=str(directory))
+        except BaseException:
+            rollback()
+            raise
+        for entry in config.methods:
+            for _, _, _, branch in hybrid.branches(entry):
+                branch.requires_grad_(trainable)
+    return hybrid
+
+
+def add_saved_set(model: nn.Module, name: str, directory: str | Path) -> HybridModel:
+    """Load the saved adapters in ``directory`` as the inactive set ``name`` of ``model`` (a plain
+    base, which becomes a HybridModel, or a HybridModel); returns the HybridModel. For servers
+    that route sets per row and keep the plain base active for rows without one."""
+    if isinstance(model, HybridModel):
+        model.load_set(name, directory)
+        return model
+    hybrid = load(model, directory, set_name=name)
+    hybrid.set_active(None)
+    return hybrid

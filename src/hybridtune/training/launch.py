@@ -21,11 +21,11 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import parse_flag_from_env
 from pydantic import ValidationError
 
-from ..attach import iter_branches, move_input_hook_last
-from ..model import HybridModel
-from ..quantization import DTYPES, quantization_problems
-from ..run_config import ConfigError, FSDPConfig, RunConfig
-from ..validation import describe_errors
+from ..core.attach import iter_branches, move_input_hook_last
+from ..core.model import HybridModel
+from ..core.quantization import DTYPES, quantization_problems
+from ..core.validation import describe_errors
+from .run_config import ConfigError, FSDPConfig, RunConfig
 
 
 def environment_problems(config: RunConfig) -> list[str]:
@@ -376,7 +376,7 @@ def zero3_input_branches(model: HybridModel) -> None:
 
 def contiguous_parameters(model: HybridModel) -> None:
     """FSDP and DeepSpeed flatten or shard parameters as contiguous tensors; LoRA's B is stored
-    transposed for the speed of one matmul (see LoRABranch.forward), so give them plain copies."""
+    transposed for the speed of one matmul (see the LoRA branch's forward), so give them plain copies."""
     for param in model.parameters():
         if not param.is_contiguous():
             param.data = param.data.contiguous()

@@ -9,13 +9,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from .config import HybridConfig
+from ..core.base_models import EMBEDDED_NAME
+from ..core.config import HybridConfig
+from ..core.errors import HybridTuneError
+from ..core.quantization import QuantizationConfig
+from ..core.validation import StrictModel, describe_errors
+from ..methods import MethodConfig
 from .data import DataError, read_examples
-from .errors import HybridTuneError
-from .methods import MethodConfig
-from .models import EMBEDDED_NAME
-from .quantization import QuantizationConfig
-from .validation import StrictModel, describe_errors
 
 
 class DataConfig(StrictModel):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import HybridTuneError
+from ..core.errors import HybridTuneError
 
 IGNORE_INDEX = -100
 Format = Literal["alpaca", "sharegpt"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import normal_mode, read_meta, read_weights, save_adapters
+from ..core.adapter_io import normal_mode, read_meta, read_weights, save_adapters
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"

@@ -9,10 +9,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .config import HybridConfig
-from .methods.lora import LoRABranch, LoRAConfig, exact_config, stack_deltas
-from .methods.virtual_tokens import cache_keyword, returned_cache
-from .model import HybridModel
+from ..core.config import HybridConfig
+from ..core.model import HybridModel
+from ..methods.base import Branch
+from ..methods.lora import exact_config, stack_deltas
+from ..methods.virtual_tokens import cache_keyword, returned_cache
 
 
 def merge_sets(
@@ -30,13 +31,13 @@ def merge_sets(
     """
     if method == "svd" and not rank:
         raise ValueError("merge_sets(method='svd') needs rank=...")
-    parts: dict[str, list[tuple[LoRABranch, float]]] = defaultdict(list)
+    parts: dict[str, list[tuple[Branch, float]]] = defaultdict(list)
     for name, weight in weights.items():
-        model._check_set(name)
-        others = [e for e, c in model.sets[name].methods.items() if not isinstance(c, LoRAConfig)]
+        model.check_set(name)
+        others = [e for e, c in model.sets[name].methods.items() if not c.linear_low_rank]
         if others:
             raise ValueError(f"set '{name}' has non-LoRA entries ({', '.join(others)}); only LoRA sets can be merged")
-        with model._acting_on(name):
+        with model.acting_on(name):
             for _, target, _, branch in model.branches():
                 parts[target].append((branch, weight))
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -51,7 +52,7 @@ def merge_sets(
     ranks = {t: a.shape[0] for t, (a, _) in factors.items()}
     config = exact_config(ranks, {t: float(r) for t, r in ranks.items()})  # alpha = r: scale 1
     model.add_set(into, HybridConfig(methods={"lora": config}))
-    with model._acting_on(into), torch.no_grad():
+    with model.acting_on(into), torch.no_grad():
         for _, target, _, branch in model.branches():
             branch.lora_A.copy_(factors[target][0])
             branch.lora_B.copy_(factors[target][1])
@@ -68,7 +69,7 @@ class Ensemble(nn.Module):
             raise ValueError("an ensemble needs at least one set")
         for name in weights:
             if name is not None:
-                model._check_set(name)
+                model.check_set(name)
         total = sum(weights.values())
         self.model = model
         self.names = list(weights)

@@ -17,12 +17,13 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .checkpoint import atomic_write
-from .config import HybridConfig
-from .errors import CheckpointError
-from .methods.lora import LoRABranch, LoRAConfig, exact_config, stack_deltas
-from .model import HybridModel, inject
-from .targeting import linear_features
+from ..core.adapter_io import atomic_write
+from ..core.config import HybridConfig
+from ..core.errors import CheckpointError
+from ..core.model import HybridModel, inject
+from ..core.targeting import linear_features
+from ..methods.base import Branch
+from ..methods.lora import exact_config, stack_deltas
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -37,7 +38,7 @@ _UNSUPPORTED = {
 
 
 def _lora_entries(model: HybridModel, entries: list[str] | None) -> list[str]:
-    loras = [e for e, cfg in model.hybrid_config.methods.items() if isinstance(cfg, LoRAConfig)]
+    loras = [e for e, cfg in model.hybrid_config.methods.items() if cfg.linear_low_rank]
     if entries is not None:
         wrong = [e for e in entries if e not in loras]
         if wrong:
@@ -52,7 +53,7 @@ def export_peft(model: HybridModel, directory: str | Path, entries: list[str] | 
     """Write the LoRA entries (default: all) as one peft LoRA adapter directory."""
     directory = Path(directory)
     chosen = _lora_entries(model, entries)
-    per_module: dict[str, list[LoRABranch]] = defaultdict(list)
+    per_module: dict[str, list[Branch]] = defaultdict(list)
     transposed = False
     for entry, target, _, branch in model.branches():
         if entry in chosen:

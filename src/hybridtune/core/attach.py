@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from ..methods import Branch
+from ..methods.base import first_input
 from .config import HybridConfig
-from .methods import Branch
-from .methods.base import first_input
 from .partitioned import full_shape
 from .routing import current as current_routing
 from .targeting import BRANCH_ATTR
@@ -117,15 +117,25 @@ def detach(module: nn.Module, key: str) -> None:
         _remove_hook(module._forward_hooks, module._forward_hooks_with_kwargs, _run_branches)
 
 
-def iter_branches(model: nn.Module) -> Iterator[tuple[str, str, str, nn.Module, Branch]]:
-    """(set, entry, target name, target module, branch) for every attached branch, in model order."""
+class Attached(NamedTuple):
+    """One attached branch and where it sits."""
+
+    set_name: str
+    entry: str
+    target: str  # the target module's name in the base model
+    module: nn.Module  # the target module
+    branch: Branch
+
+
+def iter_branches(model: nn.Module) -> Iterator[Attached]:
+    """Every attached branch, in model order."""
     for name, module in model.named_modules():
         branches = module._modules.get(BRANCH_ATTR)
         if branches is None:
             continue
         for key, branch in branches.items():
             set_name, entry = split_key(key)
-            yield set_name, entry, name, module, branch
+            yield Attached(set_name, entry, name, module, branch)
 
 
 def describe_target(module: nn.Module) -> dict[str, Any]:
@@ -152,6 +162,7 @@ def attach_config(
     plan = [(entry, cfg, cfg.select_targets(model, entry)) for entry, cfg in config.methods.items()]
     targets: dict[str, dict[str, Any]] = {}
     for entry, cfg, chosen in plan:
+        cfg.begin_attach()
         for name, module in chosen:
             branch = cfg.build_branch(entry, name, module, model)
             branch.train(module.training)  # a base in eval() (as from_pretrained returns it) gets no live dropout

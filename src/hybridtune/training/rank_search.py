@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import yaml
 
-from .methods.lora import LoRAConfig
 from .run_config import ConfigError
 
 
@@ -45,7 +44,7 @@ def spectra(model: Any) -> list[ModuleSpectrum]:
     """Singular-value energy of every LoRA module's learned update."""
     found = []
     for entry, cfg in model.entries.items():
-        if not isinstance(cfg, LoRAConfig):
+        if not cfg.linear_low_rank:
             continue
         for _, target, _, branch in model.branches(entry):
             delta = branch.delta_weight()
@@ -97,13 +96,13 @@ def searched_config(raw: dict[str, Any], ranks: dict[str, dict[str, int]]) -> di
 def search(config_path: str | Path, budget: str | float, probe_steps: int = 20, probe_rank: int = 16,
            log=print) -> dict[str, Any]:  # fmt: skip
     """Run the probe for the run at ``config_path`` and return {ranks, budget, uniform, config}."""
-    from .recipes.finetune import train
-    from .recipes.loading import load_trained
+    from .recipe import train
     from .run_config import load_run_config, read_yaml
+    from .trained_sets import load_trained
 
     raw = read_yaml(config_path)
     config = load_run_config(config_path)
-    loras = [e for e, c in config.methods.items() if isinstance(c, LoRAConfig)]
+    loras = [e for e, c in config.methods.items() if c.linear_low_rank]
     if not loras:
         raise ConfigError([f"{config_path} has no LoRA entry whose ranks could be searched"])
     overrides = [f"output={config.output}-rank-probe", f"training.max_steps={probe_steps}", "stages=null",

@@ -147,7 +147,7 @@ def load_skeleton(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``load_base``'s model with its weights on the meta device (no memory, no values) and real
     buffers, and its tokenizer: what the processes of a sharded run other than the first build,
-    before they receive their shards from the first (see ``recipes.engine.shard``)."""
+    before they receive their shards from the first (see ``training.launch.shard``)."""
     from accelerate import init_empty_weights
 
     source = resolve_model(name)

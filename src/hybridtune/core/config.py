@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
-from .methods import MethodConfig, method_config
+from ..methods import MethodConfig, method_config
 from .validation import describe_errors
 
 _ENTRY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -25,7 +24,6 @@ from torch import nn
 from .attach import describe_target
 from .config import HybridConfig
 from .errors import CheckpointError, TargetError
-from .model import HybridModel, inject
 from .partitioned import gathered
 
 CONFIG_NAME = "hybridtune_config.json"
@@ -80,7 +78,7 @@ def state_key(entry: str, target: str, name: str) -> str:
     return ".".join(part for part in (entry, target, name) if part)
 
 
-def adapter_state(model: HybridModel) -> dict[str, torch.Tensor]:
+def adapter_state(model: Any) -> dict[str, torch.Tensor]:
     """The active set's tensors on the CPU, by checkpoint key. Under FSDP (DTensor shards) and
     DeepSpeed ZeRO-3 (partitioned parameters) the branch weights are gathered here, so every
     process must call this together."""
@@ -112,11 +110,11 @@ def fp32_master(param: nn.Parameter | None) -> torch.Tensor | None:
     return safe_get_full_fp32_param(param)
 
 
-def save_adapters(model: HybridModel, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+def save_adapters(model: Any, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the config JSON and the weights; ``state`` is ``adapter_state(model)`` when the caller
     gathered it already (multi-process runs, where only one process writes)."""
     directory = Path(directory)
-    from . import __version__
+    from .. import __version__
 
     weights = save_safetensors(adapter_state(model) if state is None else state, metadata={"format": FORMAT})
     meta = {
@@ -182,7 +180,7 @@ def read_weights(directory: str | Path, meta: dict[str, Any]) -> dict[str, torch
         raise CheckpointError(f"{path} is corrupt or truncated: {exc}") from exc
 
 
-def _check_base(model: nn.Module, meta: dict[str, Any], allow_base_mismatch: bool) -> None:
+def check_base(model: nn.Module, meta: dict[str, Any], allow_base_mismatch: bool) -> None:
     saved, here = meta.get("base_model", {}), base_identity(model)
     if saved.get("model_type") and here["model_type"] and saved["model_type"] != here["model_type"]:
         raise CheckpointError(
@@ -201,7 +199,7 @@ def _check_base(model: nn.Module, meta: dict[str, Any], allow_base_mismatch: boo
         )
 
 
-def _check_targets(base: nn.Module, config: HybridConfig, meta: dict[str, Any]) -> None:
+def check_targets(base: nn.Module, config: HybridConfig, meta: dict[str, Any]) -> None:
     """Compare the modules the config selects on this base with the ones recorded at save time."""
     here: dict[str, Any] = {}
     for entry, cfg in config.methods.items():
@@ -228,52 +226,7 @@ def _check_targets(base: nn.Module, config: HybridConfig, meta: dict[str, Any]) 
             )
 
 
-def load(
-    model: nn.Module,
-    directory: str | Path,
-    *,
-    trainable: bool = False,
-    allow_base_mismatch: bool = False,
-    set_name: str | None = None,
-) -> HybridModel:
-    """Rebuild the saved entries on ``model`` and load their weights.
-
-    ``model`` is a fresh base model, or a HybridModel: then the entries join its active set, or
-    become the new adapter set ``set_name``. Every mismatch is an error naming what differs;
-    ``trainable=False`` freezes the loaded entries for inference.
-    """
-    meta = read_meta(directory)
-    try:
-        config = HybridConfig.model_validate({"methods": meta.get("methods")})
-    except ValidationError as exc:
-        raise CheckpointError(f"the method configs in {directory}/{CONFIG_NAME} are invalid: {exc}") from exc
-    base = model.base_model if isinstance(model, HybridModel) else model
-    _check_base(base, meta, allow_base_mismatch)
-    _check_targets(base, config, meta)
-    state = read_weights(directory, meta)
-    if isinstance(model, HybridModel) and set_name is not None:
-        model.add_set(set_name, config)
-        hybrid, rollback = model, lambda: model.delete_set(set_name)
-    else:
-        hybrid = inject(model, config, **({"set_name": set_name} if set_name else {}))
-
-        def rollback() -> None:
-            for entry in config.methods:  # leave the model as it was given
-                hybrid.delete_entry(entry)
-
-    with hybrid._acting_on(set_name or hybrid._current):
-        try:
-            load_state(hybrid, state, entries=list(config.methods), source=str(directory))
-        except BaseException:
-            rollback()
-            raise
-        for entry in config.methods:
-            for _, _, _, branch in hybrid.branches(entry):
-                branch.requires_grad_(trainable)
-    return hybrid
-
-
-def load_state(model: HybridModel, state: dict[str, torch.Tensor], entries: list[str], source: str) -> None:
+def load_state(model: Any, state: dict[str, torch.Tensor], entries: list[str], source: str) -> None:
     """Copy ``{entry}.{target}.{param}`` tensors into the entries' branches, checking every key."""
     expected: dict[str, torch.Tensor] = {}
     for entry in entries:
@@ -304,15 +257,3 @@ def load_state(model: HybridModel, state: dict[str, torch.Tensor], entries: list
     for entry in entries:
         for _, _, _, branch in model.branches(entry):
             branch.after_load()
-
-
-def add_saved_set(model: nn.Module, name: str, directory: str | Path) -> HybridModel:
-    """Load the saved adapters in ``directory`` as the inactive set ``name`` of ``model`` (a plain
-    base, which becomes a HybridModel, or a HybridModel); returns the HybridModel. For servers
-    that route sets per row and keep the plain base active for rows without one."""
-    if isinstance(model, HybridModel):
-        model.load_set(name, directory)
-        return model
-    hybrid = load(model, directory, set_name=name)
-    hybrid.set_active(None)
-    return hybrid

@@ -7,9 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..data import Encoded, Example, encode, pack, read_examples, split, with_system
-from ..methods.lora_mixture import LoRAMixtureConfig
-from ..run_config import ConfigError, RunConfig
+from .data import Encoded, Example, encode, pack, read_examples, split, with_system
+from .run_config import ConfigError, RunConfig
 
 
 @dataclass
@@ -51,9 +50,9 @@ def prepare_data(config: RunConfig, tokenizer: Any) -> Prepared:
 
 def task_names(config: RunConfig) -> list[str] | None:
     """The task list of the run's hard mixture entries (they must agree), or None."""
-    lists = {tuple(c.tasks) for c in config.methods.values() if isinstance(c, LoRAMixtureConfig) and c.mode == "hard"}
+    lists = {tuple(tasks) for c in config.methods.values() if (tasks := c.routing_tasks()) is not None}
     if len(lists) > 1:
-        raise ConfigError([f"hard lora_mixture entries must name the same tasks, got {sorted(lists)}"])
+        raise ConfigError([f"entries routed by task must name the same tasks, got {sorted(lists)}"])
     return list(lists.pop()) if lists else None
 
 

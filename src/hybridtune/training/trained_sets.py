@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoint as adapter_io
-from ..model import HybridModel
-from ..models import load_base
-from ..run_config import ConfigError
+from ..core import adapter_io
+from ..core.base_models import load_base
+from ..core.model import HybridModel, load
+from .run_config import ConfigError
 
 
 def load_trained(adapters_dir: str | Path, model_name: str | None = None) -> tuple[HybridModel, Any]:
@@ -21,7 +21,7 @@ def load_trained(adapters_dir: str | Path, model_name: str | None = None) -> tup
     if not name:
         raise ConfigError([f"{adapters_dir} does not record its base model; pass --model"])
     base, tokenizer = load_base(name)
-    return adapter_io.load(base, adapters_dir), tokenizer
+    return load(base, adapters_dir), tokenizer
 
 
 def load_sets(specs: list[tuple[Path, float]], model_name: str | None = None) -> tuple[HybridModel, Any, dict]:
@@ -34,7 +34,7 @@ def load_sets(specs: list[tuple[Path, float]], model_name: str | None = None) ->
     if not name:
         raise ConfigError([f"{specs[0][0]} does not record its base model; pass --model"])
     base, tokenizer = load_base(name)
-    hybrid = adapter_io.load(base, specs[0][0], set_name="s0")
+    hybrid = load(base, specs[0][0], set_name="s0")
     for i, (directory, _) in enumerate(specs[1:], start=1):
         hybrid.load_set(f"s{i}", directory)
     return hybrid, tokenizer, {f"s{i}": weight for i, (_, weight) in enumerate(specs)}

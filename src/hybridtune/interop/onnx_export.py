@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model import HybridModel
+from ..core.model import HybridModel
 
 ONNX_FILE = "model.onnx"
 CHECK_FILE = "onnx_check.json"

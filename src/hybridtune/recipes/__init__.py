@@ -1,1 +1,0 @@
-"""End-to-end recipes built from hybridtune's components (the CLI calls these)."""

@@ -1,0 +1,96 @@
+"""A run directory's lifecycle: what it holds (config copy, summary, metrics, checkpoints, the
+STOP file the UI writes), whether it can be resumed, and the metrics a resume keeps.
+
+    RUN/config.yaml      the run's validated config, as resumed runs must match it
+    RUN/metrics.jsonl    one JSON record per event (train, eval, stage_start, rank, ...)
+    RUN/checkpoints/     resumable checkpoints (see checkpoints.py)
+    RUN/stages/NAME/     each stage's adapters, RUN/adapters/ the final ones
+    RUN/summary.json     written last: the run is finished
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..core import adapter_io as adapter_io
+from .checkpoints import (
+    list_checkpoints,
+)
+from .evaluation import Generation
+from .run_config import ConfigError, RunConfig
+from .tracking import METRICS_FILE, read_metrics
+
+CONFIG_COPY = "config.yaml"
+SUMMARY = "summary.json"
+STOP_FILE = "STOP"  # created by a user (or the web UI) to stop a run cleanly at the next step
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by ``stop_after_step`` (tests use it to simulate a crash at a known step)."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run was asked to stop (a ``STOP`` file in its directory); a checkpoint was written at
+    ``step`` and running the same config again resumes from it."""
+
+    def __init__(self, step: int, run_dir: Path) -> None:
+        super().__init__(f"stopped at step {step} as asked; checkpoint kept in {run_dir}, run again to resume")
+        self.step, self.run_dir = step, run_dir
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    adapters_dir: Path
+    summary: dict[str, Any]
+    generations: list[Generation] = field(default_factory=list)  # after training
+    generations_before: list[Generation] = field(default_factory=list)
+    is_main: bool = True  # False on the other processes of a multi-process run (they stay quiet)
+
+
+def check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> bool:
+    """True when an interrupted run is there to resume; errors on a finished or different run."""
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    saved_path = run_dir / CONFIG_COPY
+    if not saved_path.is_file():
+        return False
+    saved = yaml.safe_load(saved_path.read_text())
+    if saved != config.dump():
+        keys = sorted(k for k in set(saved) | set(config.dump()) if saved.get(k) != config.dump().get(k))
+        raise ConfigError(
+            [
+                f"output '{run_dir}' holds a run with a different config (differs in: {', '.join(keys)}); "
+                "choose another output or pass --overwrite"
+            ]
+        )
+    if (run_dir / SUMMARY).is_file():
+        raise ConfigError([f"output '{run_dir}' holds a finished run; choose another output or pass --overwrite"])
+    return bool(list_checkpoints(run_dir))
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop records the interrupted run wrote after the checkpoint it resumes from."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [
+        r
+        for r in read_metrics(path)
+        if r.get("step", 0) <= step and not (r.get("kind") == "eval" and r.get("when") == "after")
+    ]
+    adapter_io.atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+def saved_before(run_dir: Path) -> dict[str, Any] | None:
+    """The eval before training that an interrupted run recorded (a resume does not redo it)."""
+    for record in read_metrics(run_dir / METRICS_FILE):
+        if record.get("kind") == "eval" and record.get("when") == "before":
+            return {k: v for k, v in record.items() if k not in {"kind", "when", "step"}}
+    return None

@@ -1,0 +1,59 @@
+"""The pieces of one optimizer step the recipe is built from: the epoch order, micro-batch windows
+for gradient accumulation, label counting, and the step that respects fp16's skipped updates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+from ..core import adapter_io as adapter_io
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffled order that depends only on (seed, stage, epoch): resumable, same on every rank."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def label_tokens(batch: dict) -> int:
+    """Label tokens a causal LM's loss averages over (labels are shifted by one)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def windows(loader: Any, size: int):
+    """The loader's batches in lists of ``size`` (the last one shorter): one list per optimizer step."""
+    window = []
+    for batch in loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def apply_step(stepper: Any, scheduler: Any) -> bool:
+    """The optimizer step of a window whose gradients are in place (``stepper``: accelerate's
+    optimizer, or DeepSpeed's engine, which also clips and zeroes), then the schedule's step — only
+    when the weights were really updated: under fp16 a loss-scale overflow skips the update
+    (accelerate's GradScaler, DeepSpeed's dynamic scaler), and the schedule then waits for it, as
+    in transformers' Trainer. Returns whether the weights were updated."""
+    stepper.step()
+    if hasattr(stepper, "was_step_applied"):  # DeepSpeed's engine
+        applied = stepper.was_step_applied()
+    else:
+        applied = not getattr(stepper, "step_was_skipped", False)
+        stepper.zero_grad()
+    if applied:
+        scheduler.step()
+    return applied

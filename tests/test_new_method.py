@@ -1,0 +1,104 @@
+"""A new PEFT method is one file plus one registry line: a method defined here, in the test, and
+registered with ``register_method`` (what a line in METHOD_MODULES does for a module of the
+package) goes through inject, save/load, training from YAML, the CLI and the web UI's method
+catalog and config check, with nothing else of hybridtune touched."""
+
+import shutil
+from typing import ClassVar, Literal
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from pydantic import Field
+from torch import nn
+
+import hybridtune as ht
+from conftest import make_model, write_config
+from hybridtune.cli import main
+from hybridtune.core.targeting import is_linear, linear_features, select_modules
+from hybridtune.methods import Branch, MethodConfig, register_method, unregister_method
+
+
+class OutputShiftConfig(MethodConfig):
+    """A learned vector added to the outputs of the target linear layers (zero at init)."""
+
+    type: Literal["output_shift"] = "output_shift"
+    mergeable: ClassVar[bool] = False
+
+    targets: list[str] = Field(min_length=1)
+    init: float = 0.0
+
+    @classmethod
+    def example(cls) -> "OutputShiftConfig":
+        return cls(targets=["q_proj"])
+
+    def select_targets(self, model: nn.Module, entry: str) -> list[tuple[str, nn.Module]]:
+        return select_modules(model, self.targets, entry=entry, accept=is_linear, accepted_what="linear layers")
+
+    def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> Branch:
+        return OutputShift(linear_features(module)[1], self.init)
+
+
+class OutputShift(Branch):
+    def __init__(self, features: int, init: float) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.full((features,), float(init)))
+
+    def forward(self, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        return output + self.shift.to(output.dtype)
+
+
+@pytest.fixture
+def registered():
+    register_method(OutputShiftConfig)
+    yield OutputShiftConfig
+    unregister_method("output_shift")
+
+
+def test_inject_save_load_and_the_public_names(registered, tmp_path, input_ids):
+    base = make_model("llama")
+    expected = base(input_ids).logits
+    model = ht.inject(base, {"methods": {"shift": {"type": "output_shift", "targets": ["q_proj", "v_proj"]}}})
+    torch.testing.assert_close(model(input_ids).logits, expected)  # identity at init
+    with torch.no_grad():
+        for p in model.parameters_to_train():
+            p.normal_(0, 0.5)
+    changed = model(input_ids).logits
+    assert not torch.allclose(changed, expected)
+    model.save_adapters(tmp_path / "a")
+    reloaded = ht.load(make_model("llama"), tmp_path / "a")
+    torch.testing.assert_close(reloaded(input_ids).logits, changed, rtol=0, atol=0)
+    assert ht.OutputShiftConfig is OutputShiftConfig  # hybridtune.NameConfig, as for the built-in methods
+    with pytest.raises(ht.MergeError, match="not mergeable"):
+        reloaded.merge_and_unload()
+
+
+def test_training_from_yaml_the_cli_and_the_ui(registered, project, tiny_lm_dir, capsys):
+    import yaml
+
+    from hybridtune.training.recipe import train
+    from hybridtune.training.run_config import load_run_config
+    from hybridtune.ui import create_app
+
+    path = write_config(project, tiny_lm_dir, max_steps=4)
+    raw = yaml.safe_load(path.read_text())
+    raw["methods"] = {"shift": {"type": "output_shift", "targets": ["q_proj", "down_proj"], "init": 0.0},
+                      "lora": raw["methods"]["lora"]}  # fmt: skip
+    path.write_text(yaml.safe_dump(raw))
+    result = train(load_run_config(path), log=lambda *_: None)
+    assert result.summary["after"]["eval_loss"] < result.summary["before"]["eval_loss"]
+
+    assert main(["validate", str(path)]) == 0
+    assert main(["generate", "--adapters", str(result.adapters_dir), "--max-new-tokens", "2", "hi"]) == 0
+    assert capsys.readouterr().out.strip()
+
+    shutil.copytree(tiny_lm_dir, project / "models" / "tiny")  # the UI works inside its folder
+    client = TestClient(create_app(project))
+    catalog = client.get("/api/methods").json()
+    assert catalog["output_shift"]["schema"]["properties"]["init"]["default"] == 0.0
+    assert catalog["output_shift"]["example"] == {"type": "output_shift", "targets": ["q_proj"], "init": 0.0}
+    assert set(catalog) >= {"lora", "adapter", "output_shift"}
+    methods = {"shift": {"type": "output_shift", "targets": ["q_proj"]}}
+    checked = client.post("/api/check", json={"model": "models/tiny", "methods": methods,
+                                              "data": {"train": "train.jsonl"}}).json()  # fmt: skip
+    assert checked["problems"] == [] and checked["parameters"]["shift"] == 2 * 32, checked

@@ -1,7 +1,9 @@
 import pytest
+import torch
 from pydantic import ValidationError
 
 import hybridtune as ht
+from conftest import make_model
 
 
 def test_dicts_become_registered_configs():
@@ -41,3 +43,24 @@ def test_bad_values():
         ht.HybridConfig(methods={"my-lora": {"type": "lora", "targets": "q_proj"}})
     with pytest.raises(ValidationError, match="at least 1 item"):
         ht.HybridConfig(methods={})
+
+
+def test_peft_names_are_accepted_where_a_peft_user_types_them(input_ids):
+    excluded = ["model.layers.0.self_attn.q_proj"]
+    ours = ht.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], dropout=0.1, exclude=excluded)
+    theirs = ht.LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1,
+                           exclude_modules=excluded)  # fmt: skip
+    assert theirs == ours and theirs.model_dump() == ours.model_dump()  # saved under hybridtune's names
+    assert ht.DoRAConfig(lora_alpha=4, target_modules="q_proj").alpha == 4
+    with pytest.raises(ValueError, match="'alpha' and 'lora_alpha' are the same option"):
+        ht.LoRAConfig(alpha=8, lora_alpha=16, targets=["q_proj"])
+    with pytest.raises(ValueError, match="unknown key 'lora_alhpa' .*did you mean 'lora_alpha'"):
+        ht.LoRAConfig(lora_alhpa=8, targets=["q_proj"])
+
+
+def test_a_bare_method_config_is_one_entry_named_after_its_type(tmp_path, input_ids):
+    model = ht.inject(make_model("llama"), ht.LoRAConfig(r=4, target_modules=["q_proj"]))
+    assert list(model.entries) == ["lora"]
+    model.save_adapters(tmp_path)
+    again = ht.HybridModel.from_pretrained(make_model("llama"), tmp_path)
+    torch.testing.assert_close(again(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)

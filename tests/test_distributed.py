@@ -16,7 +16,8 @@ import hybridtune as ht
 from conftest import quiet, write_config
 from hybridtune.core.base_models import load_base
 from hybridtune.training.recipe import train
-from hybridtune.training.run_config import load_run_config
+from hybridtune.training.run_config import ConfigError, load_run_config
+from hybridtune.training.tracking import read_metrics
 
 pytestmark = pytest.mark.slow  # every test here starts processes under torchrun: the longest part of the suite
 
@@ -68,13 +69,13 @@ def single(project, tiny_lm_dir):
 
 EVAL_SHARE_SPY = """
 import os, sys
-import hybridtune.training.recipe as recipe
+import hybridtune.training.run_eval as run_eval
 from hybridtune.cli import app
-counts, sums = [], recipe.loss_sums
+counts, sums = [], run_eval.loss_sums
 def counted(model, encoded, *args):
     counts.append(len(encoded))
     return sums(model, encoded, *args)
-recipe.loss_sums = counted
+run_eval.loss_sums = counted
 try:
     app(["train", sys.argv[1]])
 finally:
@@ -91,17 +92,17 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(project,
     out = torchrun(str(driver), str(path), cwd=project)
     assert [(project / f"eval-{rank}.txt").read_text() for rank in (0, 1)] == ["3 3", "3 3"]  # 6 examples, twice
     run = project / "runs" / "ddp"
-    evals = [r for r in ht.tracking.read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
-    single_evals = [r for r in ht.tracking.read_metrics(single.run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
+    single_evals = [r for r in read_metrics(single.run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     assert [r["when"] for r in evals] == ["before", "after"] == [r["when"] for r in single_evals]
     for ours, theirs in zip(evals, single_evals, strict=True):
         assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
         assert ours["exact_match"] == theirs["exact_match"]
     assert_same_weights(single.adapters_dir, run / "adapters")
     assert out.count("adapters:") == 1  # one process reports; the other stays quiet
-    records = [r for r in ht.tracking.read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    records = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # written once, by rank 0
-    single_losses = [r["loss"] for r in ht.tracking.read_metrics(single.run_dir / "metrics.jsonl") if "loss" in r]
+    single_losses = [r["loss"] for r in read_metrics(single.run_dir / "metrics.jsonl") if "loss" in r]
     assert [r["loss"] for r in records] == pytest.approx(single_losses, rel=1e-5)  # the global batch's loss
 
 
@@ -140,7 +141,8 @@ def test_gradient_accumulation_equals_the_big_batch(project, tiny_lm_dir, single
 FSDP_DRIVER = """
 import sys
 from hybridtune.training.recipe import TrainingInterrupted, train
-from hybridtune.training.run_config import load_run_config
+from hybridtune.training.run_config import ConfigError, load_run_config
+from hybridtune.training.tracking import read_metrics
 try:
     train(load_run_config(sys.argv[1]), log=lambda *_: None, stop_after_step=int(sys.argv[2]))
 except TrainingInterrupted:
@@ -175,8 +177,8 @@ def test_fsdp_trains_saves_resumes_and_loads(project, tiny_lm_dir, single, cpu_o
     assert (project / "loads-0.txt").read_text() == "load_base"
     assert (project / "loads-1.txt").read_text() == "load_skeleton"
     run = project / "runs" / "fsdp"
-    records = ht.tracking.read_metrics(run / "metrics.jsonl")
-    single_records = ht.tracking.read_metrics(single.run_dir / "metrics.jsonl")
+    records = read_metrics(run / "metrics.jsonl")
+    single_records = read_metrics(single.run_dir / "metrics.jsonl")
     assert records[0]["when"] == "before" and records[0]["eval_loss"] == pytest.approx(single_records[0]["eval_loss"])
     assert not (run / "adapters").exists() and (run / "checkpoints").is_dir()
     torchrun("-m", "hybridtune", "train", str(path), cwd=project)  # resumes at step 2, sharded moments
@@ -225,7 +227,7 @@ def test_fp16_loss_scaling_on_two_processes(project, tiny_lm_dir, engine):
     assert first == second and len(first) == 6
     assert not first[0][0] and any(applied for applied, _ in first), first  # skipped at first, then trains
     run = project / "runs" / engine
-    records = ht.tracking.read_metrics(run / "metrics.jsonl")
+    records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records if r["kind"] == "skipped"] == [i + 1 for i, (a, _) in enumerate(first) if not a]
     assert [r["loss_scale"] for r in records if r["kind"] == "train"] == [scale for _, scale in first]
     summary = json.loads((run / "summary.json").read_text())
@@ -284,7 +286,7 @@ def test_launcher_fsdp_settings_and_refusals(project, tiny_lm_dir, monkeypatch):
         monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", flag)
         adopted = with_launcher_fsdp(load_run_config(config(project, tiny_lm_dir, "plain.yaml")))
         assert adopted.fsdp is not None and adopted.training.gradient_checkpointing is checkpointing
-    with pytest.raises(ht.run_config.ConfigError, match="FSDP is set twice"):
+    with pytest.raises(ConfigError, match="FSDP is set twice"):
         with_launcher_fsdp(run)
     for version, key, value, reshard in (("1", "FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP", False),
                                          ("1", "FSDP_SHARDING_STRATEGY", "1", True),
@@ -295,13 +297,11 @@ def test_launcher_fsdp_settings_and_refusals(project, tiny_lm_dir, monkeypatch):
         assert adopted.fsdp.reshard_after_forward is reshard, (version, value)
     monkeypatch.setenv("FSDP_VERSION", "1")
     monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "NO_SHARD")
-    with pytest.raises(
-        ht.run_config.ConfigError, match="--fsdp_sharding_strategy 'no_shard' is not one .* without --use_fsdp"
-    ):
+    with pytest.raises(ConfigError, match="--fsdp_sharding_strategy 'no_shard' is not one .* without --use_fsdp"):
         with_launcher_fsdp(load_run_config(config(project, tiny_lm_dir, "once.yaml")))
     monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
     half = load_run_config(config(project, tiny_lm_dir, "half.yaml", base_dtype="bf16"))
-    with pytest.raises(ht.run_config.ConfigError, match="accelerate launch asks for FSDP: .*leave training.base_dtype"):
+    with pytest.raises(ConfigError, match="accelerate launch asks for FSDP: .*leave training.base_dtype"):
         with_launcher_fsdp(half)
 
 

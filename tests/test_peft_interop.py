@@ -14,9 +14,9 @@ from conftest import make_model, randomize
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def _check_peft_loads(hybrid, base, tmp_path, input_ids):
+def _check_peft_loads(hybrid, base, tmp_path, input_ids, entries=None):
     expected = hybrid(input_ids).logits
-    ht.export_peft(hybrid, tmp_path / "peft")
+    ht.export_peft(hybrid, tmp_path / "peft", entries=entries)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "peft")
     torch.testing.assert_close(peft_model(input_ids).logits, expected, **TOL)
     return json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -40,8 +40,10 @@ def test_export_stacked_entries_rslora_and_adapters_left_out(tmp_path, input_ids
         "adapter": ht.AdapterConfig(),
     }
     hybrid = randomize(ht.inject(copy.deepcopy(base), ht.HybridConfig(methods=methods)))
+    with pytest.raises(ValueError, match=r"'adapter' \(adapter\) have no equivalent .* entries=\['a', 'b'\]"):
+        ht.export_peft(hybrid, tmp_path / "refused")  # a silent partial export would compute something else
     with hybrid.disabled(["adapter"]):
-        config = _check_peft_loads(hybrid, base, tmp_path, input_ids)
+        config = _check_peft_loads(hybrid, base, tmp_path, input_ids, entries=["a", "b"])
     tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (6, 32)  # 4 + 2
     assert config["use_rslora"] is False
@@ -71,8 +73,10 @@ def test_import_what_peft_saved(tmp_path, input_ids):
 
 def test_export_and_import_errors(tmp_path, llama):
     only_adapter = ht.inject(llama, ht.HybridConfig(methods={"adapter": ht.AdapterConfig()}))
-    with pytest.raises(ValueError, match="no LoRA entry to export"):
+    with pytest.raises(ValueError, match="'adapter' \\(adapter\\) have no equivalent in peft's LoRA format"):
         ht.export_peft(only_adapter, tmp_path)
+    with pytest.raises(ValueError, match="no LoRA entry to export"):
+        ht.export_peft(only_adapter, tmp_path, entries=[])
     with pytest.raises(ValueError, match="not LoRA entries of this model: adapter"):
         ht.export_peft(only_adapter, tmp_path, entries=["adapter"])
     with pytest.raises(ht.CheckpointError, match="no adapter_config.json"):

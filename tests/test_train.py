@@ -155,9 +155,15 @@ def test_cli_train_eval_generate_merge_export(project, tiny_lm_dir, tmp_path):
     assert list(rest.entries) == ["adapter"]
     torch.testing.assert_close(rest(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
+    refused = runner.invoke(app, ["export", "--adapters", str(adapters), "--format", "peft", "--out",
+                                  str(tmp_path / "p")])  # fmt: skip
+    assert refused.exit_code == 2 and "'adapter' (adapter) have no equivalent in peft's LoRA format" in refused.output
+    assert "--only lora" in refused.output and not (tmp_path / "p").exists()
     peft_out = runner.invoke(app, ["export", "--adapters", str(adapters), "--format", "peft", "--out",
-                                   str(tmp_path / "p")])  # fmt: skip
-    assert peft_out.exit_code == 0 and "not exported, no peft equivalent: adapter" in peft_out.output
+                                   str(tmp_path / "p"), "--only", "lora"])  # fmt: skip
+    assert (
+        peft_out.exit_code == 0 and "left out as asked, so it computes less than the hybrid: adapter" in peft_out.output
+    )
     assert (tmp_path / "p" / "adapter_config.json").is_file()
 
 

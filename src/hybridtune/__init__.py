@@ -24,22 +24,28 @@ _PUBLIC = {
     "load": ".core.model",
     "export_peft": ".interop.peft_format",
     "import_peft": ".interop.peft_format",
+    "HybridTrainer": ".interop.trainer",
+    "hybrid_trainer": ".interop.trainer",
     "METHODS": ".methods",
     "MethodConfig": ".methods",
     "register_method": ".methods",
 }
+
+_SUBPACKAGES = {"core", "methods", "training", "interop", "serving", "ui", "cli"}
 
 __all__ = [
     "METHODS",
     "CheckpointError",
     "HybridConfig",
     "HybridModel",
+    "HybridTrainer",
     "HybridTuneError",
     "MergeError",
     "MethodConfig",
     "TargetError",
     "__version__",
     "export_peft",
+    "hybrid_trainer",
     "import_peft",
     "inject",
     "load",
@@ -48,6 +54,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:  # hybridtune.training.xyz without importing it first
+        return importlib.import_module(f".{name}", __name__)
     module = _PUBLIC.get(name)
     if module is None:
         if name.endswith("Config"):  # a registered method's config class
@@ -70,4 +78,5 @@ if TYPE_CHECKING:
     from .core.errors import CheckpointError, HybridTuneError, MergeError, TargetError
     from .core.model import HybridModel, inject, load
     from .interop.peft_format import export_peft, import_peft
+    from .interop.trainer import HybridTrainer, hybrid_trainer
     from .methods import METHODS, MethodConfig, register_method

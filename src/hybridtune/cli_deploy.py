@@ -83,6 +83,10 @@ def export(
         ),
     ],
     model: ModelOpt = None,
+    only: Annotated[
+        str | None,
+        typer.Option(help="peft: export only these entries (comma-separated), leaving the others out on purpose."),
+    ] = None,
 ) -> None:
     """Export saved adapters for other tools."""
     if format is ExportFormat.merged:
@@ -109,12 +113,14 @@ def export(
         return
     from .interop.peft_format import export_peft
 
+    chosen = None if only is None else [e.strip() for e in only.split(",") if e.strip()]
     try:
-        export_peft(hybrid, out)
+        export_peft(hybrid, out, entries=chosen)
     except ValueError as exc:
         fail(str(exc))
-    others = [e for e, c in hybrid.entries.items() if not c.linear_low_rank]
-    typer.echo(f"peft adapter: {out}" + (f" (not exported, no peft equivalent: {', '.join(others)})" if others else ""))
+    left_out = [e for e in hybrid.entries if chosen is not None and e not in chosen]
+    note = f" (left out as asked, so it computes less than the hybrid: {', '.join(left_out)})" if left_out else ""
+    typer.echo(f"peft adapter: {out}{note}")
 
 
 def serve(

@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from ..methods import Branch
+from ..methods import Branch, MethodConfig
 from . import adapter_io
 from .adapter_sets import SET_NAME, AdapterSets
 from .attach import DEFAULT_SET, Attached, attach_config, branch_key, detach, fingerprint, iter_branches
@@ -307,12 +307,17 @@ class HybridModel(AdapterSets, Merging, nn.Module):
             raise MergeError("this HybridModel was merged and unloaded; use the model merge_and_unload() returned")
 
 
-def inject(model: nn.Module, config: HybridConfig | dict, set_name: str = DEFAULT_SET) -> HybridModel:
+def inject(model: nn.Module, config: HybridConfig | MethodConfig | dict, set_name: str = DEFAULT_SET) -> HybridModel:
     """Add the config's method entries to ``model`` and freeze everything else.
 
-    Given a HybridModel, the entries are added to its active set. Targets of every entry are
-    chosen on the untouched model, so the order of entries never changes what an entry matches.
+    ``config`` is a HybridConfig (named entries), its dict, or one bare method config (a LoRA
+    config, say), which becomes an entry named after its type (as peft's get_peft_model takes one
+    LoRA config). Given a HybridModel, the entries are added to its active set. Targets
+    of every entry are chosen on the untouched model, so the order of entries never changes what
+    an entry matches.
     """
+    if isinstance(config, MethodConfig):
+        config = HybridConfig(methods={config.type: config})
     if not isinstance(config, HybridConfig):
         config = HybridConfig.model_validate(config)
     if isinstance(model, HybridModel):

@@ -28,17 +28,78 @@ from ..methods.lora import exact_config, stack_deltas
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
-_UNSUPPORTED = {
-    "use_dora": (False, None),
-    "modules_to_save": (None, []),
-    "layers_to_transform": (None,),
-    "target_parameters": (None, []),
+# Every key of peft's LoraConfig, and what import_peft does with it (tests/interop checks each
+# against peft itself). Reproduced: the saved tensors and these keys give exactly peft's function.
+_REPRODUCED = {
+    "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "fan_in_fan_out",
+    # the saved tensors name exactly the modules these chose:
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+}  # fmt: skip
+# Metadata and run-time settings that do not change what the adapter computes.
+_NO_EFFECT = {
+    "task_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+    "runtime_config", "megatron_core", "qalora_group_size", "ensure_weight_tying", "eva_config",
+}  # fmt: skip
+# Accepted only at these values; anything else changes the function in a way a plain LoRA entry
+# does not reproduce, and is refused by name.
+_ONLY = {
     "bias": ("none",),
+    "modules_to_save": (None, []),
+    # initialisations that leave the base weights alone (the saved A and B are what counts);
+    # pissa, olora, corda, loftq and lora-ga rewrite the base weights too
+    "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal"),
+    "loftq_config": (None, {}),
+    "corda_config": (None,),
+    "lora_ga_config": (None,),
+    "use_dora": (False, None),
+    "alora_invocation_tokens": (None, []),
+    "use_qalora": (False, None),
+    "trainable_token_indices": (None, [], {}),
+    "layer_replication": (None, []),
+    "lora_bias": (False, None),
+    "target_parameters": (None, []),
+    "megatron_config": (None,),
+    "velora_config": (None,),
+    "monteclora_config": (None,),
+    "use_bdlora": (False, None),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
 }
+_WHY = {
+    "init_lora_weights": "this initialisation rewrites the base weights too, which the adapter files do not hold",
+    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens, a LoRA entry everywhere",
+    "use_dora": "importing DoRA adapters is not supported yet",
+    "target_parameters": "LoRA on parameters (MoE experts) is not supported yet",
+}
+
+
+def peft_config_problems(peft_config: dict[str, Any]) -> list[str]:
+    """Every key of a peft LoRA config that ``import_peft`` cannot reproduce exactly, by name."""
+    problems = []
+    for key, value in peft_config.items():
+        if key == "peft_type" or key in _REPRODUCED or key in _NO_EFFECT:
+            continue
+        allowed = _ONLY.get(key)
+        if allowed is None:  # a key this version does not know: harmless only when unset
+            if value in (None, False, {}, [], ""):
+                continue
+            problems.append(f"'{key}': {value!r} is a peft option import_peft does not know")
+        elif value not in allowed:
+            why = _WHY.get(key, "a plain LoRA entry does not compute the same")
+            problems.append(f"'{key}': {value!r} is not supported ({why}; supported: {list(allowed)})")
+    return problems
 
 
 def _lora_entries(model: HybridModel, entries: list[str] | None) -> list[str]:
     loras = [e for e, cfg in model.hybrid_config.methods.items() if cfg.linear_low_rank]
+    others = [e for e in model.hybrid_config.methods if e not in loras]
+    if entries is None and others:  # a silent partial export would compute something else
+        kinds = ", ".join(f"'{e}' ({model.hybrid_config.methods[e].type})" for e in others)
+        raise ValueError(
+            f"entries {kinds} have no equivalent in peft's LoRA format, so the export would not compute what "
+            f"this model computes; export the LoRA part alone explicitly with entries={loras} "
+            f"(hybridtune export --only {','.join(loras) or 'ENTRY'})"
+        )
     if entries is not None:
         wrong = [e for e in entries if e not in loras]
         if wrong:
@@ -50,7 +111,9 @@ def _lora_entries(model: HybridModel, entries: list[str] | None) -> list[str]:
 
 
 def export_peft(model: HybridModel, directory: str | Path, entries: list[str] | None = None) -> Path:
-    """Write the LoRA entries (default: all) as one peft LoRA adapter directory."""
+    """Write the active set as one peft LoRA adapter directory. Every entry must be LoRA (entries
+    of other methods would be lost, and the export would compute something else): refused, unless
+    ``entries`` names the LoRA entries to export explicitly."""
     directory = Path(directory)
     chosen = _lora_entries(model, entries)
     per_module: dict[str, list[Branch]] = defaultdict(list)
@@ -73,7 +136,7 @@ def export_peft(model: HybridModel, directory: str | Path, entries: list[str] | 
         else:
             (b,) = branches
             a, bb = b.A.detach(), b.B.detach()
-            ranks[target], alphas[target] = b.rank, b.alpha
+            ranks[target], alphas[target] = b.rank, peft_alpha_for(b, use_rslora)
         tensors[f"{_PEFT_PREFIX}{target}.lora_A.weight"] = a.cpu().contiguous()
         tensors[f"{_PEFT_PREFIX}{target}.lora_B.weight"] = bb.cpu().contiguous()
 
@@ -102,6 +165,15 @@ def export_peft(model: HybridModel, directory: str | Path, entries: list[str] | 
     return directory
 
 
+def peft_alpha_for(branch: Branch, use_rslora: bool) -> float:
+    """The lora_alpha with which peft computes this branch's scale at its current rank: its own
+    alpha, except after a growing rank moved on (the scale stays alpha/start, see RankSchedule)."""
+    own = branch.alpha / (branch.rank**0.5 if use_rslora else branch.rank)
+    if abs(own - branch.scale) <= 1e-12 * abs(branch.scale):
+        return float(branch.alpha)
+    return float(branch.scale * (branch.rank**0.5 if use_rslora else branch.rank))
+
+
 def _peft_alpha(peft_config: dict[str, Any], target: str) -> float:
     """peft's own rule: the first alpha_pattern key that matches the end of the module name."""
     for key, value in (peft_config.get("alpha_pattern") or {}).items():
@@ -127,9 +199,9 @@ def import_peft(model: nn.Module, directory: str | Path, entry: str = "lora", tr
         raise CheckpointError(
             f"{config_path}: peft_type is {peft_config.get('peft_type')!r}; only LORA can be imported"
         )
-    for key, allowed in _UNSUPPORTED.items():
-        if key in peft_config and peft_config[key] not in allowed:
-            raise CheckpointError(f"{config_path}: '{key}': {peft_config[key]!r} is not supported by import_peft")
+    problems = peft_config_problems(peft_config)
+    if problems:
+        raise CheckpointError(f"{config_path}: {'; '.join(problems)}")
     try:
         raw = load_file(str(weights_path))
     except Exception as exc:

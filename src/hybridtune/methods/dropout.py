@@ -20,7 +20,7 @@ from __future__ import annotations
 import weakref
 
 import torch
-from pydantic import Field, PrivateAttr
+from pydantic import AliasChoices, Field, PrivateAttr
 
 from ..core.validation import StrictModel
 
@@ -63,7 +63,7 @@ class InputDropout(StrictModel):
     """The ``dropout`` field of a method config whose branches mask their input, and the entry's
     one ``SharedDropout``, made fresh each time the entry is attached (``begin_attach``)."""
 
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, validation_alias=AliasChoices("dropout", "lora_dropout"))
     _dropout: SharedDropout | None = PrivateAttr(None)
 
     def begin_attach(self) -> None:

@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -64,9 +64,10 @@ class LowRankConfig(InputDropout, MethodConfig):
         return cls(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
 
     r: int | RankSchedule = 8
-    alpha: float = Field(16.0, gt=0)
-    targets: list[str] = Field(min_length=1)
-    exclude: list[str] = Field(default_factory=list)
+    # peft's names are accepted too, as a peft user types them
+    alpha: float = Field(16.0, gt=0, validation_alias=AliasChoices("alpha", "lora_alpha"))
+    targets: list[str] = Field(min_length=1, validation_alias=AliasChoices("targets", "target_modules"))
+    exclude: list[str] = Field(default_factory=list, validation_alias=AliasChoices("exclude", "exclude_modules"))
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     use_rslora: bool = False
@@ -207,6 +208,13 @@ class LoRABranch(Branch):
         self.rank = rank
         if hasattr(self, "rank_active"):
             self.rank_active.fill_(rank)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """``state_dict()`` gives lora_B as a contiguous tensor (in memory it is a transposed view,
+        see __init__), so any saver takes it (safetensors refuses non-contiguous tensors)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars:
+            destination[prefix + "lora_B"] = destination[prefix + "lora_B"].contiguous()
 
     def after_load(self) -> None:
         if hasattr(self, "rank_active"):

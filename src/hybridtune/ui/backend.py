@@ -208,6 +208,8 @@ class Workdir:
             raise UIError(f"run '{name}' has no final adapters yet")
         out = self.root / "exports" / f"{name}-{fmt}"
         command = [sys.executable, "-m", "hybridtune", *commands[fmt], "--adapters", str(adapters), "--out", str(out)]
+        if fmt == "peft":  # the button exports the run's LoRA part; the CLI's message names what is left out
+            command += ["--only", ",".join(peft_exportable(adapters))]
         done = subprocess.run(command, cwd=self.root, capture_output=True, text=True)
         if done.returncode != 0:
             raise UIError(f"export failed: {(done.stderr or done.stdout).strip()[-1000:]}")
@@ -238,6 +240,17 @@ def inspect_model(source: str) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=64)
+def peft_exportable(adapters: Path) -> list[str]:
+    """The entries of a saved adapter directory that peft's LoRA format can hold."""
+    from ..core.adapter_io import read_meta
+    from ..methods import METHODS
+
+    methods = read_meta(adapters)["methods"]
+    return [
+        entry for entry, cfg in methods.items() if cfg.get("type") in METHODS and METHODS[cfg["type"]].linear_low_rank
+    ]
+
+
 def method_catalog() -> dict[str, dict[str, Any]]:
     """Every registered method, as the page builds its form from: the config's JSON schema (fields,
     types, defaults, bounds), what the method can do, and a small example entry."""

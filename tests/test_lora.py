@@ -179,6 +179,18 @@ def test_entries_and_sets_draw_their_own_dropout_masks(llama, input_ids):
     q = llama.model.layers[0].self_attn.q_proj.hybridtune
     dropouts = [q[key].input_dropout for key in q]
     assert len(dropouts) == 4 and len({id(d) for d in dropouts}) == 4
+    x = torch.randn(64, 32)
+    masks = [d(x, training=True) == 0 for d in dropouts]
+    assert all(not torch.equal(masks[i], masks[j]) for i in range(4) for j in range(i + 1, 4))
+
+
+def test_attached_configs_still_equal_their_copies(llama):
+    """The entry's dropout state is not part of the config: a config compares equal to its copy
+    after inject, and a saved and re-read config equals the one in the model."""
+    cfg = ht.LoRAConfig(r=4, targets=["q_proj"], dropout=0.2)
+    model = ht.inject(llama, {"methods": {"lora": cfg}})
+    assert cfg == ht.LoRAConfig(r=4, targets=["q_proj"], dropout=0.2)
+    assert ht.HybridConfig.from_dict(model.hybrid_config.to_dict()) == model.hybrid_config
 
 
 @pytest.mark.parametrize("shape", [(7, 32), (3, 5, 32), (2, 3, 4, 32)])  # addmm_, baddbmm_, generic path

@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 import hybridtune as ht
 from conftest import assert_cached_generate_is_exact, make_model, train_losses
-from hybridtune.methods.virtual_tokens import cache_keyword
+from hybridtune.core.kv_cache import cache_keyword
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

@@ -109,3 +109,14 @@ def test_validate_lists_every_problem_at_once(project):
 def test_validate_ok(project):
     result = CliRunner().invoke(app, ["validate", str(write_config(project))])
     assert result.exit_code == 0 and "ok" in result.output
+
+
+def test_an_override_replaces_the_option_under_its_other_name(tmp_path):
+    """peft's name in the YAML, hybridtune's on the command line (or the other way): one option."""
+    (tmp_path / "train.jsonl").write_text('{"instruction": "hi", "output": "yo"}\n')
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "methods:\n  lora: {type: lora, lora_alpha: 16, target_modules: [q_proj]}\ndata: {train: train.jsonl}\n"
+    )
+    config = load_run_config(path, ["methods.lora.alpha=4", "methods.lora.targets=[v_proj]"])
+    assert config.methods["lora"].alpha == 4 and config.methods["lora"].targets == ["v_proj"]

@@ -31,6 +31,7 @@ _PUBLIC = {
     "register_method": ".methods",
 }
 
+_PEFT_NAMES = {"LoraConfig": "LoRAConfig"}
 _SUBPACKAGES = {"core", "methods", "training", "interop", "serving", "ui", "cli"}
 
 __all__ = [
@@ -54,8 +55,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBPACKAGES:  # hybridtune.training.xyz without importing it first
+    if name in _SUBPACKAGES:  # ``hybridtune.training`` without importing it first
         return importlib.import_module(f".{name}", __name__)
+    if name in _PEFT_NAMES:  # peft's class names, as a peft user types them
+        return getattr(importlib.import_module(".methods", __name__), _PEFT_NAMES[name])
     module = _PUBLIC.get(name)
     if module is None:
         if name.endswith("Config"):  # a registered method's config class

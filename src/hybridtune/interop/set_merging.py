@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from ..core.config import HybridConfig
+from ..core.kv_cache import cache_keyword, returned_cache
 from ..core.model import HybridModel
 from ..methods.base import Branch
 from ..methods.lora import exact_config, stack_deltas
-from ..methods.virtual_tokens import cache_keyword, returned_cache
 
 
 def merge_sets(

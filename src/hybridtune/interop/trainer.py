@@ -58,10 +58,11 @@ class HybridCheckpointing:
         hybrid = self._hybrid()
         if hybrid is None:
             return super()._save(output_dir, state_dict)
+        state = adapter_io.adapter_state(hybrid)  # every process: sharded weights are gathered here
         if not self.args.should_save:
             return None
         directory = Path(output_dir if output_dir is not None else self.args.output_dir)
-        hybrid.save_adapters(directory)
+        hybrid.save_adapters(directory, state)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(directory)
         torch.save(self.args, directory / TRAINING_ARGS_NAME)

@@ -31,23 +31,25 @@ class SharedDropout:
 
     def __init__(self, p: float) -> None:
         self.p = p
-        self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
+        self._last: tuple[weakref.ref, int, weakref.ref] | None = None
 
     def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         if not training or self.p == 0:
             return x
         last = self._last
         if last is not None and last[0]() is x and last[1] == x._version:
-            return last[2]
+            dropped = last[2]()
+            if dropped is not None:  # alive while siblings of this call still need it
+                return dropped
         dropped = x * keep_mask(x, self.p)
-        self._last = (weakref.ref(x), x._version, dropped)
+        self._last = (weakref.ref(x), x._version, weakref.ref(dropped))
         return dropped
 
     def last_mask(self) -> torch.Tensor | None:
         """The mask (0 or 1/(1-p) per element) of the input masked last, for tests."""
-        if self._last is None or self._last[0]() is None:
+        if self._last is None or self._last[0]() is None or self._last[2]() is None:
             return None
-        return self._last[2].detach() / self._last[0]().detach()
+        return self._last[2]().detach() / self._last[0]().detach()
 
     def __deepcopy__(self, memo: dict) -> SharedDropout:
         return SharedDropout(self.p)  # a copied model draws its own masks
@@ -74,6 +76,14 @@ class InputDropout(StrictModel):
         if self._dropout is None:
             self.begin_attach()
         return self._dropout
+
+    def __eq__(self, other: object) -> bool:
+        """Configs are equal when their fields are (not the entry's dropout state)."""
+        if not isinstance(other, StrictModel):
+            return NotImplemented
+        return type(self) is type(other) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # like every pydantic model that is not frozen
 
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -20,15 +20,9 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
+from ..core.kv_cache import call_cache, set_call_cache
 from .base import Branch, MethodConfig, param_like
-from .virtual_tokens import (
-    PREFIX_POSITIONS,
-    call_batch,
-    call_cache,
-    is_first_call,
-    set_call_cache,
-    shift_for_leading_tokens,
-)
+from .virtual_tokens import PREFIX_POSITIONS, call_batch, is_first_call, shift_for_leading_tokens
 
 
 class PrefixTuningConfig(MethodConfig):

@@ -13,8 +13,8 @@ from ..core.base_models import EMBEDDED_NAME
 from ..core.config import HybridConfig
 from ..core.errors import HybridTuneError
 from ..core.quantization import QuantizationConfig
-from ..core.validation import StrictModel, describe_errors
-from ..methods import MethodConfig
+from ..core.validation import StrictModel, accepted_keys, describe_errors
+from ..methods import METHODS, MethodConfig
 from .data import DataError, read_examples
 
 
@@ -176,8 +176,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError([f"override '{item}': '{part}' is not a mapping"], "command line")
+        for other in same_option_keys(node, parts[-1]):  # lora_alpha in the YAML, alpha on the command line
+            node.pop(other)
         node[parts[-1]] = yaml.safe_load(value)
     return raw
+
+
+def same_option_keys(node: dict[str, Any], key: str) -> list[str]:
+    """Other keys of a method entry that name the same option as ``key`` (its peft alias, say)."""
+    kind = node.get("type")
+    config_class = METHODS.get(kind) if isinstance(kind, str) else None
+    if config_class is None:
+        return []
+    accepted = accepted_keys(config_class)
+    field = accepted.get(key)
+    return [k for k in node if k != key and field is not None and accepted.get(k) == field]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -239,7 +239,6 @@ def inspect_model(source: str) -> dict[str, Any]:
             "layers": len(layers) if layers is not None else 0}  # fmt: skip
 
 
-@functools.lru_cache(maxsize=64)
 def peft_exportable(adapters: Path) -> list[str]:
     """The entries of a saved adapter directory that peft's LoRA format can hold."""
     from ..core.adapter_io import read_meta
@@ -252,8 +251,9 @@ def peft_exportable(adapters: Path) -> list[str]:
 
 
 def method_catalog() -> dict[str, dict[str, Any]]:
-    """Every registered method, as the page builds its form from: the config's JSON schema (fields,
-    types, defaults, bounds), what the method can do, and a small example entry."""
+    """Every registered method for a client to build its form from: the config's JSON schema
+    (fields, types, defaults, bounds), what the method can do, and a small example entry. (The
+    page itself still has hand-written LoRA and Adapter forms.)"""
     from ..methods import METHODS
 
     catalog = {}
@@ -273,6 +273,7 @@ def method_catalog() -> dict[str, dict[str, Any]]:
     return catalog
 
 
+@functools.lru_cache(maxsize=64)
 def count_parameters(source: str, methods_json: str) -> dict[str, int]:
     """Trainable parameters per entry, computed on an empty-weights copy of the model."""
     from ..core.model import inject

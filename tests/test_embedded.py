@@ -44,3 +44,28 @@ def test_a_few_hybrid_steps_on_the_embedded_model(tmp_path):
     again = ht.load(load_base(EMBEDDED_NAME)[0], result.adapters_dir)
     with torch.no_grad():
         assert torch.equal(again(ids).logits, logits)
+
+
+def test_the_first_conversion_is_quiet_and_exact(tmp_path):
+    """A user's first command converts the GGUF file into the cache: nothing but the answer is
+    printed (no third-party progress bars or DeepSpeed banner), and the converted model computes
+    what transformers' own GGUF load computes."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from hybridtune.core.base_models import embedded_gguf
+
+    env = {**os.environ, "HYBRIDTUNE_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "hybridtune", "generate", "--max-new-tokens", "2", "Say hi"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and len(result.stdout.strip().splitlines()) == 1, result.stdout + result.stderr
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "cache" / EMBEDDED_NAME)
+    gguf = embedded_gguf()
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ids = torch.tensor([[1, 50, 300, 2000, 7]])
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, reference(ids).logits)

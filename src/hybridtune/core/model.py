@@ -254,9 +254,7 @@ class HybridModel(AdapterSets, Merging, nn.Module):
     # ---- checkpoints ------------------------------------------------------------------------
     def save_adapters(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the active set's config JSON + safetensors (atomic). See ``from_pretrained``."""
-        from .adapter_io import save_adapters
-
-        return save_adapters(self, directory, state)
+        return adapter_io.save_adapters(self, directory, state)
 
     save_pretrained = save_adapters
 

@@ -95,3 +95,20 @@ def test_no_method_is_named_outside_methods():
             if pattern.search(code) and not code.strip().startswith(('"', "'")):
                 offenders.append(f"{path.relative_to(SRC)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_only_the_method_api_is_imported_outside_methods():
+    """Outside methods/, code reaches a method through the registry and methods/base.py, never by
+    importing the method's own module (or a helper module of some methods)."""
+    offenders = []
+    for name, path in MODULES.items():
+        if name.startswith("hybridtune.methods"):
+            continue
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                target = ".".join([*base, *([node.module] if node.module else [])])
+                if target.startswith("hybridtune.methods.") and target != "hybridtune.methods.base":
+                    offenders.append(f"{path.relative_to(SRC)}:{node.lineno}: imports {target}")
+    assert not offenders, "\n".join(offenders)

@@ -73,18 +73,24 @@ def test_import_what_peft_saved(tmp_path, input_ids):
 
 def test_export_and_import_errors(tmp_path, llama):
     only_adapter = ht.inject(llama, ht.HybridConfig(methods={"adapter": ht.AdapterConfig()}))
-    with pytest.raises(ValueError, match="'adapter' \\(adapter\\) have no equivalent in peft's LoRA format"):
+    with pytest.raises(ValueError, match=r"no entry of this model has a peft equivalent: 'adapter' \(adapter\)"):
         ht.export_peft(only_adapter, tmp_path)
-    with pytest.raises(ValueError, match="no LoRA entry to export"):
+    with pytest.raises(ValueError, match="no entry to export"):
         ht.export_peft(only_adapter, tmp_path, entries=[])
-    with pytest.raises(ValueError, match="not LoRA entries of this model: adapter"):
+    with pytest.raises(ValueError, match=r"without a peft equivalent \(or not in this model\): adapter"):
         ht.export_peft(only_adapter, tmp_path, entries=["adapter"])
     with pytest.raises(ht.CheckpointError, match="no adapter_config.json"):
         ht.import_peft(make_model("llama"), tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "bias": "all"}))
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(ht.CheckpointError, match="only a pickled adapter_model.bin is there"):
         ht.import_peft(make_model("llama"), tmp_path)
     (tmp_path / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(ht.CheckpointError, match="'use_dora': True is not supported"):
+    with pytest.raises(ht.CheckpointError, match="'bias': 'all' is not supported"):
+        ht.import_peft(make_model("llama"), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
+    with pytest.raises(ht.CheckpointError, match="peft_type 'LOHA' is not supported \\(supported: IA3, LORA\\)"):
+        ht.import_peft(make_model("llama"), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(ht.CheckpointError, match="corrupt or truncated"):
         ht.import_peft(make_model("llama"), tmp_path)

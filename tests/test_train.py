@@ -157,7 +157,7 @@ def test_cli_train_eval_generate_merge_export(project, tiny_lm_dir, tmp_path):
 
     refused = runner.invoke(app, ["export", "--adapters", str(adapters), "--format", "peft", "--out",
                                   str(tmp_path / "p")])  # fmt: skip
-    assert refused.exit_code == 2 and "'adapter' (adapter) have no equivalent in peft's LoRA format" in refused.output
+    assert refused.exit_code == 2 and "'adapter' (adapter) have no equivalent in peft's format" in refused.output
     assert "--only lora" in refused.output and not (tmp_path / "p").exists()
     peft_out = runner.invoke(app, ["export", "--adapters", str(adapters), "--format", "peft", "--out",
                                    str(tmp_path / "p"), "--only", "lora"])  # fmt: skip

@@ -13,7 +13,6 @@ from ..core.config import HybridConfig
 from ..core.kv_cache import cache_keyword, returned_cache
 from ..core.model import HybridModel
 from ..methods.base import Branch
-from ..methods.lora import exact_config, stack_deltas
 
 
 def merge_sets(
@@ -32,17 +31,21 @@ def merge_sets(
     if method == "svd" and not rank:
         raise ValueError("merge_sets(method='svd') needs rank=...")
     parts: dict[str, list[tuple[Branch, float]]] = defaultdict(list)
+    low_rank = None  # the config class of the first entry: it builds the merged entry
     for name, weight in weights.items():
         model.check_set(name)
         others = [e for e, c in model.sets[name].methods.items() if not c.linear_low_rank]
         if others:
             raise ValueError(f"set '{name}' has non-LoRA entries ({', '.join(others)}); only LoRA sets can be merged")
+        low_rank = low_rank or next((type(c) for c in model.sets[name].methods.values()), None)
         with model.acting_on(name):
             for _, target, _, branch in model.branches():
                 parts[target].append((branch, weight))
+    if low_rank is None:
+        raise ValueError(f"the sets {', '.join(weights)} have no entries to merge")
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for target, items in parts.items():
-        a, b = stack_deltas(items)
+        a, b = low_rank.stack_deltas(items)
         if method == "svd":
             u, s, vh = torch.linalg.svd(b.float() @ a.float(), full_matrices=False)
             k = min(rank, s.shape[0])
@@ -50,7 +53,7 @@ def merge_sets(
             a, b = (root[:, None] * vh[:k]).to(a.dtype), (u[:, :k] * root).to(b.dtype)
         factors[target] = (a, b)
     ranks = {t: a.shape[0] for t, (a, _) in factors.items()}
-    config = exact_config(ranks, {t: float(r) for t, r in ranks.items()})  # alpha = r: scale 1
+    config = low_rank.exact(ranks, {t: float(r) for t, r in ranks.items()})  # alpha = r: scale 1
     model.add_set(into, HybridConfig(methods={"lora": config}))
     with model.acting_on(into), torch.no_grad():
         for _, target, _, branch in model.branches():

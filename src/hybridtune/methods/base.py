@@ -28,8 +28,14 @@ class MethodConfig(StrictModel):
     # True: each branch's effect is exactly W + scale · B @ A on its target, and the branch is a
     # LoRABranch-like module: A, B (the active directions), lora_A / lora_B (the stored tensors),
     # scale, rank, alpha, transposed, delta_weight(); the config has use_rslora and dropout.
-    # peft's LoRA format, set merging and rank search read these.
+    # Set merging and rank search read these; the config class also provides exact(ranks, alphas)
+    # (a config targeting exactly those modules) and stack_deltas(parts) (one exact LoRA for several).
     linear_low_rank: ClassVar[bool] = False
+    # peft's name for the method whose adapter files this method reads and writes (``peft_type`` in
+    # adapter_config.json), or None: no peft equivalent. Such a config implements the peft_* hooks
+    # below; interop/peft_format.py handles the files and peft's generic keys.
+    peft_type: ClassVar[str | None] = None
+    peft_tensor_names: ClassVar[tuple[str, ...]] = ()  # the tensors peft saves per module ("lora_A.weight")
 
     @classmethod
     def example(cls) -> MethodConfig:
@@ -58,6 +64,38 @@ class MethodConfig(StrictModel):
     def routing_tasks(self) -> list[str] | None:
         """The task names a row can be routed to by ``task_ids`` (hard mixtures), or None."""
         return None
+
+    # ---- peft's adapter format (methods with a peft_type) ----------------------------------
+    @classmethod
+    def peft_accepts(cls, peft_config: dict[str, Any]) -> bool:
+        """Whether this method reads the peft adapter with this config (e.g. DoRA: use_dora set)."""
+        return cls.peft_type is not None and peft_config.get("peft_type") == cls.peft_type
+
+    @classmethod
+    def peft_problems(cls, peft_config: dict[str, Any]) -> list[str]:
+        """Every key of the method's part of a peft config that an import would not reproduce
+        exactly, by name ("'bias': 'all' is not supported (...)"); empty when it imports exactly."""
+        return []
+
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]) -> MethodConfig:
+        """The config of an entry equal to this peft adapter: it targets exactly the modules in
+        ``tensors`` (module name -> tensor name -> tensor)."""
+        raise NotImplementedError(f"{cls.__name__} has no peft format")
+
+    def load_peft(self, branch: Branch, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy one module's saved peft tensors into its branch; ValueError naming the shapes
+        when they do not fit the layer."""
+        raise NotImplementedError(f"{type(self).__name__} has no peft format")
+
+    @classmethod
+    def to_peft(
+        cls, entries: list[tuple[MethodConfig, list[tuple[str, Branch]]]]
+    ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+        """The method's peft config keys and the tensors per module of these entries (configs of
+        this class with their (module name, branch) pairs) written as ONE peft adapter that
+        computes what they compute; ValueError when they cannot be one."""
+        raise NotImplementedError(f"{cls.__name__} has no peft format")
 
 
 class Branch(nn.Module):
@@ -103,6 +141,25 @@ class Branch(nn.Module):
 
     def unmerge_from(self, module: nn.Module) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base module")
+
+
+def peft_key_problems(
+    peft_config: dict[str, Any], known: set[str], only: dict[str, tuple], why: dict[str, str]
+) -> list[str]:
+    """The problems of a peft config's method keys: each key that is neither ``known`` (reproduced
+    or without effect) nor at one of its ``only`` values, by name. Unknown keys pass when unset."""
+    problems = []
+    for key, value in peft_config.items():
+        if key in known:
+            continue
+        allowed = only.get(key)
+        if allowed is None:  # a key this version does not know: harmless only when unset
+            if value not in (None, False, {}, [], ""):
+                problems.append(f"'{key}': {value!r} is a peft option hybridtune does not know")
+        elif value not in allowed:
+            reason = why.get(key, "the entry would not compute the same")
+            problems.append(f"'{key}': {value!r} is not supported ({reason}; supported: {list(allowed)})")
+    return problems
 
 
 def first_input(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -3,7 +3,8 @@ output feature and a learned magnitude vector m (initialised to ||W||, so the mo
 unchanged). As in the paper and peft, the norm is treated as a constant for the gradient.
 
 Computed on top of the base output: y = b + (m/n)·(W x + s·B A x) = base + (m/n − 1)(W x) + (m/n)·s·B A x.
-Dropout (when set) applies to the low-rank path only; the magnitude rescales the undropped W x.
+With dropout (in training), peft's placement: y = W x + (m/n − 1)(W x̃) + (m/n)·s·B A x̃ with x̃ the
+dropped input, so an adapter trained here or in peft follows the same gradients.
 """
 
 from __future__ import annotations
@@ -11,18 +12,31 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import TargetError
 from ..core.partitioned import gathered
 from ..core.quantization import is_quantized
-from .base import first_input
+from .base import first_input, for_weights
 from .lora import LoRABranch, LowRankConfig, RankSchedule
 
 
 class DoRAConfig(LowRankConfig):
+    """DoRA: LoRA with a learned per-output magnitude (see the module docstring)."""
+
     type: Literal["dora"] = "dora"
     mergeable: ClassVar[bool] = True
+    peft_use_dora: ClassVar[bool] = True  # peft writes DoRA as LoRA with use_dora and a magnitude
+    peft_tensor_names: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+
+    def load_peft(self, branch: nn.Module, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_peft(branch, module, tensors)
+        magnitude = tensors["lora_magnitude_vector"]
+        if tuple(magnitude.shape) != tuple(branch.magnitude.shape):
+            raise ValueError(f"lora_magnitude_vector {list(magnitude.shape)}, but the layer has "
+                             f"{branch.magnitude.shape[0]} outputs")  # fmt: skip
+        branch.magnitude.copy_(magnitude)
 
     def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> DoRABranch:
         if isinstance(self.r, RankSchedule):
@@ -56,9 +70,13 @@ class DoRABranch(LoRABranch):
             return torch.linalg.norm(combined, dim=1)
 
     def _dora(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        ratio = (self.magnitude / self.weight_norm().to(self.magnitude.dtype)).to(base_out.dtype)
+        if self.training and self.input_dropout.p:  # the magnitude rescales W x̃ (see the module docstring)
+            dropped = self.input_dropout(for_weights(x, self.lora_A), True)
+            plain = F.linear(dropped.to(base_out.dtype), self.base_weight().to(base_out.dtype))
+            return base_out + (ratio - 1) * plain + ratio * self._up(F.linear(dropped, self.A)).to(base_out.dtype)
         bias = self.base_layer.bias
         plain = base_out if bias is None else base_out - bias
-        ratio = (self.magnitude / self.weight_norm().to(self.magnitude.dtype)).to(base_out.dtype)
         return base_out + (ratio - 1) * plain + ratio * self._delta(x).to(base_out.dtype)
 
     def forward(self, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:

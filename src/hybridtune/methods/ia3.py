@@ -6,7 +6,7 @@ features are, i.e. the FFN activations — the (IA)^3 paper's placement. Vectors
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -14,7 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..core.targeting import first_match, is_linear, linear_features, select_modules
-from .base import Branch, MethodConfig, first_input, param_like, replace_first_input
+from .base import Branch, MethodConfig, first_input, param_like, peft_key_problems, replace_first_input
 
 
 class IA3Config(MethodConfig):
@@ -44,6 +44,48 @@ class IA3Config(MethodConfig):
             if not any(first_match([pattern], name) for name, _ in chosen):
                 raise ValueError(f"entry '{entry}': feedforward pattern '{pattern}' matches none of the targets")
         return chosen
+
+    # ---- peft's IA3 format: ia3_l per module, [out, 1] on outputs and [1, in] on FFN inputs ----
+    peft_type: ClassVar[str | None] = "IA3"
+    peft_tensor_names: ClassVar[tuple[str, ...]] = ("ia3_l",)
+
+    @classmethod
+    def peft_problems(cls, peft_config: dict[str, Any]) -> list[str]:
+        # the saved vectors name the modules targets/exclusions chose, and which are feed-forward
+        known = {"target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights"}
+        return peft_key_problems(peft_config, known, {"modules_to_save": (None, [])}, {})
+
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]) -> IA3Config:
+        on_input = [t for t, named in tensors.items() if named["ia3_l"].dim() == 2 and named["ia3_l"].shape[0] == 1]
+        return cls(targets=sorted(tensors), feedforward=sorted(on_input))
+
+    def load_peft(self, branch: IA3Branch, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        vector = tensors["ia3_l"]
+        fan_in, fan_out = linear_features(module)
+        expected = (1, fan_in) if branch.on_input else (fan_out, 1)
+        if tuple(vector.shape) != expected:
+            raise ValueError(f"ia3_l {list(vector.shape)}, but the layer is {fan_in} -> {fan_out} "
+                             f"(expected {list(expected)})")  # fmt: skip
+        branch.ia3_l.copy_(vector.flatten())
+
+    @classmethod
+    def to_peft(cls, entries: list[tuple[IA3Config, list[tuple[str, IA3Branch]]]]):
+        pairs = [pair for _, branches in entries for pair in branches]
+        targets = [t for t, _ in pairs]
+        if len(set(targets)) < len(targets):
+            raise ValueError("IA3 entries on the same module cannot be written as one peft adapter")
+        tensors = {
+            t: {"ia3_l": b.ia3_l.detach()[None, :] if b.on_input else b.ia3_l.detach()[:, None]} for t, b in pairs
+        }
+        peft_config = {
+            "target_modules": sorted(targets),
+            "feedforward_modules": sorted(t for t, b in pairs if b.on_input),
+            "fan_in_fan_out": any(b.transposed for _, b in pairs),
+            "modules_to_save": None,
+            "init_ia3_weights": True,
+        }
+        return peft_config, tensors
 
     def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> IA3Branch:
         fan_in, fan_out = linear_features(module)

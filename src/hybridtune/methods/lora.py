@@ -8,7 +8,6 @@ Conv1D); an exact unmerge restores a saved copy instead of subtracting, so no ro
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import ClassVar, Literal
 
 import torch
@@ -21,6 +20,7 @@ from ..core.targeting import first_match, is_linear, linear_features, select_mod
 from ..core.validation import StrictModel
 from .base import Branch, MethodConfig, first_input, for_weights, param_like
 from .dropout import InputDropout, SharedDropout
+from .low_rank_exchange import LowRankExchange
 
 
 class RankSchedule(StrictModel):
@@ -51,8 +51,9 @@ class RankSchedule(StrictModel):
         return min(self.max, self.start + self.grow_by * done)
 
 
-class LowRankConfig(InputDropout, MethodConfig):
-    """Fields and target rules shared by the low-rank methods (LoRA, DoRA).
+class LowRankConfig(LowRankExchange, InputDropout, MethodConfig):
+    """Fields and target rules shared by the low-rank methods (LoRA, DoRA); their peft format
+    and exact combinations come from LowRankExchange.
 
     ``rank_pattern``/``alpha_pattern`` map a pattern (same rules as ``targets``) to a per-module
     rank/alpha; the first pattern that matches a module, in the order written, wins.
@@ -289,25 +290,3 @@ class LoRABranch(Branch):
         grows = f", capacity={self.capacity}" if self.capacity != self.rank else ""
         drop = f", dropout={self.input_dropout.p}" if self.input_dropout.p else ""
         return f"rank={self.rank}{grows}, alpha={self.alpha}, scale={self.scale:g}{drop}, transposed={self.transposed}"
-
-
-def stack_deltas(parts: list[tuple[LoRABranch, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of one scale-1 LoRA equal to Σ w·s·B A over ``parts`` exactly: A = [A1; A2; ...],
-    B = [w1 s1 B1, w2 s2 B2, ...]. Its rank is the sum of the ranks."""
-    a = torch.cat([branch.A.detach() for branch, _ in parts], dim=0)
-    b = torch.cat([branch.B.detach() * (branch.scale * weight) for branch, weight in parts], dim=1)
-    return a, b
-
-
-def exact_config(ranks: dict[str, int], alphas: dict[str, float], **kwargs) -> LoRAConfig:
-    """A LoRAConfig that targets exactly these module names with these ranks and alphas."""
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    return LoRAConfig(
-        r=r,
-        alpha=alpha,
-        targets=sorted(ranks),
-        rank_pattern={t: v for t, v in ranks.items() if v != r},
-        alpha_pattern={t: v for t, v in alphas.items() if v != alpha},
-        **kwargs,
-    )

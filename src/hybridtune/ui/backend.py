@@ -240,14 +240,14 @@ def inspect_model(source: str) -> dict[str, Any]:
 
 
 def peft_exportable(adapters: Path) -> list[str]:
-    """The entries of a saved adapter directory that peft's LoRA format can hold."""
+    """The entries of a saved adapter directory that one peft adapter can hold: those of the
+    first entry's method that has a peft equivalent (one peft adapter holds one peft method)."""
     from ..core.adapter_io import read_meta
     from ..methods import METHODS
 
-    methods = read_meta(adapters)["methods"]
-    return [
-        entry for entry, cfg in methods.items() if cfg.get("type") in METHODS and METHODS[cfg["type"]].linear_low_rank
-    ]
+    kinds = [(entry, METHODS.get(cfg.get("type"))) for entry, cfg in read_meta(adapters)["methods"].items()]
+    first = next((cls for _, cls in kinds if cls is not None and cls.peft_type), None)
+    return [entry for entry, cls in kinds if first is not None and cls is first]
 
 
 def method_catalog() -> dict[str, dict[str, Any]]:

@@ -1,0 +1,185 @@
+"""How low-rank entries (LoRA, and DoRA as peft's ``use_dora``) are exchanged: peft's LoRA adapter
+format, and one exact LoRA for several (set merging).
+
+Which keys of peft's LoraConfig an import reproduces and which it refuses by name, how a saved
+adapter becomes one entry that targets exactly the saved modules, and how entries become one
+adapter: several LoRA entries on one module are written as one LoRA whose rank is the sum (A
+stacked, B side by side with each entry's scale folded in) — the same function exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..core.targeting import linear_features
+from .base import peft_key_problems
+
+# Every key of peft's LoraConfig and what an import does with it (tests/interop checks each against
+# peft itself). Reproduced: the saved tensors and these keys give exactly peft's function.
+_REPRODUCED = {
+    "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "fan_in_fan_out",
+    # the saved tensors name exactly the modules these chose:
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "use_dora",  # chooses the method (LoRA or DoRA) that reads the adapter
+}  # fmt: skip
+# Run-time settings that do not change what the adapter computes.
+_NO_EFFECT = {"runtime_config", "megatron_core", "qalora_group_size", "ensure_weight_tying", "eva_config"}
+# Accepted only at these values; anything else changes the function in a way a plain LoRA entry
+# does not reproduce, and is refused by name.
+_ONLY = {
+    "bias": ("none",),
+    "modules_to_save": (None, []),
+    # initialisations that leave the base weights alone (the saved A and B are what counts);
+    # pissa, olora, corda, loftq and lora-ga rewrite the base weights too
+    "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal"),
+    "loftq_config": (None, {}),
+    "corda_config": (None,),
+    "lora_ga_config": (None,),
+    "alora_invocation_tokens": (None, []),
+    "use_qalora": (False, None),
+    "trainable_token_indices": (None, [], {}),
+    "layer_replication": (None, []),
+    "lora_bias": (False, None),
+    "target_parameters": (None, []),
+    "megatron_config": (None,),
+    "velora_config": (None,),
+    "monteclora_config": (None,),
+    "use_bdlora": (False, None),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
+}
+_WHY = {
+    "init_lora_weights": "this initialisation rewrites the base weights too, which the adapter files do not hold",
+    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens, a LoRA entry everywhere",
+    "target_parameters": "LoRA on parameters (MoE experts) is not supported yet",
+}
+
+
+def stack_deltas(parts: list[tuple[nn.Module, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of one scale-1 LoRA equal to Σ w·s·B A over ``parts`` (low-rank branches) exactly:
+    A = [A1; A2; ...], B = [w1 s1 B1, w2 s2 B2, ...]. Its rank is the sum of the ranks."""
+    a = torch.cat([branch.A.detach() for branch, _ in parts], dim=0)
+    b = torch.cat([branch.B.detach() * (branch.scale * weight) for branch, weight in parts], dim=1)
+    return a, b
+
+
+def peft_alpha_for(branch: nn.Module, use_rslora: bool) -> float:
+    """The lora_alpha with which peft computes this branch's scale at its current rank: its own
+    alpha, except after a growing rank moved on (the scale stays alpha/start, see RankSchedule)."""
+    own = branch.alpha / (branch.rank**0.5 if use_rslora else branch.rank)
+    if abs(own - branch.scale) <= 1e-12 * abs(branch.scale):
+        return float(branch.alpha)
+    return float(branch.scale * (branch.rank**0.5 if use_rslora else branch.rank))
+
+
+def _peft_alpha(peft_config: dict[str, Any], target: str) -> float:
+    """peft's own rule: the first alpha_pattern key that matches the end of the module name."""
+    for key, value in (peft_config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", target):
+            return float(value)
+    return float(peft_config.get("lora_alpha", 8))
+
+
+def _most_common(values: dict[str, Any]) -> Any:
+    return Counter(values.values()).most_common(1)[0][0]
+
+
+class LowRankExchange:
+    """The exchange side of a low-rank method config (mixed into LowRankConfig)."""
+
+    peft_type: ClassVar[str | None] = "LORA"
+    peft_tensor_names: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight")
+    peft_use_dora: ClassVar[bool] = False  # the value of peft's use_dora this method reads and writes
+
+    stack_deltas = staticmethod(stack_deltas)
+
+    @classmethod
+    def exact(cls, ranks: dict[str, int], alphas: dict[str, float], **kwargs):
+        """A config of this method that targets exactly these module names with these ranks and alphas."""
+        r, alpha = _most_common(ranks), _most_common(alphas)
+        return cls(
+            r=r,
+            alpha=alpha,
+            targets=sorted(ranks),
+            rank_pattern={t: v for t, v in ranks.items() if v != r},
+            alpha_pattern={t: v for t, v in alphas.items() if v != alpha},
+            **kwargs,
+        )
+
+    @classmethod
+    def peft_accepts(cls, peft_config: dict[str, Any]) -> bool:
+        return peft_config.get("peft_type") == cls.peft_type and bool(peft_config.get("use_dora")) == cls.peft_use_dora
+
+    @classmethod
+    def peft_problems(cls, peft_config: dict[str, Any]) -> list[str]:
+        return peft_key_problems(peft_config, _REPRODUCED | _NO_EFFECT, _ONLY, _WHY)
+
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]):
+        missing = [f"{t}.{n}" for t, named in tensors.items() for n in cls.peft_tensor_names if n not in named]
+        if missing:
+            raise ValueError(f"the adapter has no tensor {missing[0]}")
+        ranks = {t: named["lora_A.weight"].shape[0] for t, named in tensors.items()}
+        alphas = {t: _peft_alpha(peft_config, t) for t in tensors}
+        return cls.exact(
+            ranks,
+            alphas,
+            dropout=float(peft_config.get("lora_dropout") or 0.0),
+            use_rslora=bool(peft_config.get("use_rslora", False)),
+        )
+
+    def load_peft(self, branch: nn.Module, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+        fan_in, fan_out = linear_features(module)
+        if tuple(a.shape) != (branch.rank, fan_in) or tuple(b.shape) != (fan_out, branch.rank):
+            raise ValueError(f"lora_A {list(a.shape)} / lora_B {list(b.shape)}, but the layer is {fan_in} -> {fan_out}")
+        branch.lora_A.copy_(a)
+        branch.lora_B.copy_(b)
+
+    @classmethod
+    def to_peft(cls, entries: list[tuple[Any, list[tuple[str, nn.Module]]]]):
+        """(peft config keys, tensors per target) of these entries as one peft adapter."""
+        per_module: dict[str, list[nn.Module]] = {}
+        for _, branches in entries:
+            for target, branch in branches:
+                per_module.setdefault(target, []).append(branch)
+        configs = [config for config, _ in entries]
+        stacked = any(len(b) > 1 for b in per_module.values()) or len({c.use_rslora for c in configs}) > 1
+        if stacked and cls.peft_use_dora:
+            raise ValueError("DoRA entries on the same module cannot be written as one peft adapter")
+        use_rslora = configs[0].use_rslora and not stacked
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float] = {}
+        for target, branches in per_module.items():
+            if stacked:
+                a, b = stack_deltas([(branch, 1.0) for branch in branches])
+                ranks[target], alphas[target] = a.shape[0], float(a.shape[0])
+            else:
+                (branch,) = branches
+                a, b = branch.A.detach(), branch.B.detach()
+                ranks[target], alphas[target] = branch.rank, peft_alpha_for(branch, use_rslora)
+            tensors[target] = {"lora_A.weight": a, "lora_B.weight": b}
+            if cls.peft_use_dora:
+                tensors[target]["lora_magnitude_vector"] = branches[0].magnitude.detach()
+        r, alpha = _most_common(ranks), _most_common(alphas)
+        peft_config = {
+            "r": r,
+            "lora_alpha": alpha,
+            "lora_dropout": max(c.dropout for c in configs),
+            "target_modules": sorted(per_module),
+            "rank_pattern": {re.escape(t): v for t, v in ranks.items() if v != r},
+            "alpha_pattern": {re.escape(t): v for t, v in alphas.items() if v != alpha},
+            "use_rslora": use_rslora,
+            "use_dora": cls.peft_use_dora,
+            "fan_in_fan_out": any(b.transposed for bs in per_module.values() for b in bs),
+            "bias": "none",
+            "modules_to_save": None,
+            "init_lora_weights": True,
+        }
+        return peft_config, tensors

@@ -105,3 +105,48 @@ def test_8bit_config_loads_int8_layers(tiny_lm_dir, cpu_quantization):
     base, _ = load_base(str(tiny_lm_dir), quantization=QuantizationConfig(bits=8), device="cpu")
     layer = base.model.layers[0].mlp.down_proj
     assert isinstance(layer, bnb.nn.Linear8bitLt) and is_quantized(layer)
+
+
+def test_hybrid_trainer_on_a_4bit_base_checkpoints_adapters_and_resumes(wide_lm_dir, tmp_path, cpu_quantization):
+    """transformers' Trainer on a QLoRA hybrid with its default checkpointing: the checkpoints hold
+    the adapters only (no 4-bit base copy), ht.load reads them into a fresh 4-bit base, and a
+    resumed run ends where the uninterrupted one did."""
+    from transformers import TrainingArguments
+
+    quantization = QuantizationConfig(bits=4, compute_dtype="fp32")
+    cfg = {"methods": {"lora": {"type": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+                       "adapter": {"type": "adapter", "after": "mlp", "bottleneck_size": 8}}}  # fmt: skip
+
+    def hybrid():
+        torch.manual_seed(0)
+        return ht.inject(load_base(str(wide_lm_dir), quantization=quantization, device="cpu")[0], cfg)
+
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": r, "labels": r} for r in torch.randint(0, 90, (8, 10), generator=g)]
+
+    def args(out):
+        return TrainingArguments(output_dir=str(out), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, seed=3)  # fmt: skip
+
+    model = hybrid()
+    ht.HybridTrainer(model=model, args=args(tmp_path / "full"), train_dataset=rows).train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert "model.safetensors" not in {p.name for p in checkpoint.iterdir()}
+    final = load_file(tmp_path / "full" / "checkpoint-4" / "hybridtune_model.safetensors")
+    assert {t.dtype for t in final.values()} == {torch.float32}
+
+    loaded = ht.load(load_base(str(wide_lm_dir), quantization=quantization, device="cpu")[0],
+                     tmp_path / "full" / "checkpoint-4")  # fmt: skip
+    model.eval()
+    x = rows[0]["input_ids"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+    resumed = hybrid()
+    ht.HybridTrainer(model=resumed, args=args(tmp_path / "resumed"), train_dataset=rows).train(
+        resume_from_checkpoint=str(checkpoint)
+    )
+    ours = load_file(tmp_path / "resumed" / "checkpoint-4" / "hybridtune_model.safetensors")
+    assert ours.keys() == final.keys()
+    for key in final:
+        torch.testing.assert_close(ours[key], final[key], rtol=1e-5, atol=1e-6)

@@ -54,6 +54,10 @@ class HybridModel(AdapterSets, Merging, nn.Module):
     active set. ``model(..., adapter_sets=[...])`` serves a different set per row in one pass.
     """
 
+    # transformers' Trainer refuses to train a quantized model that carries no adapters, and reads
+    # this flag on the model it is given (not on the base) to know that this one does
+    _hf_peft_config_loaded = True
+
     def __init__(
         self,
         base_model: nn.Module,

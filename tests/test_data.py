@@ -58,7 +58,7 @@ def test_alpaca_input_and_auto_detection(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "classify", "input": "good film", "output": "positive",
                                                "task": "sentiment"}])  # fmt: skip
     (example,) = read_examples(path)
-    assert example.messages[0] == {"role": "user", "content": "classify\n\ngood film"}
+    assert example.messages[0] == {"role": "user", "content": "classify\ngood film"}  # LLaMA-Factory: one newline
     assert example.task == "sentiment"
     array = tmp_path / "a.json"
     array.write_text(json.dumps([{"instruction": "x", "output": "y"}]))
@@ -81,11 +81,20 @@ def test_truncation_is_counted_and_packing_keeps_labels():
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": }\n', r"bad.jsonl:2: invalid JSON line"),
-        ('{"instruction": "a"}\n', r"bad.jsonl:1: alpaca record needs a string 'output'"),
-        ('{"text": "a"}\n', r"bad.jsonl:1: cannot tell the format"),
-        ('{"conversations": [{"from": "robot", "value": "x"}]}\n', r"bad.jsonl:1: turn 0 needs 'from'"),
-        ('{"conversations": [{"from": "human", "value": "x"}]}\n', r"bad.jsonl:1: the conversation has no assistant"),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": }\n',
+            r"bad.jsonl: line 2 is not valid JSON",
+        ),
+        ('{"instruction": "a"}\n', r"bad.jsonl, record 1: alpaca record needs a string 'output'"),
+        ('{"text": "a"}\n', r"bad.jsonl, record 1: cannot tell the format"),
+        (
+            '{"conversations": [{"from": "robot", "value": "x"}]}\n',
+            r"bad.jsonl, record 1: turn 0 \('from': 'robot'\) needs 'from' one of human, user, gpt",
+        ),
+        (
+            '{"conversations": [{"from": "human", "value": "x"}]}\n',
+            r"bad.jsonl, record 1: the conversation has no assistant",
+        ),
         ("\n\n", r"bad.jsonl' is empty"),
     ],
 )
@@ -98,7 +107,7 @@ def test_malformed_data_names_file_and_line(tmp_path, content, message):
 
 def test_wrong_declared_format(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}])
-    with pytest.raises(DataError, match="bad.jsonl:1: sharegpt record needs a non-empty 'conversations'"):
+    with pytest.raises(DataError, match="bad.jsonl, record 1: sharegpt record needs a non-empty 'conversations'"):
         read_examples(path, "sharegpt")
     with pytest.raises(DataError, match="does not exist"):
         read_examples(tmp_path / "missing.jsonl")

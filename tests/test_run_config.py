@@ -49,7 +49,7 @@ def test_good_config_parses_numbers_and_resolves_data_paths(project):
     config = load_run_config(write_config(project))
     assert config.training.lr == 1e-4 and isinstance(config.training.lr, float)
     assert config.stages[1].lr == 3e-4 and config.stages[1].train == ["lora"]
-    assert config.data.train == project / "train.jsonl"
+    assert config.data.train == [project / "train.jsonl"]
     assert [s.name for s in config.stage_list()] == ["a", "b"]
     config = load_run_config(write_config(project, stages=None), ["training.lr=2e-3", "training.max_steps=5"])
     assert config.training.lr == 2e-3 and config.stage_list()[0].train == ["lora", "adapter"]
@@ -66,8 +66,8 @@ def test_paths_in_the_file_follow_the_file_and_paths_on_the_command_line_the_cur
     (cwd / "ds.json").write_text("{}")
     monkeypatch.chdir(cwd)
     config = load_run_config(path, ["data.eval=my_eval.jsonl", "deepspeed=ds.json"])
-    assert config.data.train.resolve() == project / "train.jsonl"
-    assert config.data.eval == cwd / "my_eval.jsonl" and config.deepspeed == cwd / "ds.json"
+    assert [p.resolve() for p in config.data.train] == [project / "train.jsonl"]
+    assert config.data.eval == [cwd / "my_eval.jsonl"] and config.deepspeed == cwd / "ds.json"
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_paths_in_the_file_follow_the_file_and_paths_on_the_command_line_the_cur
         ({"methods.adapter.type": "adaptor"}, "unknown method type 'adaptor'; did you mean 'adapter'"),
         ({"stages": [{"name": "a", "train": ["lroa"]}]}, "'lroa', which is not a method entry; did you mean 'lora'"),
         ({"data.train": "missing.jsonl"}, "data.train: data file '.*missing.jsonl' does not exist"),
-        ({"data.format": "sharegpt"}, "data.train: .*train.jsonl:1: sharegpt record needs"),
+        ({"data.format": "sharegpt"}, "data.train: .*train.jsonl, record 1: sharegpt record needs"),
         ({"data.eval_split": 0.1, "data.eval": "train.jsonl"}, "give either 'eval' .* or 'eval_split'"),
     ],
 )  # fmt: skip
@@ -102,7 +102,7 @@ def test_validate_lists_every_problem_at_once(project):
     assert result.exit_code == 2
     out = result.output
     assert "4 problem(s)" in out, out
-    for expected in ["training.batch_size", "unknown key 'metrik'", "bad.jsonl:2: invalid JSON line", "'nope'"]:
+    for expected in ["training.batch_size", "unknown key 'metrik'", "bad.jsonl: line 2 is not valid JSON", "'nope'"]:
         assert expected in out, out
 
 

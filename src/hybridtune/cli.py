@@ -136,7 +136,7 @@ def evaluate(
     model, tokenizer = load_trained(adapters, cfg.model)
     data = prepare_data(cfg, tokenizer)
     if not data.eval:
-        fail("the config has no eval data (data.eval or data.eval_split)")
+        fail("the config has no eval data (data.eval, data.eval_dataset or data.eval_split)")
     result = eval_loss(model, data.eval, tokenizer.pad_token_id, cfg.eval.batch_size)
     if cfg.eval.metric == "exact_match":
         result["exact_match"], _ = exact_match(

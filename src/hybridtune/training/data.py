@@ -1,118 +1,26 @@
-"""Instruction data: alpaca and sharegpt records from JSON/JSONL, turned into masked token ids.
+"""Instruction data turned into masked token ids (records are read in records.py).
 
-Every record becomes a list of chat messages; the loss is computed only on assistant turns.
-With a chat template the conversation is rendered turn by turn and each rendered piece is
-tokenized on its own, so the prompt tokens are exactly what inference feeds the model.
+The loss is computed only on assistant turns (answers and tool calls). With a chat template the
+conversation is rendered turn by turn and each rendered piece is tokenized on its own, so the
+prompt tokens are exactly what inference feeds the model.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from ..core.errors import HybridTuneError
+from .records import DataError, Example, read_examples
+
+__all__ = ["DataError", "Example", "collate", "encode", "pack", "read_examples", "render_prompt", "split"]
 
 IGNORE_INDEX = -100
-Format = Literal["alpaca", "sharegpt"]
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _PLAIN_USER = "### Instruction:\n{content}\n\n### Response:\n"
-
-
-class DataError(HybridTuneError, ValueError):
-    """A data file is missing, empty or has a malformed record (the message names file and line)."""
-
-
-def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, record) for a JSONL file or a JSON array file; malformed JSON names its line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DataError(f"data file '{path}' is empty")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-        for index, record in enumerate(records):
-            yield index + 1, record  # record number within the array
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: invalid JSON line: {exc.msg} (column {exc.colno})") from None
-
-
-def detect_format(record: Any) -> Format | None:
-    if isinstance(record, dict):
-        if "conversations" in record or "messages" in record:
-            return "sharegpt"
-        if "instruction" in record:
-            return "alpaca"
-    return None
-
-
-def to_messages(record: Any, fmt: Format, where: str) -> list[dict[str, str]]:
-    """One record as chat messages; ``where`` (file:line) prefixes every error."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if fmt == "alpaca":
-        for key in ("instruction", "output"):
-            if not isinstance(record.get(key), str):
-                raise DataError(f"{where}: alpaca record needs a string '{key}' (keys present: {sorted(record)})")
-        user = record["instruction"]
-        if record.get("input"):
-            user = f"{user}\n\n{record['input']}"
-        messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-        return [*messages, {"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-    turns = record.get("conversations", record.get("messages"))
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: sharegpt record needs a non-empty 'conversations' (or 'messages') list")
-    messages = []
-    for i, turn in enumerate(turns):
-        role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
-        content = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
-        if role not in _ROLES or not isinstance(content, str):
-            raise DataError(
-                f"{where}: turn {i} needs 'from' (one of {', '.join(_ROLES)}) and a string 'value' "
-                "(or 'role'/'content')"
-            )
-        messages.append({"role": _ROLES[role], "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: the conversation has no assistant turn to learn from")
-    return messages
-
-
-@dataclass
-class Example:
-    messages: list[dict[str, str]]
-    task: str | None = None
-
-
-def read_examples(path: str | Path, fmt: Format | Literal["auto"] = "auto") -> list[Example]:
-    """All records of a file as Examples, checking every one (errors name file and line)."""
-    examples = []
-    for lineno, record in iter_json_records(path):
-        where = f"{path}:{lineno}"
-        record_fmt = detect_format(record) if fmt == "auto" else fmt
-        if record_fmt is None:
-            raise DataError(
-                f"{where}: cannot tell the format: expected alpaca keys (instruction, input, output) or "
-                "sharegpt keys (conversations)"
-            )
-        task = record.get("task") if isinstance(record, dict) else None
-        examples.append(Example(to_messages(record, record_fmt, where), None if task is None else str(task)))
-    return examples
+TOOLS_PREAMBLE = "You can call these functions (JSON definitions):\n"
 
 
 def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
@@ -129,10 +37,33 @@ class Encoded:
     task_id: int | None = None
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def for_template(tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None):
+    """(messages, apply_chat_template keywords) for this tokenizer. A template that reads
+    ``tool_calls`` / ``tools`` gets them structured; otherwise a call stays its JSON text and the
+    tool definitions go into the system message, so nothing is dropped by a template."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    structured = "tool_calls" in template
+    out = []
+    for m in messages:
+        if "tool_calls" in m:
+            m = {"role": "assistant", "content": "", "tool_calls": m["tool_calls"]} if structured else {
+                "role": "assistant", "content": m["content"]}  # fmt: skip
+        out.append(m)
+    if not tools:
+        return out, {}
+    if "tools" in template:
+        return out, {"tools": tools}
+    listing = TOOLS_PREAMBLE + json.dumps(tools, ensure_ascii=False)
+    if out and out[0]["role"] == "system":
+        return [{"role": "system", "content": f"{out[0]['content']}\n\n{listing}"}, *out[1:]], {}
+    return [{"role": "system", "content": listing}, *out], {}
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> str:
     """The text that asks the model for the next assistant turn (what inference feeds it)."""
+    messages, extra = for_template(tokenizer, messages, tools)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     text = "".join(
         _PLAIN_USER.format(content=m["content"]) if m["role"] == "user" else m["content"] + "\n\n"
         for m in messages
@@ -142,7 +73,7 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return system + text
 
 
-def _segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+def _segments(tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None) -> list[tuple[str, bool]]:
     """(text, is_target) pieces whose concatenation is the whole rendered conversation."""
     pieces: list[tuple[str, bool]] = []
     done = ""
@@ -150,9 +81,10 @@ def _segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str,
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render_prompt(tokenizer, messages[:i])
+        prompt = render_prompt(tokenizer, messages[:i], tools)
         if templated:
-            full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            shown, extra = for_template(tokenizer, messages[: i + 1], tools)
+            full = tokenizer.apply_chat_template(shown, tokenize=False, **extra)
         else:
             full = prompt + message["content"] + (tokenizer.eos_token or "")
         if not prompt.startswith(done) or not full.startswith(prompt):
@@ -162,11 +94,11 @@ def _segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str,
     return pieces
 
 
-def encode(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> Encoded:
+def encode(tokenizer: Any, messages: list[dict[str, Any]], max_length: int, tools: list[Any] | None = None) -> Encoded:
     """Token ids with labels = -100 on every non-assistant token, truncated to ``max_length``."""
     input_ids: list[int] = []
     labels: list[int] = []
-    for text, is_target in _segments(tokenizer, messages):
+    for text, is_target in _segments(tokenizer, messages, tools):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if is_target else [IGNORE_INDEX] * len(ids)

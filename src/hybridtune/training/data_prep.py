@@ -4,11 +4,13 @@ the benchmarks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .data import Encoded, Example, encode, pack, read_examples, split, with_system
-from .run_config import ConfigError, RunConfig
+from .dataset_info import read_datasets
+from .run_config import ConfigError, DataConfig, RunConfig
 
 
 @dataclass
@@ -19,15 +21,24 @@ class Prepared:
     eval: list[Encoded]
     eval_examples: list[Example]
     truncated: int
+    notes: list[str] = field(default_factory=list)  # what the user should know (fields not read)
+
+
+def read_split(data: DataConfig, files: list[Path], datasets: list[str], seed: int, notes: list[str]) -> list[Example]:
+    """The examples of one split: its files, then its dataset_info.json datasets."""
+    examples = [e for path in files for e in read_examples(path, data.format, notes)[: data.max_samples]]
+    if datasets:
+        examples += read_datasets(datasets, data.dataset_dir, data.max_samples, seed, notes)
+    return examples
 
 
 def prepare_data(config: RunConfig, tokenizer: Any) -> Prepared:
-    data = config.data
-    train_examples = read_examples(data.train, data.format)
-    if data.eval is not None:
-        eval_examples = read_examples(data.eval, data.format)
+    data, seed, notes = config.data, config.training.seed, []
+    train_examples = read_split(data, data.train, data.dataset, seed, notes)
+    if data.eval or data.eval_dataset:
+        eval_examples = read_split(data, data.eval, data.eval_dataset, seed, notes)
     elif data.eval_split is not None:
-        train_examples, eval_examples = split(train_examples, data.eval_split, config.training.seed)
+        train_examples, eval_examples = split(train_examples, data.eval_split, seed)
     else:
         eval_examples = []
 
@@ -36,7 +47,7 @@ def prepare_data(config: RunConfig, tokenizer: Any) -> Prepared:
     def encode_all(examples: list[Example]) -> list[Encoded]:
         encoded = []
         for e in examples:
-            item = encode(tokenizer, with_system(e.messages, data.system), data.max_length)
+            item = encode(tokenizer, with_system(e.messages, data.system), data.max_length, e.tools)
             item.task_id = task_id(e, tasks)
             encoded.append(item)
         return encoded
@@ -45,7 +56,7 @@ def prepare_data(config: RunConfig, tokenizer: Any) -> Prepared:
     truncated = sum(e.truncated for e in train) + sum(e.truncated for e in evals)
     if data.packing:
         train = pack(train, data.max_length)
-    return Prepared(train, evals, eval_examples, truncated)
+    return Prepared(train, evals, eval_examples, truncated, notes)
 
 
 def task_names(config: RunConfig) -> list[str] | None:

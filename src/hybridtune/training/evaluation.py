@@ -104,7 +104,7 @@ def exact_match(
         messages = with_system(ex.messages, system)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         question = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
-        items.append((question, render_prompt(tokenizer, messages[:last]), messages[last]["content"]))
+        items.append((question, render_prompt(tokenizer, messages[:last], ex.tools), messages[last]["content"]))
     generations = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]

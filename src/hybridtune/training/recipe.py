@@ -97,6 +97,8 @@ class Run(RunCheckpoints, RunEvaluation):
         self.model = self._build_model()
         self.data = prepare_data(config, self.tokenizer)
         self.tracker = Tracker(self.run_dir, enabled=self.main)
+        for note in self.data.notes if self.main else []:
+            self.log(f"note: {note}")
         if self.data.truncated:
             self.log(
                 f"note: {self.data.truncated} example(s) were longer than data.max_length={config.data.max_length} "

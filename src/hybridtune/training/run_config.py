@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from ..core.base_models import EMBEDDED_NAME
 from ..core.config import HybridConfig
@@ -16,22 +16,48 @@ from ..core.quantization import QuantizationConfig
 from ..core.validation import StrictModel, accepted_keys, describe_errors
 from ..methods import METHODS, MethodConfig
 from .data import DataError, read_examples
+from .dataset_info import read_datasets
 
 
 class DataConfig(StrictModel):
-    train: Path
-    eval: Path | None = None
-    eval_split: float | None = Field(None, gt=0, lt=1)
+    """Where the examples come from: files (``train``/``eval``: JSON, JSONL, CSV or parquet, one or
+    a list) and/or datasets named in LLaMA-Factory's ``dataset_dir/dataset_info.json``."""
+
+    train: list[Path] = Field(default_factory=list)
+    eval: list[Path] = Field(default_factory=list)
+    dataset: list[str] = Field(default_factory=list)  # LLaMA-Factory's names, "a,b" or a list
+    eval_dataset: list[str] = Field(default_factory=list)
+    dataset_dir: Path = Path("data")
+    max_samples: int | None = Field(None, ge=1)  # the first N records of each file / dataset
+    eval_split: float | None = Field(None, gt=0, lt=1, validation_alias=AliasChoices("eval_split", "val_size"))
     format: Literal["auto", "alpaca", "sharegpt"] = "auto"
-    max_length: int = Field(512, ge=8)
+    max_length: int = Field(512, ge=8, validation_alias=AliasChoices("max_length", "cutoff_len"))
     packing: bool = False
     system: str | None = None  # system prompt added to records that have none
 
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_file_is_a_list(cls, value: Any) -> Any:
+        return [] if value is None else [value] if isinstance(value, str | Path) else value
+
+    @field_validator("dataset", "eval_dataset", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return [] if value is None else value
+
     @model_validator(mode="after")
-    def _one_eval_source(self) -> DataConfig:
-        if self.eval is not None and self.eval_split is not None:
-            raise ValueError("give either 'eval' (a file) or 'eval_split' (a fraction of train), not both")
+    def _sources(self) -> DataConfig:
+        if not self.train and not self.dataset:
+            raise ValueError("give data.train (files) or data.dataset (names in dataset_info.json)")
+        if (self.eval or self.eval_dataset) and self.eval_split is not None:
+            raise ValueError("give either 'eval' / 'eval_dataset' or 'eval_split' (a fraction of train), not both")
         return self
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval or self.eval_dataset or self.eval_split)
 
 
 class StageConfig(StrictModel):
@@ -232,13 +258,19 @@ def load_run_config(path: str | Path, overrides: list[str] = (), check_data: boo
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make the config's relative file paths absolute against ``base`` (in place; returns ``raw``)."""
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and not Path(value).is_absolute():
+            return str(base / value)
+        return [absolute(v) for v in value] if isinstance(value, list) else value
+
     data = raw.get("data")
     if isinstance(data, dict):
-        for key in ("train", "eval"):
-            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
-                data[key] = str(base / data[key])
-    if isinstance(raw.get("deepspeed"), str) and not Path(raw["deepspeed"]).is_absolute():
-        raw["deepspeed"] = str(base / raw["deepspeed"])
+        for key in ("train", "eval", "dataset_dir"):
+            if key in data:
+                data[key] = absolute(data[key])
+    if isinstance(raw.get("deepspeed"), str):
+        raw["deepspeed"] = absolute(raw["deepspeed"])
     return raw
 
 
@@ -252,19 +284,25 @@ def _raw_stage_problems(raw: dict[str, Any]) -> list[str]:
 
 
 def data_problems(data: Any) -> list[str]:
-    """Problems with the data files themselves (missing, empty, malformed lines, wrong format)."""
+    """Problems with the data themselves (missing or empty files, malformed records, datasets
+    that dataset_info.json does not describe or describes as something hybridtune cannot train)."""
     try:
         cfg = DataConfig.model_validate(data)
     except ValidationError:
         return []  # already reported by the structural check
     problems = []
     for key in ("train", "eval"):
-        path = getattr(cfg, key)
-        if path is None:
-            continue
-        try:
-            if not read_examples(path, cfg.format):
-                problems.append(f"data.{key}: '{path}' has no records")
-        except DataError as exc:
-            problems.append(f"data.{key}: {exc}")
+        for path in getattr(cfg, key):
+            try:
+                if not read_examples(path, cfg.format):
+                    problems.append(f"data.{key}: '{path}' has no records")
+            except DataError as exc:
+                problems.append(f"data.{key}: {exc}")
+    for key in ("dataset", "eval_dataset"):
+        for name in getattr(cfg, key):
+            try:
+                if not read_datasets([name], cfg.dataset_dir, cfg.max_samples, seed=0):
+                    problems.append(f"data.{key}: dataset '{name}' has no records")
+            except DataError as exc:
+                problems.append(f"data.{key}: {exc}")
     return problems

@@ -76,7 +76,7 @@ def test_paths_in_the_file_follow_the_file_and_paths_on_the_command_line_the_cur
         ({"trainig": {}}, "unknown key 'trainig' for a RunConfig; did you mean 'training'?"),
         ({"training.learning_rate": 1}, "training: unknown key 'learning_rate' for a TrainingConfig"),
         ({"training.batch_size": "eight"}, "training.batch_size: Input should be a valid integer"),
-        ({"methods.lora.rank": 8}, "methods: method entry 'lora': unknown key 'rank'"),
+        ({"methods.lora.rank": 8}, "methods.lora: unknown key 'rank'"),
         ({"methods.adapter.type": "adaptor"}, "unknown method type 'adaptor'; did you mean 'adapter'"),
         ({"stages": [{"name": "a", "train": ["lroa"]}]}, "'lroa', which is not a method entry; did you mean 'lora'"),
         ({"data.train": "missing.jsonl"}, "data.train: data file '.*missing.jsonl' does not exist"),
@@ -104,6 +104,38 @@ def test_validate_lists_every_problem_at_once(project):
     assert "4 problem(s)" in out, out
     for expected in ["training.batch_size", "unknown key 'metrik'", "bad.jsonl: line 2 is not valid JSON", "'nope'"]:
         assert expected in out, out
+
+
+def test_validate_reports_every_entry_and_the_stages_when_one_entry_is_broken(project):
+    methods = {"lora": {"type": "lora", "r": 4, "targets": ["q_proj"], "lora_alph": 3},
+               "other": {"type": "lorra"}, "adapter": {"type": "adapter"}}  # fmt: skip
+    path = write_config(project, methods=methods, stages=[{"name": "a", "train": ["nope"]}])
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "3 problem(s)" in result.output, result.output
+    for expected in [
+        "methods.lora: unknown key 'lora_alph' for a LoRAConfig; did you mean 'lora_alpha'?",
+        "methods.other: unknown method type 'lorra'; did you mean 'lora'?",
+        "stage 'a' trains 'nope', which is not a method entry (entries: lora, other, adapter)",
+    ]:
+        assert expected in result.output, result.output
+
+
+def test_validate_checks_every_target_against_the_models_config(project, tiny_lm_dir):
+    """What train would fail on, found without loading weights: LLaMA-Factory's `lora_target: all`
+    gets its name here, a misspelt placement its closest module."""
+    methods = {"lora": {"type": "lora", "targets": "all"}, "adapter": {"type": "adapter", "after": "mlpp"},
+               "ok": {"type": "ia3", "targets": ["k_proj"]}}  # fmt: skip
+    path = write_config(project, model=str(tiny_lm_dir), methods=methods, stages=None)
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "2 problem(s)" in result.output, result.output
+    assert "methods.lora: entry 'lora': pattern 'all' matched no module of the model; did you mean 'all-linear'?" in (
+        result.output
+    )
+    assert "methods.adapter: entry 'adapter': pattern 'mlpp' matched no module" in result.output
+    assert "close module names in this model: mlp" in result.output
+    methods["lora"]["targets"], methods["adapter"]["after"] = "all-linear", "mlp"
+    path = write_config(project, model=str(tiny_lm_dir), methods=methods, stages=None)
+    assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0
 
 
 def test_validate_ok(project):

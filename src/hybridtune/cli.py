@@ -117,8 +117,14 @@ def _report(result, show: int) -> None:
 
 @app.command()
 def validate(config: Annotated[Path, typer.Argument(help="Run YAML file.")]) -> None:
-    """Check a config (keys, types, stages, data files) without loading any model; list every problem."""
-    run_config(config, [])
+    """Check a config (keys, types, stages, data files, and every target against the model's
+    config, without loading its weights); list every problem."""
+    from .training.preflight import model_problems
+    from .training.run_config import ConfigError
+
+    problems = model_problems(run_config(config, []))
+    if problems:
+        fail(str(ConfigError(problems, str(config))))
     typer.secho(f"{config}: ok", fg=typer.colors.GREEN)
 
 

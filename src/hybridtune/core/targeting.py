@@ -126,6 +126,8 @@ def _no_match_message(
             f"entry '{entry}': pattern '{pattern}' matched {name} ({type(module).__name__}){more}, "
             f"but this method needs {accepted_what}"
         )
+    if pattern.lower() in ("all", "all_linear", "linear"):  # LLaMA-Factory's lora_target: all
+        return f"entry '{entry}': pattern '{pattern}' matched no module of the model; did you mean '{ALL_LINEAR}'?"
     leaf_names = sorted({n.rsplit(".", 1)[-1] for n, _ in modules})
     pool = leaf_names if "." not in pattern else sorted({n for n, _ in modules})
     close = difflib.get_close_matches(pattern, pool, n=6, cutoff=0.5)

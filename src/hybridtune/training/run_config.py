@@ -246,7 +246,9 @@ def load_run_config(path: str | Path, overrides: list[str] = (), check_data: boo
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        problems += describe_errors(exc)
+        entry_problems = method_problems(raw.get("methods"))  # every entry's, not only the first's
+        problems += [p for p in describe_errors(exc) if not (entry_problems and p.startswith("methods:"))]
+        problems += entry_problems
         # a field error stops pydantic before the cross-field stage check: run it on its own
         problems += [p for p in _raw_stage_problems(raw) if not any(p in q for q in problems)]
     if check_data:
@@ -274,9 +276,22 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return raw
 
 
+def method_problems(methods: Any) -> list[str]:
+    """One line per method entry that does not validate (each entry checked on its own)."""
+    if not isinstance(methods, dict):
+        return []
+    problems = []
+    for name, entry in methods.items():
+        try:
+            HybridConfig.build_entries({name: entry})
+        except ValueError as exc:
+            problems.append(f"methods.{name}: {str(exc).removeprefix(f'method entry {name!r}: ')}")
+    return problems
+
+
 def _raw_stage_problems(raw: dict[str, Any]) -> list[str]:
-    try:
-        entries = list(HybridConfig.build_entries(raw.get("methods")))
+    try:  # the entry names are known even when an entry itself is broken
+        entries = list(raw["methods"]) if isinstance(raw.get("methods"), dict) else []
         stages = [StageConfig.model_validate(s) for s in raw.get("stages") or []]
     except (ValidationError, ValueError, TypeError):
         return []  # those sections are broken themselves, and already reported

@@ -59,6 +59,8 @@ def train(
     from .training.run_dir import TrainingStopped
 
     cfg = run_config(config, overrides)  # checked once, before any process starts
+    for note in cfg.notes:  # how a LLaMA-Factory config was read
+        typer.echo(f"LLaMA-Factory config: {note}")
     processes = _processes(nproc)
     if processes > 1:
         raise typer.Exit(_torchrun(processes, config, overrides or [], overwrite))
@@ -126,6 +128,27 @@ def validate(config: Annotated[Path, typer.Argument(help="Run YAML file.")]) -> 
     if problems:
         fail(str(ConfigError(problems, str(config))))
     typer.secho(f"{config}: ok", fg=typer.colors.GREEN)
+
+
+@app.command("convert")
+def convert_config(
+    config: Annotated[Path, typer.Argument(help="A LLaMA-Factory training YAML.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the hybridtune YAML (default: NAME.hybridtune.yaml).")
+    ] = None,
+) -> None:
+    """Write the hybridtune run YAML equivalent to a LLaMA-Factory training YAML."""
+    from .training.llamafactory_yaml import write_converted
+    from .training.run_config import ConfigError
+
+    out = out or config.with_name(f"{config.stem}.hybridtune.yaml")
+    try:
+        notes = write_converted(config, out)
+    except ConfigError as exc:
+        fail(str(exc))
+    for note in notes:
+        typer.echo(note)
+    typer.secho(f"wrote {out}", fg=typer.colors.GREEN)
 
 
 @app.command("eval")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from ..core.base_models import EMBEDDED_NAME
 from ..core.config import HybridConfig
@@ -17,6 +17,7 @@ from ..core.validation import StrictModel, accepted_keys, describe_errors
 from ..methods import METHODS, MethodConfig
 from .data import DataError, read_examples
 from .dataset_info import read_datasets
+from .llamafactory_yaml import convert, is_llamafactory
 
 
 class DataConfig(StrictModel):
@@ -124,6 +125,12 @@ class RunConfig(StrictModel):
     output: Path = Path("runs/run")
     fsdp: FSDPConfig | None = None
     deepspeed: Path | dict[str, Any] | None = None  # a DeepSpeed JSON config (file or mapping), passed through
+    _notes: list[str] = PrivateAttr(default_factory=list)  # how a LLaMA-Factory YAML was read
+
+    @property
+    def notes(self) -> list[str]:
+        """What the user should see before the run: how a LLaMA-Factory config was mapped."""
+        return self._notes
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -239,7 +246,13 @@ def load_run_config(path: str | Path, overrides: list[str] = (), check_data: boo
     file's folder, those given in ``overrides`` (the command line) against the current directory,
     where the person typing them is; ``output`` always against the current directory.
     """
-    raw = _resolve_paths(read_yaml(path), Path(path).resolve().parent)
+    raw, base, notes = read_yaml(path), Path(path).resolve().parent, []
+    if is_llamafactory(raw):  # a LLaMA-Factory YAML: read as the equivalent run
+        raw, notes, refused = convert(raw)
+        if refused:
+            raise ConfigError(refused, f"{path} (a LLaMA-Factory config)")
+        base = Path.cwd()  # LLaMA-Factory resolves its paths against the current directory
+    raw = _resolve_paths(raw, base)
     raw = _resolve_paths(apply_overrides(raw, list(overrides)), Path.cwd())  # only the overrides' are left relative
     problems: list[str] = []
     config = None
@@ -255,6 +268,7 @@ def load_run_config(path: str | Path, overrides: list[str] = (), check_data: boo
         problems += data_problems(raw.get("data"))
     if problems:
         raise ConfigError(problems, str(path))
+    config._notes = notes
     return config
 
 

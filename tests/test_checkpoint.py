@@ -130,13 +130,20 @@ def test_different_base_model(saved):
         ht.load(make_model("llama", num_hidden_layers=1), directory)
 
 
-def test_different_base_name(tmp_path):
+def test_the_base_is_recognised_by_its_weights_not_its_name(tmp_path):
     model = make_model("llama")
     model.config._name_or_path = "org/base-a"
     ht.inject(model, hybrid_config()).save_adapters(tmp_path)
-    other = make_model("llama")
+    same = make_model("llama").to(torch.bfloat16)  # the same weights by another path, in another dtype
+    same.config._name_or_path = "/models/base-a"
+    ht.load(same, tmp_path)
+    other = make_model("llama", seed=1)  # same architecture and shapes, other weights
     other.config._name_or_path = "org/base-b"
-    with pytest.raises(ht.CheckpointError, match="trained on base model 'org/base-a', but .* 'org/base-b'"):
+    with pytest.raises(ht.CheckpointError, match="trained on base model 'org/base-a', but .* 'org/base-b' "
+                                                 "\\(different weights\\)"):  # fmt: skip
+        ht.load(other, tmp_path)
+    other.config._name_or_path = "org/base-a"  # even under the same name
+    with pytest.raises(ht.CheckpointError, match="different weights"):
         ht.load(other, tmp_path)
     ht.load(other, tmp_path, allow_base_mismatch=True)
 

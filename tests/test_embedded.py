@@ -69,3 +69,23 @@ def test_the_first_conversion_is_quiet_and_exact(tmp_path):
     ids = torch.tensor([[1, 50, 300, 2000, 7]])
     with torch.no_grad():
         assert torch.equal(converted(ids).logits, reference(ids).logits)
+
+
+def test_adapters_load_on_the_embedded_weights_by_path_and_export_a_resolvable_base(tmp_path):
+    """Issue 21's case: adapters trained on `smollm2-135m` load onto the same weights given by
+    their directory, and the peft export names a base other tools can open."""
+    import json
+
+    from hybridtune.core.base_models import resolve_model
+
+    model, _ = load_base(EMBEDDED_NAME)
+    ht.inject(model, {"methods": {"lora": {"type": "lora", "r": 2, "targets": ["q_proj"]}}}).save_adapters(
+        tmp_path / "a"
+    )
+    by_path, _ = load_base(resolve_model(EMBEDDED_NAME))
+    assert by_path.config._name_or_path != EMBEDDED_NAME
+    hybrid = ht.load(by_path, tmp_path / "a")
+    ht.export_peft(ht.load(load_base(EMBEDDED_NAME)[0], tmp_path / "a"), tmp_path / "peft")
+    recorded = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(recorded).is_dir() and Path(recorded) == Path(resolve_model(EMBEDDED_NAME))
+    assert list(hybrid.entries) == ["lora"]

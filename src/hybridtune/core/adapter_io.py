@@ -65,12 +65,43 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def base_identity(model: nn.Module) -> dict[str, Any]:
+    """What adapters record of their base: its name, type, and a sample of its input embedding's
+    values, so the same weights are recognised under any name or path (see ``check_base``)."""
     config = getattr(model, "config", None)
-    return {
+    identity = {
         "name_or_path": getattr(config, "_name_or_path", "") or "",
         "model_type": getattr(config, "model_type", None),
         "architectures": getattr(config, "architectures", None),
     }
+    sample = embedding_sample(model)
+    if sample is not None:
+        identity["embedding_sample"] = sample
+    return identity
+
+
+_SAMPLE_SIZE = 64
+
+
+def embedding_sample(model: nn.Module) -> dict[str, Any] | None:
+    """The shape and 64 evenly spaced values of the input embedding (never quantized, so a 4-bit
+    load of the same weights gives the same values up to dtype rounding); None where the weight is
+    not a plain local tensor (meta, sharded)."""
+    get = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get(), "weight", None) if callable(get) else None
+    if type(weight) not in (torch.Tensor, nn.Parameter) or weight.device.type == "meta" or hasattr(weight, "ds_id"):
+        return None
+    flat = weight.detach().reshape(-1)
+    picks = (torch.arange(_SAMPLE_SIZE, dtype=torch.int64) * (flat.numel() - 1) // (_SAMPLE_SIZE - 1)).to(flat.device)
+    return {"shape": list(weight.shape), "values": [round(float(v), 6) for v in flat[picks].double().cpu()]}
+
+
+def same_weights(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool | None:
+    """Whether two embedding samples are of the same weights (to bf16 rounding); None: unknown, or
+    of different shapes (a different architecture, which check_targets names module by module)."""
+    if not a or not b or a["shape"] != b["shape"]:
+        return None
+    x, y = torch.tensor(a["values"]), torch.tensor(b["values"])
+    return bool(torch.allclose(x, y, rtol=1e-2, atol=1e-2 * float(x.abs().max()) + 1e-8))
 
 
 def state_key(entry: str, target: str, name: str) -> str:
@@ -180,22 +211,30 @@ def read_weights(directory: str | Path, meta: dict[str, Any]) -> dict[str, torch
         raise CheckpointError(f"{path} is corrupt or truncated: {exc}") from exc
 
 
-def check_base(model: nn.Module, meta: dict[str, Any], allow_base_mismatch: bool) -> None:
+def check_base(
+    model: nn.Module, meta: dict[str, Any], allow_base_mismatch: bool, config: HybridConfig | None = None
+) -> None:
+    """Refuse a base the adapters were not trained on: another model type, then (with ``config``)
+    modules that differ from the saved targets, then other weights (the same weights under another
+    name or path are fine)."""
     saved, here = meta.get("base_model", {}), base_identity(model)
     if saved.get("model_type") and here["model_type"] and saved["model_type"] != here["model_type"]:
         raise CheckpointError(
             f"these adapters were trained on a '{saved['model_type']}' model ({saved.get('name_or_path') or 'unnamed'})"
             f", but the base model given is a '{here['model_type']}'"
         )
-    if (
-        not allow_base_mismatch
-        and saved.get("name_or_path")
-        and here["name_or_path"]
-        and saved["name_or_path"] != here["name_or_path"]
-    ):
+    if config is not None:
+        check_targets(model, config, meta)
+    if allow_base_mismatch:
+        return
+    same = same_weights(saved.get("embedding_sample"), here.get("embedding_sample"))
+    names_differ = saved.get("name_or_path") and here["name_or_path"] and saved["name_or_path"] != here["name_or_path"]
+    if same is False or (same is None and names_differ):  # the same weights by another name or path are fine
+        how = "different weights" if same is False else "a different name, and its weights could not be compared"
         raise CheckpointError(
-            f"these adapters were trained on base model '{saved['name_or_path']}', but the base model given is "
-            f"'{here['name_or_path']}'; pass allow_base_mismatch=True if that is intended"
+            f"these adapters were trained on base model '{saved.get('name_or_path') or 'unnamed'}', but the base "
+            f"model given is '{here['name_or_path'] or 'unnamed'}' ({how}); pass allow_base_mismatch=True if that "
+            "is intended"
         )
 
 

@@ -355,8 +355,7 @@ def load(
     except ValidationError as exc:
         raise CheckpointError(f"the method configs in {directory}/{adapter_io.CONFIG_NAME} are invalid: {exc}") from exc
     base = model.base_model if isinstance(model, HybridModel) else model
-    adapter_io.check_base(base, meta, allow_base_mismatch)
-    adapter_io.check_targets(base, config, meta)
+    adapter_io.check_base(base, meta, allow_base_mismatch, config)
     state = adapter_io.read_weights(directory, meta)
     if isinstance(model, HybridModel) and set_name is not None:
         model.add_set(set_name, config)

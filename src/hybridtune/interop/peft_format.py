@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from ..core.adapter_io import atomic_write
+from ..core.base_models import EMBEDDED_NAME, resolve_model
 from ..core.config import HybridConfig
 from ..core.errors import CheckpointError
 from ..core.model import HybridModel, inject
@@ -99,7 +100,7 @@ def export_peft(model: HybridModel, directory: str | Path, entries: list[str] | 
     peft_config = {
         "peft_type": method.peft_type,
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": getattr(model.base_model.config, "_name_or_path", None) or None,
+        "base_model_name_or_path": _resolvable(getattr(model.base_model.config, "_name_or_path", None)),
         **peft_keys,
         "inference_mode": True,
     }
@@ -111,6 +112,14 @@ def export_peft(model: HybridModel, directory: str | Path, entries: list[str] | 
     atomic_write(directory / PEFT_WEIGHTS, save(tensors, metadata={"format": "pt"}))
     atomic_write(directory / PEFT_CONFIG, (json.dumps(peft_config, indent=2) + "\n").encode())
     return directory
+
+
+def _resolvable(name: str | None) -> str | None:
+    """The base's name as other tools can open it: the embedded model's short name becomes its
+    directory (a hub id or a path stays as it is)."""
+    if name == EMBEDDED_NAME:
+        return resolve_model(name)
+    return name or None
 
 
 def _per_module(raw: dict[str, torch.Tensor], method: type[MethodConfig], path: Path) -> dict[str, dict]:

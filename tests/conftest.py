@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -262,3 +264,40 @@ def enable_cpu_fp16(setattr=setattr, init_scale: float = 2.0**22, growth_interva
     setattr(finetune, "make_accelerator", make_accelerator)
     setattr(finetune, "environment_problems", lambda config: [])
     return scalers
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium through selenium (Debian's chromium and chromium-driver), or a skip."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.environ.get("HYBRIDTUNE_REQUIRE_BROWSER"):  # set by .ci/run once it installed them
+            pytest.fail("chromium and chromedriver were installed but are not on PATH")
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1300"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
+    yield driver
+    driver.quit()
+
+
+@contextmanager
+def serving(app):
+    """``app`` served on a loopback port from a thread of this process (so methods a test
+    registers are in its catalog)."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, timeout=30)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -1,7 +1,7 @@
 """A new PEFT method is one file plus one registry line: a method defined here, in the test, and
 registered with ``register_method`` (what a line in METHOD_MODULES does for a module of the
-package) goes through inject, save/load, training from YAML, the CLI and the web UI's method
-catalog and config check, with nothing else of hybridtune touched."""
+package) goes through inject, save/load, training from YAML, the CLI, the web UI's method
+catalog and config check, and the page's generated forms, with nothing else of hybridtune touched."""
 
 import shutil
 from typing import ClassVar, Literal
@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import nn
 
 import hybridtune as ht
-from conftest import make_model, write_config
+from conftest import make_model, serving, wait_for, write_config
 from hybridtune.cli import main
 from hybridtune.core.targeting import is_linear, linear_features, select_modules
 from hybridtune.methods import Branch, MethodConfig, register_method, unregister_method
@@ -102,3 +102,44 @@ def test_training_from_yaml_the_cli_and_the_ui(registered, project, tiny_lm_dir,
     checked = client.post("/api/check", json={"model": "models/tiny", "methods": methods,
                                               "data": {"train": "train.jsonl"}}).json()  # fmt: skip
     assert checked["problems"] == [] and checked["parameters"]["shift"] == 2 * 32, checked
+
+
+def test_the_page_builds_a_form_for_the_new_method(registered, project, tiny_lm_dir, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from hybridtune.core.base_models import load_base
+    from hybridtune.ui import create_app
+
+    shutil.copytree(tiny_lm_dir, project / "models" / "tiny")
+    with serving(create_app(project)) as url:
+        browser.get(url)
+        find = browser.find_element
+        enable = wait_for(lambda: browser.find_elements(By.ID, "method-output_shift-enable"))[0]
+        assert not enable.is_selected() and not find(By.ID, "method-output_shift-init").is_displayed()
+        Select(find(By.ID, "model")).select_by_value("models/tiny")
+        wait_for(lambda: "llama, 2 layers" in find(By.ID, "modules").text)
+        enable.click()
+        targets, init = find(By.ID, "method-output_shift-targets"), find(By.ID, "method-output_shift-init")
+        assert targets.get_attribute("value") == "q_proj"  # a required field starts from the example
+        assert init.get_attribute("value") == "0" and init.get_attribute("type") == "number"  # the default
+        targets.clear()
+        targets.send_keys("q_proj, v_proj")
+        init.clear()
+        init.send_keys("0.5")
+        posted = browser.execute_script("return buildConfig()")["methods"]  # what the page sends
+        assert posted["output_shift"] == {"type": "output_shift", "targets": ["q_proj", "v_proj"], "init": 0.5}
+        assert set(posted) == {"lora", "adapter", "output_shift"}
+        wait_for(lambda: "init: 0.5" in find(By.ID, "yaml").text)
+        wait_for(lambda: find(By.ID, "problems").text == "no problems")
+        hybrid = ht.inject(load_base(str(project / "models" / "tiny"))[0], {"methods": posted})
+        expected = hybrid.trainable_parameters()["entries"]["output_shift"]["trainable"]
+        script = "return [...document.querySelectorAll('#params tr')].map((r) => [...r.cells].map((c) => c.innerText))"
+        rows = dict(browser.execute_script(script))  # read in one go: every check replaces the rows
+        assert rows["output_shift"] == f"{expected:,}"
+        init.clear()
+        init.send_keys("0")  # back at its default: left out of the config
+        assert browser.execute_script("return buildConfig()")["methods"]["output_shift"] == {
+            "type": "output_shift", "targets": ["q_proj", "v_proj"]}  # fmt: skip
+        find(By.ID, "method-output_shift-enable").click()
+        assert "output_shift" not in browser.execute_script("return buildConfig()")["methods"]

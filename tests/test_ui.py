@@ -12,9 +12,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import COLORS, free_port, wait_for
+from conftest import COLORS, free_port, serving, wait_for
 from hybridtune.ui import create_app
 
+# the entries of the trainable-parameters table, read in one go (every check replaces its rows)
+ENTRY_NAMES = "return [...document.querySelectorAll('#params td:first-child')].map((td) => td.textContent)"
 SCREENSHOTS = Path(os.environ.get("HYBRIDTUNE_SCREENSHOTS", "")) if os.environ.get("HYBRIDTUNE_SCREENSHOTS") else None
 
 
@@ -77,6 +79,19 @@ def test_check_gives_yaml_problems_and_parameter_counts(workdir):
     assert "'q_prj' matched no module" in client.post("/api/check", json=bad).json()["problems"][0]
 
 
+def test_the_method_catalog_has_what_the_page_builds_its_forms_from(workdir):
+    from hybridtune.methods import METHODS, method_config
+
+    catalog = TestClient(create_app(workdir)).get("/api/methods").json()
+    assert list(catalog) == list(METHODS)
+    assert [kind for kind, info in catalog.items() if info["enabled_by_default"]] == list(METHODS)[:2]
+    lora, adapter = catalog["lora"]["schema"]["properties"], catalog["adapter"]["schema"]["properties"]
+    assert lora["targets"]["ui"] == "linear_targets" and lora["rank_pattern"]["ui"] == "per_target"
+    assert adapter["after"]["ui"] == "blocks" and adapter["after"]["default"] == ["mlp"]  # a default_factory's
+    for kind, info in catalog.items():  # every form starts from a valid entry
+        assert method_config(info["start"]).model_dump(mode="json") == info["start"], kind
+
+
 @pytest.mark.parametrize("path", ["../outside.jsonl", "/etc/passwd", "models/../../x.jsonl"])
 def test_paths_typed_into_the_page_stay_in_the_work_directory(workdir, path):
     client = TestClient(create_app(workdir))
@@ -114,22 +129,6 @@ def test_train_stop_resume_export_and_chat_through_the_api(workdir):
     assert runs["short"]["status"] == "finished" and runs["short"]["has_adapters"]
 
 
-@pytest.fixture
-def browser():
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        if os.environ.get("HYBRIDTUNE_REQUIRE_BROWSER"):  # set by .ci/run once it installed them
-            pytest.fail("chromium and chromedriver were installed but are not on PATH")
-        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1300"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
-    yield driver
-    driver.quit()
-
-
 def test_page_end_to_end_in_chromium(workdir, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -143,16 +142,23 @@ def test_page_end_to_end_in_chromium(workdir, browser, tmp_path):
         wait_for(lambda: _up(url), timeout=60)
         browser.get(url)
         find = browser.find_element
-        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".lora-target"))
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#method-lora-targets .module-option"))
+        enabled = [b.get_attribute("value") for b in browser.find_elements(By.CSS_SELECTOR, ".method-enable:checked")]
+        assert enabled == ["lora", "adapter"]  # the starter config; every other method is a form to enable
         Select(find(By.ID, "model")).select_by_value("models/tiny")
         wait_for(lambda: "llama, 2 layers" in find(By.ID, "modules").text)
-        checked = [b.get_attribute("value") for b in browser.find_elements(By.CSS_SELECTOR, ".lora-target:checked")]
-        assert checked == ["q_proj", "v_proj"]
+        targets = browser.find_elements(By.CSS_SELECTOR, "#method-lora-targets .module-option:checked")
+        assert [b.get_attribute("value") for b in targets] == ["q_proj", "v_proj"]
+        places = browser.find_elements(By.CSS_SELECTOR, "#method-adapter-after .module-option:checked")
+        assert [b.get_attribute("value") for b in places] == ["mlp"]
+        find(By.ID, "method-lora-rank_pattern-v_proj").send_keys("2")  # a rank of its own for one target
         for field, value in {"run-name": "e2e", "max-steps": "30", "eval-every": "10", "batch-size": "4",
                              "lr": "0.01", "max-length": "64"}.items():  # fmt: skip
             find(By.ID, field).clear()
             find(By.ID, field).send_keys(value)
         wait_for(lambda: "output: runs/e2e" in (yaml := find(By.ID, "yaml").text) and "max_steps: 30" in yaml)
+        yaml = find(By.ID, "yaml").text  # the rank and the ticked targets, as the form's own fields
+        assert "rank_pattern:\n      v_proj: 2" in yaml and "targets:\n    - q_proj\n    - v_proj" in yaml
         wait_for(lambda: find(By.ID, "problems").text == "no problems")
         find(By.ID, "add-stage").click()  # a stage editor: adapter first, then LoRA
         find(By.ID, "add-stage").click()
@@ -161,8 +167,7 @@ def test_page_end_to_end_in_chromium(workdir, browser, tmp_path):
         for remove in browser.find_elements(By.CSS_SELECTOR, ".stage-remove"):
             remove.click()  # this run trains everything in one stage
         wait_for(lambda: "stages:" not in find(By.ID, "yaml").text)
-        rows = browser.find_elements(By.CSS_SELECTOR, "#params tr")
-        assert {"lora", "adapter", "base"} <= {r.text.split()[0] for r in rows}
+        assert {"lora", "adapter", "base"} <= set(browser.execute_script(ENTRY_NAMES))
         browser.save_screenshot(str(shots / "ui-configure.png"))
 
         find(By.ID, "start").click()
@@ -192,6 +197,32 @@ def test_page_end_to_end_in_chromium(workdir, browser, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_every_method_form_starts_as_a_valid_entry(workdir, browser):
+    """Each registered method, enabled alone, gives a config the check accepts as the form starts."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from hybridtune.methods import METHODS
+
+    def entries():
+        return set(browser.execute_script(ENTRY_NAMES))
+
+    with serving(create_app(workdir)) as url:
+        browser.get(url)
+        find = browser.find_element
+        boxes = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".method-enable"))
+        assert [b.get_attribute("value") for b in boxes] == list(METHODS)  # every registered method, in order
+        Select(find(By.ID, "model")).select_by_value("models/tiny")
+        wait_for(lambda: "llama, 2 layers" in find(By.ID, "modules").text)
+        for kind in METHODS:
+            for box in browser.find_elements(By.CSS_SELECTOR, ".method-enable"):
+                if box.is_selected() != (box.get_attribute("value") == kind):
+                    box.click()
+            assert list(browser.execute_script("return buildConfig()")["methods"]) == [kind]
+            wait_for(lambda: entries() == {kind, "base"}, timeout=60)  # noqa: B023 (called at once)
+            assert find(By.ID, "problems").text == "no problems", kind
 
 
 def _up(url: str) -> bool:

@@ -15,7 +15,8 @@ from typing import Any
 
 from .base import Branch, MethodConfig
 
-# the registry line: one module name per method, in the order the docs and the UI list them
+# the registry line: one module name per method, in the order the docs and the UI list them (the
+# UI's starter config enables the first two: see STARTER_METHODS in ui/backend.py)
 METHOD_MODULES = (
     "lora", "adapter", "lora_mixture", "dora", "parallel_adapter", "ia3", "prompt_tuning", "prefix_tuning",
 )  # fmt: skip

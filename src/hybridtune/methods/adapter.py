@@ -16,7 +16,7 @@ from transformers.activations import ACT2FN
 
 from ..core.routing import map_hidden, replace_rows
 from ..core.targeting import is_linear, linear_features, named_base_modules, select_modules
-from .base import Branch, MethodConfig, for_weights, param_like
+from .base import BLOCKS, Branch, MethodConfig, for_weights, param_like
 
 
 class AdapterConfig(MethodConfig):
@@ -32,7 +32,7 @@ class AdapterConfig(MethodConfig):
         """A small config for a Llama-style model (the contract test suite runs every method with it)."""
         return cls(after=["self_attn", "mlp"], reduction_factor=8)
 
-    after: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1)
+    after: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1, json_schema_extra=BLOCKS)
     reduction_factor: float = Field(16.0, gt=0)
     bottleneck_size: int | None = Field(None, ge=1)
     activation: str = "relu"

@@ -16,6 +16,12 @@ from torch import nn
 from ..core.routing import replace_rows
 from ..core.validation import StrictModel
 
+# Hints for the web UI's generated forms, given as ``Field(json_schema_extra=...)``: they land in
+# the config's JSON schema, and the page offers the model's own modules for these fields.
+LINEAR_TARGETS = {"ui": "linear_targets"}  # linear layer names: a checkbox per linear layer of the model
+BLOCKS = {"ui": "blocks"}  # sub-module names of a layer (self_attn, mlp, ...): a checkbox each
+PER_TARGET = {"ui": "per_target"}  # {target: number}: an optional number beside each checked target
+
 
 class MethodConfig(StrictModel):
     """Base of every method's config. Unknown keys are errors that name the closest valid key."""

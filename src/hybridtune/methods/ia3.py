@@ -14,7 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..core.targeting import first_match, is_linear, linear_features, select_modules
-from .base import Branch, MethodConfig, first_input, param_like, peft_key_problems, replace_first_input
+from .base import LINEAR_TARGETS, Branch, MethodConfig, first_input, param_like, peft_key_problems, replace_first_input
 
 
 class IA3Config(MethodConfig):
@@ -26,7 +26,7 @@ class IA3Config(MethodConfig):
         """A small config for a Llama-style model (the contract test suite runs every method with it)."""
         return cls(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"])
 
-    targets: list[str] = Field(min_length=1)
+    targets: list[str] = Field(min_length=1, json_schema_extra=LINEAR_TARGETS)
     feedforward: list[str] = Field(default_factory=list)  # targets whose input (not output) is rescaled
     exclude: list[str] = Field(default_factory=list)
 

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..core.targeting import first_match, is_linear, linear_features, select_modules
 from ..core.validation import StrictModel
-from .base import Branch, MethodConfig, first_input, for_weights, param_like
+from .base import LINEAR_TARGETS, PER_TARGET, Branch, MethodConfig, first_input, for_weights, param_like
 from .dropout import InputDropout, SharedDropout
 from .low_rank_exchange import LowRankExchange
 
@@ -67,9 +67,11 @@ class LowRankConfig(LowRankExchange, InputDropout, MethodConfig):
     r: int | RankSchedule = 8
     # peft's names are accepted too, as a peft user types them
     alpha: float = Field(16.0, gt=0, validation_alias=AliasChoices("alpha", "lora_alpha"))
-    targets: list[str] = Field(min_length=1, validation_alias=AliasChoices("targets", "target_modules"))
+    targets: list[str] = Field(
+        min_length=1, validation_alias=AliasChoices("targets", "target_modules"), json_schema_extra=LINEAR_TARGETS
+    )
     exclude: list[str] = Field(default_factory=list, validation_alias=AliasChoices("exclude", "exclude_modules"))
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    rank_pattern: dict[str, int] = Field(default_factory=dict, json_schema_extra=PER_TARGET)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     use_rslora: bool = False
 

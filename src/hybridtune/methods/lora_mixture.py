@@ -25,7 +25,7 @@ from torch import nn
 
 from ..core.routing import current as current_routing
 from ..core.targeting import is_linear, linear_features, select_modules
-from .base import Branch, MethodConfig, first_input, for_weights, param_like
+from .base import LINEAR_TARGETS, Branch, MethodConfig, first_input, for_weights, param_like
 from .dropout import InputDropout, SharedDropout
 
 
@@ -43,7 +43,7 @@ class LoRAMixtureConfig(InputDropout, MethodConfig):
     gate: Literal["token", "global"] = "token"
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
-    targets: list[str] = Field(min_length=1)
+    targets: list[str] = Field(min_length=1, json_schema_extra=LINEAR_TARGETS)
     exclude: list[str] = Field(default_factory=list)
     use_rslora: bool = False
 

@@ -1,4 +1,4 @@
-"""``hybridtune ui``: a FastAPI app serving one static page and a small JSON API over ``Workdir``."""
+"""``hybridtune ui``: a FastAPI app serving one static page (and its script) and a small JSON API over ``Workdir``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from .backend import UIError, Workdir, inspect_model, method_catalog
@@ -90,6 +91,8 @@ def create_app(workdir: str | Path) -> FastAPI:
     @app.get("/")
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # methods.js: the generated method forms
 
     @app.get("/api/options")
     def options() -> dict[str, Any]:

@@ -7,6 +7,7 @@ page sends is resolved inside the work directory, or refused.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 import yaml
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from ..core.base_models import EMBEDDED_NAME
 from ..core.errors import HybridTuneError
@@ -29,6 +30,7 @@ from ..training.tracking import METRICS_FILE, read_metrics
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DATA_SUFFIXES = (".json", ".jsonl")
+STARTER_METHODS = 2  # the page starts with the first methods of the registry enabled (METHOD_MODULES' order)
 
 
 class UIError(HybridTuneError, ValueError):
@@ -251,26 +253,56 @@ def peft_exportable(adapters: Path) -> list[str]:
 
 
 def method_catalog() -> dict[str, dict[str, Any]]:
-    """Every registered method for a client to build its form from: the config's JSON schema
-    (fields, types, defaults, bounds), what the method can do, and a small example entry. (The
-    page itself still has hand-written LoRA and Adapter forms.)"""
+    """Every registered method, in registry order, for the page to build its forms from: the
+    config's JSON schema (fields, types, defaults, bounds, and the ``ui`` hints of methods/base.py),
+    what the method can do, a small example entry, the values its form starts from, and whether
+    the page starts with it enabled."""
     from ..methods import METHODS
 
     catalog = {}
-    for kind, config_class in METHODS.items():
+    for position, (kind, config_class) in enumerate(METHODS.items()):
         try:
             example = config_class.example().model_dump(mode="json")
         except NotImplementedError:
             example = None
         catalog[kind] = {
-            "schema": config_class.model_json_schema(),
+            "schema": _schema_with_defaults(config_class),
             "doc": (config_class.__doc__ or "").strip().split("\n\n")[0],
             "mergeable": config_class.mergeable,
             "identity_at_init": config_class.identity_at_init,
             "supports_routing": config_class.supports_routing,
             "example": example,
+            "start": _start(config_class, example),
+            "enabled_by_default": position < STARTER_METHODS,
         }
     return catalog
+
+
+def _start(config_class: type, example: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The values a form starts from: the defaults plus the example's required fields, or the
+    whole example where those alone are not a valid config (a default that needs other fields)."""
+    if example is None:
+        return None
+    fields = config_class.model_fields
+    required = {k: v for k, v in example.items() if k in fields and fields[k].is_required()}
+    try:
+        return config_class.model_validate(required).model_dump(mode="json")
+    except ValidationError:
+        return example
+
+
+def _schema_with_defaults(config_class: type) -> dict[str, Any]:
+    """The config's JSON schema with the defaults of ``default_factory`` fields written in too
+    (pydantic leaves them out), so the page knows every field's default."""
+    schema = config_class.model_json_schema()
+    properties = schema.get("properties", {})
+    for name, field in config_class.model_fields.items():
+        key = field.alias or name
+        if key in properties and "default" not in properties[key] and field.default_factory is not None:
+            with contextlib.suppress(TypeError):  # a factory that reads the other fields has no one default
+                default = field.default_factory()
+                properties[key]["default"] = TypeAdapter(field.annotation).dump_python(default, mode="json")
+    return schema
 
 
 @functools.lru_cache(maxsize=64)

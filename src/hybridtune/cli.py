@@ -130,6 +130,25 @@ def validate(config: Annotated[Path, typer.Argument(help="Run YAML file.")]) -> 
     typer.secho(f"{config}: ok", fg=typer.colors.GREEN)
 
 
+data_app = typer.Typer(help="Look at a run's data before training.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("preview")
+def data_preview(
+    config: Annotated[Path, typer.Argument(help="Run YAML file.")],
+    count: Annotated[int, typer.Option(help="How many training examples to show.")] = 3,
+) -> None:
+    """Rendered training examples with the trained tokens marked, token-length statistics, and how
+    many examples max_length cuts (the tokenizer only: no model weights load)."""
+    from .core.base_models import load_skeleton
+    from .training.data_preview import preview
+
+    cfg = run_config(config, [])
+    _, tokenizer = load_skeleton(cfg.model)
+    typer.echo(preview(cfg, tokenizer, count))
+
+
 @app.command("convert")
 def convert_config(
     config: Annotated[Path, typer.Argument(help="A LLaMA-Factory training YAML.")],

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core.validation import describe_errors
+from ..training.data import render_prompt, saved_template
 from .adapters_dir import UnknownAdapter
 from .engine import Engine, Sampling
 from .engine import Request as Job
@@ -196,11 +198,13 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
     async def chat(request: Request):
         params = await read(request, ChatParams)
         messages = [m.model_dump() for m in params.messages]
-        try:
-            ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        adapter = adapter_of(params.model)
+        try:  # a set trained with its own data.template is asked in that template
+            ids = chat_prompt_ids(
+                engine.tokenizer, messages, None if adapter is None else engine.adapters.resolve(adapter)
+            )
         except Exception as exc:  # a model without a chat template, or a template that refuses the roles
             raise APIError(400, f"the model cannot render these messages: {exc}", param="messages") from None
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         return await run(params, list(ids), "chat")
 
     @app.post("/v1/completions")
@@ -246,3 +250,10 @@ async def stream(events: asyncio.Queue, ident: str, created: int, model: str, ki
             yield f"data: {json.dumps(error)}\n\n"
             break
     yield "data: [DONE]\n\n"
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], set_dir: Path | None) -> list[int]:
+    """The prompt's token ids, rendered with the chat template the set was trained with (its
+    saved data.template), else the tokenizer's own."""
+    template = saved_template(set_dir) if set_dir is not None else None
+    return tokenizer(render_prompt(tokenizer, messages, template=template), add_special_tokens=False)["input_ids"]

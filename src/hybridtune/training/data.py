@@ -10,15 +10,19 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .records import DataError, Example, read_examples
 
-__all__ = ["DataError", "Example", "collate", "encode", "pack", "read_examples", "render_prompt", "split"]
+__all__ = ["DataError", "Example", "apply_template", "collate", "encode", "pack", "read_examples", "render_prompt",
+           "split"]  # fmt: skip
 
 IGNORE_INDEX = -100
+PLAIN_TEXT = "none"  # data.template for no chat template: the plain instruction/response prompt
+TEMPLATE_FILE = "chat_template.jinja"  # saved with adapters trained with data.template
 _PLAIN_USER = "### Instruction:\n{content}\n\n### Response:\n"
 TOOLS_PREAMBLE = "You can call these functions (JSON definitions):\n"
 
@@ -37,11 +41,26 @@ class Encoded:
     task_id: int | None = None
 
 
-def for_template(tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None):
-    """(messages, apply_chat_template keywords) for this tokenizer. A template that reads
+def apply_template(tokenizer: Any, template: str | None) -> Any:
+    """Give ``tokenizer`` the run's chat template: ``data.template`` (a Jinja file, or "none" for
+    plain text); None keeps the tokenizer's own."""
+    if template is not None:
+        tokenizer.chat_template = None if template == PLAIN_TEXT else Path(template).read_text(encoding="utf-8")
+    return tokenizer
+
+
+def saved_template(directory: str | Path) -> str | None:
+    """The chat template adapters were trained with (``data.template``, saved next to them; "" for
+    plain text), or None when they used the tokenizer's own."""
+    path = Path(directory) / TEMPLATE_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def for_template(template: str | None, messages: list[dict[str, Any]], tools: list[Any] | None):
+    """(messages, apply_chat_template keywords) for this chat template. A template that reads
     ``tool_calls`` / ``tools`` gets them structured; otherwise a call stays its JSON text and the
     tool definitions go into the system message, so nothing is dropped by a template."""
-    template = getattr(tokenizer, "chat_template", None) or ""
+    template = template or ""
     structured = "tool_calls" in template
     out = []
     for m in messages:
@@ -59,11 +78,17 @@ def for_template(tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any
     return [{"role": "system", "content": listing}, *out], {}
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> str:
-    """The text that asks the model for the next assistant turn (what inference feeds it)."""
-    messages, extra = for_template(tokenizer, messages, tools)
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+def render_prompt(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None, template: str | None = None
+) -> str:
+    """The text that asks the model for the next assistant turn (what inference feeds it).
+    ``template`` replaces the tokenizer's chat template ("" for plain text; see saved_template)."""
+    chat_template = getattr(tokenizer, "chat_template", None) if template is None else (template or None)
+    messages, extra = for_template(chat_template, messages, tools)
+    if chat_template:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, chat_template=chat_template, **extra
+        )
     text = "".join(
         _PLAIN_USER.format(content=m["content"]) if m["role"] == "user" else m["content"] + "\n\n"
         for m in messages
@@ -83,7 +108,7 @@ def _segments(tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] |
             continue
         prompt = render_prompt(tokenizer, messages[:i], tools)
         if templated:
-            shown, extra = for_template(tokenizer, messages[: i + 1], tools)
+            shown, extra = for_template(tokenizer.chat_template, messages[: i + 1], tools)
             full = tokenizer.apply_chat_template(shown, tokenize=False, **extra)
         else:
             full = prompt + message["content"] + (tokenizer.eos_token or "")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import Encoded, Example, encode, pack, read_examples, split, with_system
+from .data import Encoded, Example, apply_template, encode, pack, read_examples, split, with_system
 from .dataset_info import read_datasets
 from .run_config import ConfigError, DataConfig, RunConfig
 
@@ -33,7 +33,9 @@ def read_split(data: DataConfig, files: list[Path], datasets: list[str], seed: i
 
 
 def prepare_data(config: RunConfig, tokenizer: Any) -> Prepared:
+    """Read and tokenize the run's data; ``tokenizer`` gets the run's chat template (data.template)."""
     data, seed, notes = config.data, config.training.seed, []
+    apply_template(tokenizer, data.template)
     train_examples = read_split(data, data.train, data.dataset, seed, notes)
     if data.eval or data.eval_dataset:
         eval_examples = read_split(data, data.eval, data.eval_dataset, seed, notes)

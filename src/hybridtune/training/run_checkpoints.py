@@ -19,6 +19,7 @@ from .checkpoints import (
     load_scheduler_state,
     save_checkpoint,
 )
+from .data import TEMPLATE_FILE
 from .run_config import ConfigError
 
 ENGINE_TAG = "state"  # the tag of DeepSpeed's own checkpoint inside ours
@@ -49,6 +50,9 @@ class RunCheckpoints:
         state = self._adapter_state(self.model)
         if self.main:
             self.model.save_adapters(directory, state)
+            if self.config.data.template is not None:  # generate/serve render prompts as training did
+                text = self.tokenizer.chat_template or ""  # empty: plain text, no template
+                adapter_io.atomic_write(directory / TEMPLATE_FILE, text.encode())
 
     def _save(self, position: Position, prepared: Any, optimizer: Any, scheduler: Any, stage_name: str) -> None:
         """``prepared``: the model as accelerate prepared it (under DeepSpeed, its engine);

@@ -15,7 +15,7 @@ from ..core.errors import HybridTuneError
 from ..core.quantization import QuantizationConfig
 from ..core.validation import StrictModel, accepted_keys, describe_errors
 from ..methods import METHODS, MethodConfig
-from .data import DataError, read_examples
+from .data import PLAIN_TEXT, DataError, read_examples
 from .dataset_info import read_datasets
 from .llamafactory_yaml import convert, is_llamafactory
 
@@ -35,6 +35,8 @@ class DataConfig(StrictModel):
     max_length: int = Field(512, ge=8, validation_alias=AliasChoices("max_length", "cutoff_len"))
     packing: bool = False
     system: str | None = None  # system prompt added to records that have none
+    # the tokenizer's own chat template by default; a Jinja file; or "none" for plain text
+    template: str | None = None
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -55,6 +57,17 @@ class DataConfig(StrictModel):
         if (self.eval or self.eval_dataset) and self.eval_split is not None:
             raise ValueError("give either 'eval' / 'eval_dataset' or 'eval_split' (a fraction of train), not both")
         return self
+
+    @field_validator("template")
+    @classmethod
+    def _template_file_or_none(cls, value: str | None) -> str | None:
+        if value is None or value == PLAIN_TEXT or Path(value).is_file():
+            return value
+        named = "" if "/" in value or "." in value else " (LLaMA-Factory's named templates are its own code)"
+        raise ValueError(
+            f"template '{value}' is not a file{named}: give a Jinja file (e.g. template.jinja), "
+            f"'{PLAIN_TEXT}' for plain text, or leave it out for the tokenizer's own chat template"
+        )
 
     @property
     def has_eval(self) -> bool:
@@ -285,6 +298,9 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         for key in ("train", "eval", "dataset_dir"):
             if key in data:
                 data[key] = absolute(data[key])
+        template = data.get("template")
+        if isinstance(template, str) and ("/" in template or Path(template).suffix):  # a file, not a name
+            data["template"] = absolute(template)
     if isinstance(raw.get("deepspeed"), str):
         raw["deepspeed"] = absolute(raw["deepspeed"])
     return raw

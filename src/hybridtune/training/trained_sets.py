@@ -10,6 +10,7 @@ from typing import Any
 from ..core import adapter_io
 from ..core.base_models import load_base
 from ..core.model import HybridModel, load
+from .data import saved_template
 from .run_config import ConfigError
 
 
@@ -21,7 +22,15 @@ def load_trained(adapters_dir: str | Path, model_name: str | None = None) -> tup
     if not name:
         raise ConfigError([f"{adapters_dir} does not record its base model; pass --model"])
     base, tokenizer = load_base(name)
-    return load(base, adapters_dir), tokenizer
+    return load(base, adapters_dir), with_saved_template(tokenizer, adapters_dir)
+
+
+def with_saved_template(tokenizer: Any, adapters_dir: str | Path) -> Any:
+    """The chat template the adapters were trained with (data.template), when they saved one."""
+    template = saved_template(adapters_dir)
+    if template is not None:
+        tokenizer.chat_template = template or None
+    return tokenizer
 
 
 def load_sets(specs: list[tuple[Path, float]], model_name: str | None = None) -> tuple[HybridModel, Any, dict]:

@@ -34,7 +34,7 @@ class ChatService:
         from ..core import adapter_io as checkpoint
         from ..core.base_models import load_base
         from ..core.model import HybridModel, add_saved_set
-        from ..training.data import render_prompt
+        from ..training.data import render_prompt, saved_template
         from ..training.evaluation import generate_batch
 
         directories = {}
@@ -59,10 +59,14 @@ class ChatService:
                 model = add_saved_set(model, internal, directory)
                 self.models[source] = (model, tokenizer, loaded)
                 loaded[name] = (internal, stamp)
-            prompt = render_prompt(tokenizer, [{"role": "user", "content": request.prompt}])
+            messages = [{"role": "user", "content": request.prompt}]
+            prompts = [render_prompt(tokenizer, messages)]  # the base, then each run in its trained template
+            prompts += [
+                render_prompt(tokenizer, messages, template=saved_template(directories[n])) for n in request.runs
+            ]
             rows = [None, *(loaded[n][0] for n in request.runs)]
             route = {"adapter_sets": rows} if isinstance(model, HybridModel) else {}
-            texts = generate_batch(model, tokenizer, [prompt] * len(rows), request.max_new_tokens, **route)
+            texts = generate_batch(model, tokenizer, prompts, request.max_new_tokens, **route)
         return dict(zip(["base", *request.runs], texts, strict=True))
 
     def _base_of(self, directories: dict[str, Path]) -> str:

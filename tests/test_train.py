@@ -23,7 +23,8 @@ from hybridtune.core.base_models import load_base
 from hybridtune.training.data import render_prompt
 from hybridtune.training.evaluation import generate_batch
 from hybridtune.training.recipe import TrainingInterrupted, train
-from hybridtune.training.run_config import load_run_config
+from hybridtune.training.run_config import ConfigError, load_run_config
+from hybridtune.training.tracking import read_metrics
 
 
 def test_train_lowers_loss_and_writes_the_run_directory(project, tiny_lm_dir):
@@ -82,6 +83,28 @@ def test_resume_after_an_interruption_reaches_the_same_result(project, tiny_lm_d
     a = load_file(straight.adapters_dir / "hybridtune_model.safetensors")
     b = load_file(resumed.adapters_dir / "hybridtune_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_run_made_longer_continues_from_its_last_step(project, tiny_lm_dir):
+    """max_steps raised on a finished run: it continues from its last checkpoint (optimizer and
+    data position included), reaching what an uninterrupted longer run reaches (a constant LR,
+    whose schedule does not depend on the length)."""
+    straight = train(load_run_config(write_config(project, tiny_lm_dir, "a.yaml", max_steps=9, scheduler="constant")),
+                     log=quiet)  # fmt: skip
+    path = write_config(project, tiny_lm_dir, "b.yaml", max_steps=5, scheduler="constant")
+    first = train(load_run_config(path), log=quiet)
+    assert first.summary["steps"] == 5
+    longer = load_run_config(path, ["training.max_steps=9"])
+    extended = train(longer, log=quiet)
+    assert extended.summary["steps"] == 9 and extended.summary["before"] == first.summary["before"]
+    a = load_file(straight.adapters_dir / "hybridtune_model.safetensors")
+    b = load_file(extended.adapters_dir / "hybridtune_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_metrics(extended.run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == list(range(1, 10))  # no step twice, none missing
+    for change in (["training.max_steps=7"], ["training.max_steps=12", "training.lr=0.5"]):
+        with pytest.raises(ConfigError, match="holds a run with a different config"):
+            train(load_run_config(path, change), log=quiet)  # shorter, or something else changed too
 
 
 @pytest.mark.slow

@@ -252,12 +252,14 @@ class Run(RunCheckpoints, RunEvaluation):
                     self.evaluate(step, "during", with_metric=False)
                     self.tracker.plot()
                 done = position.stage_step >= total
+                final = done and index == len(self.config.stage_list()) - 1
                 if done:  # the stage is complete: its adapters, then a checkpoint that resumes at the next stage
                     self._save_adapters(self.run_dir / "stages" / stage.name)
-                    position = Position(index + 1, 0, 0, 0, step)
+                    # (the last stage's stays where it is, with its optimizer: a longer run extends it)
+                    position = position if final else Position(index + 1, 0, 0, 0, step)
                 stop = self._broadcast((self.run_dir / STOP_FILE).exists()) and not done
                 if (t.save_every and step % t.save_every == 0) or done or stop:
-                    self._save(position, model, None if done else optimizer, scheduler, stage.name)
+                    self._save(position, model, None if done and not final else optimizer, scheduler, stage.name)
                 if stop:
                     self.tracker.log({"kind": "stopped", "stage": stage.name, "step": step})
                     if self.main:  # the request is served: running again resumes

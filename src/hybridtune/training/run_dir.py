@@ -10,6 +10,7 @@ STOP file the UI writes), whether it can be resumed, and the metrics a resume ke
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -19,9 +20,7 @@ from typing import Any
 import yaml
 
 from ..core import adapter_io as adapter_io
-from .checkpoints import (
-    list_checkpoints,
-)
+from .checkpoints import list_checkpoints, read_position
 from .evaluation import Generation
 from .run_config import ConfigError, RunConfig
 from .tracking import METRICS_FILE, read_metrics
@@ -62,6 +61,8 @@ def check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> bool:
     if not saved_path.is_file():
         return False
     saved = yaml.safe_load(saved_path.read_text())
+    if saved != config.dump() and extends(saved, config.dump()):
+        return _extending(run_dir, config)
     if saved != config.dump():
         keys = sorted(k for k in set(saved) | set(config.dump()) if saved.get(k) != config.dump().get(k))
         raise ConfigError(
@@ -73,6 +74,38 @@ def check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> bool:
     if (run_dir / SUMMARY).is_file():
         raise ConfigError([f"output '{run_dir}' holds a finished run; choose another output or pass --overwrite"])
     return bool(list_checkpoints(run_dir))
+
+
+def extends(saved: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether ``new`` is ``saved``'s run made longer: only the length of its last stage grew
+    (training.max_steps / epochs, or the last of ``stages``'), nothing else changed."""
+    saved, new = copy.deepcopy(saved), copy.deepcopy(new)
+    nodes = [(saved.get("training", {}), new.get("training", {}))]
+    if saved.get("stages") and new.get("stages") and len(saved["stages"]) == len(new["stages"]):
+        nodes.append((saved["stages"][-1], new["stages"][-1]))
+    grew = False
+    for old_node, new_node in nodes:
+        for key in ("max_steps", "epochs"):
+            before, after = old_node.pop(key, None), new_node.pop(key, None)
+            if before == after:
+                continue
+            if after is None or (before is not None and after < before):
+                return False
+            grew = True
+    return grew and saved == new
+
+
+def _extending(run_dir: Path, config: RunConfig) -> bool:
+    """Continue a run that a longer config extends, from its last checkpoint (the LR schedule is
+    computed for the new length from there, as transformers' Trainer does on a longer resume)."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints or read_position(checkpoints[-1]).stage_index >= len(config.stage_list()):
+        raise ConfigError([
+            f"output '{run_dir}' holds a run whose last checkpoint cannot be continued (written by an older "
+            "hybridtune, or removed); choose another output or pass --overwrite"
+        ])  # fmt: skip
+    (run_dir / SUMMARY).unlink(missing_ok=True)  # written again when the longer run ends (config.yaml too)
+    return True
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:

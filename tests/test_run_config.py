@@ -138,6 +138,19 @@ def test_validate_checks_every_target_against_the_models_config(project, tiny_lm
     assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0
 
 
+def test_unknown_keys_are_grouped_per_section_with_one_suggestion_each(project):
+    path = write_config(project, **{"data.trian": "x", "data.maxlen": 3, "training.bathc_size": 2,
+                                     "training.epochz": 3, "training.foo": 1, "stage": "sft"})  # fmt: skip
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "3 problem(s)" in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("  - ")]
+    assert lines[0].startswith("  - unknown key 'stage' for a RunConfig; did you mean 'stages'?")
+    assert lines[1].startswith("  - data: unknown keys for a DataConfig: 'trian' (did you mean 'train'?), "
+                               "'maxlen' (did you mean 'max_length'?); valid keys: ")  # fmt: skip
+    assert "'bathc_size' (did you mean 'batch_size'?), 'epochz' (did you mean 'epochs'?), 'foo'; valid keys" in lines[2]
+    assert all(line.count("valid keys") == 1 for line in lines)
+
+
 def test_validate_ok(project):
     result = CliRunner().invoke(app, ["validate", str(write_config(project))])
     assert result.exit_code == 0 and "ok" in result.output

@@ -41,7 +41,16 @@ def test_train_lowers_loss_and_writes_the_run_directory(project, tiny_lm_dir):
     train_steps = [r["step"] for r in records if r["kind"] == "train"]
     assert train_steps == list(range(1, 21))
     assert all({"loss", "lr", "tokens_per_s"} <= set(r) for r in records if r["kind"] == "train")
+    from datetime import datetime
+
+    times = [datetime.fromisoformat(r["time"]) for r in records]  # every record: when, and since when
+    assert times == sorted(times) and all(r["elapsed_s"] >= 0 for r in records)
+    trains = [r for r in records if r["kind"] == "train"]
+    assert [r["remaining_steps"] for r in trains] == list(range(19, -1, -1))
+    assert "eta_s" not in trains[0] and all(r["eta_s"] >= 0 for r in trains[1:]) and trains[-1]["eta_s"] == 0
     assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    final, last_stage = run / "adapters" / "hybridtune_model.safetensors", run / "stages" / "train"
+    assert final.stat().st_ino == (last_stage / "hybridtune_model.safetensors").stat().st_ino  # stored once
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     ht.load(base, result.adapters_dir)  # the saved adapters load on the base they were trained on
 

@@ -65,7 +65,7 @@ from .run_dir import (
 )
 from .run_eval import RunEvaluation
 from .schedules import get_scheduler
-from .steps import EpochSampler, apply_step, label_tokens, windows
+from .steps import EpochSampler, apply_step, label_tokens, progress_fields, windows
 from .tracking import METRICS_FILE, Tracker, read_metrics
 
 
@@ -142,7 +142,7 @@ class Run(RunCheckpoints, RunEvaluation):
 
         adapters_dir = self.run_dir / "adapters"
         generations: list[Generation] = []
-        self._save_adapters(adapters_dir)
+        self._publish(self.run_dir / "stages" / config.stage_list()[-1].name, adapters_dir)
         if self.data.eval:
             summary["after"] = self.evaluate(position.global_step, "after", keep=generations)
         records = read_metrics(self.run_dir / METRICS_FILE)
@@ -231,19 +231,13 @@ class Run(RunCheckpoints, RunEvaluation):
                         "loss": loss,
                         "lr": scheduler.get_last_lr()[0],
                         "tokens_per_s": window_tokens / elapsed,
+                        "remaining_steps": total - position.stage_step,  # of this stage: the ETA's basis
                     }
                     scale = self._loss_scale(model)
                     if scale is not None:
                         record["loss_scale"] = scale
                     self.tracker.log(record)
-                    shown = {
-                        "loss": f"{loss:.4f}",
-                        "lr": f"{record['lr']:.2e}",
-                        "tok_s": f"{record['tokens_per_s']:.0f}",
-                    }
-                    if scale is not None:
-                        shown["scale"] = f"{scale:g}"
-                    bar.set_postfix(shown)
+                    bar.set_postfix(progress_fields(record))
                     window_tokens, window_start = 0, time.time()
                 bar.update(1)
                 last_step = position.stage_step >= total and index == len(self.config.stage_list()) - 1

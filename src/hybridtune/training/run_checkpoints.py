@@ -3,6 +3,8 @@ gathered optimizer state, DeepSpeed's own engine checkpoint): a mixin of the rec
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,25 @@ class RunCheckpoints:
             if self.config.data.template is not None:  # generate/serve render prompts as training did
                 text = self.tokenizer.chat_template or ""  # empty: plain text, no template
                 adapter_io.atomic_write(directory / TEMPLATE_FILE, text.encode())
+
+    def _publish(self, stage_dir: Path, directory: Path) -> None:
+        """The run's final adapters: the last stage's files (nothing trains after it), hard-linked
+        so a run stores them once (copied where the file system has no links); replaced whole."""
+        if not self.main:
+            return
+        staging, old = directory.with_name(f"{directory.name}.partial"), directory.with_name(f"{directory.name}.old")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for path in stage_dir.iterdir():
+            try:
+                os.link(path, staging / path.name)
+            except OSError:
+                shutil.copy2(path, staging / path.name)
+        if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+        staging.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _save(self, position: Position, prepared: Any, optimizer: Any, scheduler: Any, stage_name: str) -> None:
         """``prepared``: the model as accelerate prepared it (under DeepSpeed, its engine);

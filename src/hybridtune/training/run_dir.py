@@ -125,5 +125,5 @@ def saved_before(run_dir: Path) -> dict[str, Any] | None:
     """The eval before training that an interrupted run recorded (a resume does not redo it)."""
     for record in read_metrics(run_dir / METRICS_FILE):
         if record.get("kind") == "eval" and record.get("when") == "before":
-            return {k: v for k, v in record.items() if k not in {"kind", "when", "step"}}
+            return {k: v for k, v in record.items() if k not in {"kind", "when", "step", "time", "elapsed_s"}}
     return None

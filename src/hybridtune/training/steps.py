@@ -57,3 +57,11 @@ def apply_step(stepper: Any, scheduler: Any) -> bool:
     if applied:
         scheduler.step()
     return applied
+
+
+def progress_fields(record: dict[str, Any]) -> dict[str, str]:
+    """What the progress bar shows of a train record."""
+    shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+    if record.get("loss_scale") is not None:
+        shown["scale"] = f"{record['loss_scale']:g}"
+    return shown

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ class Tracker:
 
     def __init__(self, run_dir: Path, enabled: bool = True) -> None:
         self.run_dir, self.enabled = run_dir, enabled
+        self._started = time.time()
+        self._pace: tuple[float, int, str | None] | None = None  # (time, step, stage) the ETA counts from
         self._tb = None
         if enabled:
             try:
@@ -25,8 +29,20 @@ class Tracker:
                 self._tb = None
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to metrics.jsonl with the time (UTC, ISO 8601) and the seconds since
+        this process started logging; a train record with ``remaining_steps`` also gets ``eta_s``,
+        from the pace of the steps logged so far."""
         if not self.enabled:
             return
+        now = time.time()
+        record = {**record, "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+                  "elapsed_s": round(now - self._started, 1)}  # fmt: skip
+        if record.get("kind") == "train" and "remaining_steps" in record:
+            if self._pace is None or record.get("stage") != self._pace[2]:
+                self._pace = (now, record["step"], record.get("stage"))
+            start, first_step, _ = self._pace
+            if record["step"] > first_step:
+                record["eta_s"] = round((now - start) / (record["step"] - first_step) * record["remaining_steps"], 1)
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None and "step" in record:

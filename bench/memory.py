@@ -24,6 +24,12 @@ CONFIG = HERE.parent / "examples" / "sentiment" / "config.yaml"
 REGIMES = {
     "fp32": ["training.precision=fp32", "training.base_dtype=fp32"],
     "bf16": ["training.precision=bf16", "training.base_dtype=bf16"],
+    "fp32-plain-loss": ["training.precision=fp32", "training.base_dtype=fp32", "training.chunked_loss=false"],
+    "fp32-checkpointing": [
+        "training.precision=fp32",
+        "training.base_dtype=fp32",
+        "training.gradient_checkpointing=true",
+    ],
     "4bit": ["model_quantization={bits: 4, type: nf4, double_quant: true, compute_dtype: bf16}"],
     "8bit": ["model_quantization={bits: 8, compute_dtype: bf16}"],
     "fp16": ["training.precision=fp16", "training.base_dtype=fp16"],
@@ -62,7 +68,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     cuda = torch.cuda.is_available()
-    parser.add_argument("--regimes", default=CUDA_REGIMES if cuda else "fp32,bf16")
+    parser.add_argument("--regimes", default=CUDA_REGIMES if cuda else "fp32-plain-loss,fp32,fp32-checkpointing")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--reload-check", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.model import HybridModel
 from .data import Encoded, Example, collate, render_prompt, with_system
 
 
@@ -34,13 +35,18 @@ def loss_sums(model: nn.Module, encoded: list[Encoded], pad_id: int, batch_size:
         batch = collate(encoded[start : start + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         extra = {"task_ids": batch["task_ids"]} if "task_ids" in batch else {}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
+        if isinstance(model, HybridModel):  # the loss without logits where the model allows
+            extra |= {"labels": batch["labels"], "chunked_loss": True}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
         shift_labels = batch["labels"][:, 1:]
-        losses = nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), reduction="sum"
-        )
-        total += losses.item()
-        tokens += int((shift_labels != -100).sum())
+        count = int((shift_labels != -100).sum())
+        if out.logits is None:
+            total += float(out.loss) * count
+        else:
+            total += nn.functional.cross_entropy(
+                out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]), shift_labels.reshape(-1), reduction="sum"
+            ).item()
+        tokens += count
     model.train(was_training)
     return total, tokens
 

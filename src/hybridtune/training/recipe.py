@@ -292,7 +292,7 @@ class Run(RunCheckpoints, RunEvaluation):
         for i, (batch, count) in enumerate(zip(window, counts, strict=True)):
             last = i == len(window) - 1
             with contextlib.nullcontext() if last or self.deepspeed else acc.no_sync(model):
-                loss = model(**batch, use_cache=False).loss  # a cache only holds memory in training
+                loss = model(**batch, use_cache=False, chunked_loss=self.chunked_loss).loss  # no cache: memory only
                 if count == 0:  # no label tokens here: nothing to learn, and HF's mean is NaN
                     loss = loss.nan_to_num() * 0.0
                 weighted = loss * (count * acc.num_processes / max(total, 1.0))
@@ -351,6 +351,7 @@ class Run(RunCheckpoints, RunEvaluation):
         # DeepSpeed casts a model to its half dtype when it partitions it (its optimizer keeps fp32
         # masters), but takes a base partitioned at load (and cast then) as it is: the same for the branches
         model.cast_branches(partitioned[0] if partitioned else torch.float32)
+        self.chunked_loss = t.chunked_loss and not sharded and not self.deepspeed  # the head whole, on one process
         if t.gradient_checkpointing:
             model.activation_checkpointing_enable()
             base.config.use_cache = False

@@ -102,6 +102,7 @@ class TrainingConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # compute (autocast); fp16 adds loss scaling
     base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # storage of the frozen base weights
     gradient_checkpointing: bool = False
+    chunked_loss: bool = True  # the LM head + loss in chunks, never all logits at once (core/chunked_loss.py)
     compile: bool = False
     seed: int = 0
     save_every: int | None = Field(None, ge=1)

@@ -1,0 +1,90 @@
+"""The causal-LM loss without its logits: the output head's matmul and the cross-entropy computed
+chunk by chunk, so no [batch, sequence, vocabulary] tensor is ever held.
+
+SmolLM2's vocabulary is 49,152: a batch of 8 x 128 tokens makes 201 MB of fp32 logits, as much
+again for their gradient, plus log-softmax intermediates. Here each chunk of rows computes its
+logits, its loss terms and, in the same pass, the gradient with respect to its hidden states
+(softmax - one-hot, times the head's weight); only that [rows, hidden] gradient is kept for the
+backward. The head is frozen in PEFT, so its weight needs no gradient: that is the case this
+covers, and ``supports_chunked_loss`` says when a model is in it. The values and gradients equal
+transformers' loss (logits upcast to fp32, labels shifted, -100 ignored, mean over label tokens)
+to fp32 rounding; tests/test_chunked_loss.py checks both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+IGNORE_INDEX = -100
+_CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MB in fp32)
+# config attributes that change the logits after the head's matmul (Gemma's softcapping, Cohere's
+# scale, ...): a model with any of them set computes its own logits, so it keeps the plain loss
+_LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def supports_chunked_loss(model: nn.Module) -> bool:
+    """Whether ``model``'s loss is a plain frozen linear head over its decoder's last hidden
+    states, with nothing of ours on the head or on the model itself (prompt and prefix tuning)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if type(head) is not nn.Linear or decoder is None or decoder is model or head.bias is not None:
+        return False
+    if head.weight.requires_grad or hasattr(head.weight, "ds_id") or type(head.weight) is not nn.Parameter:
+        return False  # a trained, partitioned (ZeRO-3) or sharded (DTensor) head
+    if any(name == "hybridtune" for name, _ in head.named_children()) or hasattr(model, "hybridtune"):
+        return False  # branches on the head, or on the model's own forward
+    config = getattr(model, "config", None)
+    if getattr(config, "output_router_logits", False):  # MoE: the forward adds the router's loss
+        return False
+    return not any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_CHANGES)
+
+
+def chunked_causal_lm_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CausalLMOutputWithPast:
+    """``model(*args, **kwargs)`` with ``labels``, returning the loss (no logits)."""
+    labels = kwargs.pop("labels")
+    kwargs.pop("logits_to_keep", None)
+    kwargs.pop("num_items_in_batch", None)
+    hidden = model.get_decoder()(*args, **kwargs)[0]
+    head = model.get_output_embeddings()
+    shifted = labels[:, 1:].reshape(-1)
+    loss = ChunkedLinearCrossEntropy.apply(hidden[:, :-1].reshape(-1, hidden.shape[-1]), head.weight, shifted)
+    return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean over labelled rows of cross_entropy(hidden @ weightᵀ, labels), in chunks of rows;
+    ``weight`` gets no gradient (a frozen head)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+        wants_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(hidden) if wants_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        count = (labels != IGNORE_INDEX).sum()
+        for start in range(0, hidden.shape[0], rows):
+            h, y = hidden[start : start + rows], labels[start : start + rows]
+            logits = F.linear(h, weight).float()  # as the head computes them (autocast included), upcast
+            keep = y != IGNORE_INDEX
+            target = y.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * keep).sum()
+            if wants_grad:  # d(sum of losses)/d(logits) = softmax - one-hot, on labelled rows
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(y), device=y.device), target] -= 1.0
+                probs.mul_(keep[:, None])
+                grad[start : start + rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        denominator = count.clamp(min=1).float()
+        if wants_grad:
+            ctx.save_for_backward(grad, denominator)
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        grad, denominator = ctx.saved_tensors
+        return grad * (grad_output / denominator).to(grad.dtype), None, None

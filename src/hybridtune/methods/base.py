@@ -31,6 +31,7 @@ class MethodConfig(StrictModel):
     mergeable: ClassVar[bool] = False  # its branches fold into the base weights (merge_into / unmerge_from)
     identity_at_init: ClassVar[bool] = True  # False for methods that change outputs from the start (prompts)
     supports_routing: ClassVar[bool] = True  # False: cannot serve a different adapter set per row
+    supports_packing: ClassVar[bool] = True  # False: cannot train on rows packed with several examples
     # True: each branch's effect is exactly W + scale · B @ A on its target, and the branch is a
     # LoRABranch-like module: A, B (the active directions), lora_A / lora_B (the stored tensors),
     # scale, rank, alpha, transposed, delta_weight(); the config has use_rslora and dropout.

@@ -29,6 +29,7 @@ class PrefixTuningConfig(MethodConfig):
     type: Literal["prefix_tuning"] = "prefix_tuning"
     identity_at_init: ClassVar[bool] = False
     supports_routing: ClassVar[bool] = False
+    supports_packing: ClassVar[bool] = False  # one set of virtual tokens per row, not per packed example
 
     num_virtual_tokens: int = Field(20, ge=1)
     init_std: float = Field(0.5, gt=0)

@@ -43,6 +43,7 @@ class PromptTuningConfig(MethodConfig):
     type: Literal["prompt_tuning"] = "prompt_tuning"
     identity_at_init: ClassVar[bool] = False
     supports_routing: ClassVar[bool] = False
+    supports_packing: ClassVar[bool] = False  # one set of virtual tokens per row, not per packed example
 
     num_virtual_tokens: int = Field(20, ge=1)
     init: Literal["vocab", "random"] = "vocab"  # vocab: copies of random existing token embeddings

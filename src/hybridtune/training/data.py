@@ -39,6 +39,7 @@ class Encoded:
     labels: list[int]
     truncated: bool = False
     task_id: int | None = None
+    position_ids: list[int] | None = None  # packed rows: each example's positions start at 0
 
 
 def apply_template(tokenizer: Any, template: str | None) -> Any:
@@ -132,20 +133,23 @@ def encode(tokenizer: Any, messages: list[dict[str, Any]], max_length: int, tool
 
 
 def pack(encoded: list[Encoded], max_length: int) -> list[Encoded]:
-    """Concatenate examples into blocks of up to ``max_length`` tokens (examples are not split;
-    attention is not masked between packed examples, as in most packing implementations). Only
-    examples of the same task share a block."""
+    """Concatenate examples into rows of up to ``max_length`` tokens (examples are not split; only
+    examples of the same task share a row). Each example's positions start at 0, which makes
+    transformers attend within each example only (a block-diagonal causal mask, see ``collate``),
+    and each example's first token is never a target, so a packed row trains exactly what its
+    examples padded one per row would."""
     blocks: list[Encoded] = []
-    current = Encoded([], [])
+    current = Encoded([], [], position_ids=[])
     for item in sorted(encoded, key=lambda e: -1 if e.task_id is None else e.task_id):
         if current.input_ids and (
             len(current.input_ids) + len(item.input_ids) > max_length or item.task_id != current.task_id
         ):
             blocks.append(current)
-            current = Encoded([], [], task_id=item.task_id)
+            current = Encoded([], [], task_id=item.task_id, position_ids=[])
         current.task_id = item.task_id
         current.input_ids += item.input_ids
-        current.labels += item.labels
+        current.labels += [IGNORE_INDEX, *item.labels[1:]]
+        current.position_ids += list(range(len(item.input_ids)))
     if current.input_ids:
         blocks.append(current)
     return blocks
@@ -163,6 +167,11 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
     batch_out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if any(e.position_ids is not None for e in batch):  # packed rows; the padding is one more "example"
+        batch_out["position_ids"] = torch.stack([
+            torch.tensor((e.position_ids or list(range(len(e.input_ids)))) + list(range(width - len(e.input_ids))))
+            for e in batch
+        ])  # fmt: skip
     if any(e.task_id is not None for e in batch):
         batch_out["task_ids"] = torch.tensor([e.task_id for e in batch])
     return batch_out

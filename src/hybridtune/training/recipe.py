@@ -65,7 +65,7 @@ from .run_dir import (
 )
 from .run_eval import RunEvaluation
 from .schedules import get_scheduler
-from .steps import EpochSampler, apply_step, label_tokens, progress_fields, windows
+from .steps import EpochSampler, apply_step, label_tokens, model_inputs, progress_fields, windows
 from .tracking import METRICS_FILE, Tracker, read_metrics
 
 
@@ -292,7 +292,7 @@ class Run(RunCheckpoints, RunEvaluation):
         for i, (batch, count) in enumerate(zip(window, counts, strict=True)):
             last = i == len(window) - 1
             with contextlib.nullcontext() if last or self.deepspeed else acc.no_sync(model):
-                loss = model(**batch, use_cache=False, chunked_loss=self.chunked_loss).loss  # no cache: memory only
+                loss = model(**model_inputs(batch), use_cache=False, chunked_loss=self.chunked_loss).loss  # no cache
                 if count == 0:  # no label tokens here: nothing to learn, and HF's mean is NaN
                     loss = loss.nan_to_num() * 0.0
                 weighted = loss * (count * acc.num_processes / max(total, 1.0))

@@ -154,6 +154,9 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _stages_name_known_entries(self) -> RunConfig:
         problems = stage_problems(self.stages or [], list(self.methods))
+        if self.data.packing:
+            problems += [f"data.packing: entry '{e}' ({c.type}) cannot train on packed rows; set packing: false"
+                         for e, c in self.methods.items() if not c.supports_packing]  # fmt: skip
         if self.fsdp is not None and self.deepspeed is not None:
             problems.append("give either 'fsdp' or 'deepspeed', not both: each is a whole distribution engine")
         if self.fsdp is not None and self.training.base_dtype not in ("auto", "fp32"):

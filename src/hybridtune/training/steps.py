@@ -65,3 +65,12 @@ def progress_fields(record: dict[str, Any]) -> dict[str, str]:
     if record.get("loss_scale") is not None:
         shown["scale"] = f"{record['loss_scale']:g}"
     return shown
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """What the model gets of a batch. Packed rows (position_ids) go without the attention mask:
+    from position_ids alone transformers builds the block-diagonal causal mask that keeps each
+    example to itself (the mask stays in the batch for counting its real tokens)."""
+    if "position_ids" in batch:
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+    return batch

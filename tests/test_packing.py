@@ -1,0 +1,70 @@
+"""Padding-free batches (data.packing): several examples in one row, each attending only to itself
+(positions restart per example, so transformers builds a block-diagonal causal mask). The loss and
+the logits equal the padded batch's, example by example, to fp32 rounding."""
+
+import pytest
+import torch
+
+from conftest import make_model, make_tokenizer
+from hybridtune.training.data import IGNORE_INDEX, collate, encode, pack
+from hybridtune.training.steps import model_inputs
+
+TOL = dict(atol=2e-5, rtol=2e-5)
+QUESTIONS = [("what color is the sky?", "blue"), ("say one word: hello", "hello hello"), ("is coal black?", "yes")]
+
+
+def encoded():
+    tok = make_tokenizer()
+    return [encode(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 256)
+            for q, a in QUESTIONS]  # fmt: skip
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_packed_row_trains_exactly_what_its_examples_padded_train(attention):
+    model = make_model("llama", vocab_size=len(make_tokenizer()))
+    model.config._attn_implementation = attention
+    items = encoded()
+    (row,) = pack(items, max_length=512)
+    assert row.position_ids == [p for e in items for p in range(len(e.input_ids))]
+    padded, packed = collate(items, pad_id=0), collate([row], pad_id=0)
+    with torch.no_grad():
+        padded_out = model(**padded, use_cache=False)
+        packed_out = model(**model_inputs(packed), use_cache=False)  # as training calls it: no cache
+    torch.testing.assert_close(packed_out.loss, padded_out.loss, **TOL)  # the same tokens, the same mean
+    start = 0
+    for i, item in enumerate(items):  # each example sees only itself
+        n = len(item.input_ids)
+        torch.testing.assert_close(packed_out.logits[0, start : start + n], padded_out.logits[i, :n], **TOL)
+        start += n
+
+
+def test_packed_rows_pad_as_one_more_example_and_keep_the_mask_for_counting():
+    items = encoded()
+    rows = pack(items, max_length=len(items[0].input_ids) + len(items[1].input_ids))
+    assert len(rows) == 2
+    batch = collate(rows, pad_id=0)
+    width = batch["input_ids"].shape[1]
+    tail = width - len(rows[1].input_ids)
+    assert batch["position_ids"][1, -tail:].tolist() == list(range(tail))  # padding: its own segment
+    assert batch["labels"][1, -tail:].eq(IGNORE_INDEX).all()
+    assert int(batch["attention_mask"].sum()) == sum(len(e.input_ids) for e in items)  # real tokens
+    assert "attention_mask" not in model_inputs(batch) and "attention_mask" in model_inputs(collate(items, 0))
+    starts = [0, len(items[0].input_ids)]
+    assert all(rows[0].labels[s] == IGNORE_INDEX for s in starts)  # no example predicts the next one's start
+
+
+def test_packing_is_refused_for_entries_that_add_tokens_per_row(project, tiny_lm_dir):
+    import yaml
+
+    from conftest import write_config
+    from hybridtune.training.run_config import ConfigError, load_run_config
+
+    path = write_config(project, tiny_lm_dir)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["packing"] = True
+    raw["methods"]["prompt"] = {"type": "prompt_tuning", "num_virtual_tokens": 2}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        ConfigError, match="data.packing: entry 'prompt' \\(prompt_tuning\\) cannot train on packed rows"
+    ):
+        load_run_config(path)

@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-REGIMES = ["floor", "full", "peft_lora_qv", "peft_lora_all", "ht_lora_qv", "ht_lora_all", "ht_adapter", "ht_hybrid"]
+REGIMES = ["floor", "full", "peft_lora_qv", "peft_lora_all", "ht_lora_qv", "ht_lora_all", "ht_adapter", "ht_hybrid",
+           "floor_chunked", "ht_hybrid_chunked"]  # fmt: skip
+# `_chunked`: the same regime with the LM head + loss computed in chunks (training.chunked_loss), so
+# no [batch, seq, vocab] logits are held; `floor_chunked` is the floor with that loss
 # AdapterHub's `adapters` pins an older transformers, so these run in their own venv
 # (--adapters-python), next to a floor measured with that transformers version, and hybridtune's
 # own adapter regimes in that venv too (ah_ht_*), so peak memory compares on the same transformers.
@@ -65,6 +68,7 @@ def build_model(kind: str):
 def prepare(regime: str, model, dropout: float):
     """The model to train and its trainable parameters, for one regime."""
     lora = {"r": 8, "alpha": 16, "dropout": dropout}
+    regime = regime.removesuffix("_chunked")
     adapter = {"type": "adapter", "after": "mlp", "reduction_factor": 16}
     if regime.startswith("ah_ht_"):
         regime = regime.removeprefix("ah_")
@@ -140,11 +144,19 @@ def one_step(regime: str, model, embed, ids, optimizer, autocast=None) -> None:
     """Forward, backward, AdamW. No KV cache: training has no use for one, and a cache keeps the
     keys and values of layers that need no gradient alive until the step ends."""
     with autocast or contextlib.nullcontext():
-        if regime in ("floor", "ah_floor"):
+        if regime == "floor_chunked":
+            from hybridtune.core.chunked_loss import chunked_causal_lm_forward
+
+            embeds = embed(ids).detach().requires_grad_(True)
+            loss = chunked_causal_lm_forward(
+                model, (), {"inputs_embeds": embeds, "labels": ids, "use_cache": False}
+            ).loss
+        elif regime in ("floor", "ah_floor"):
             embeds = embed(ids).detach().requires_grad_(True)
             loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
         else:
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            chunked = {"chunked_loss": True} if regime.endswith("_chunked") else {}
+            loss = model(input_ids=ids, labels=ids, use_cache=False, **chunked).loss
     loss.backward()
     if optimizer is not None:
         optimizer.step()

@@ -90,9 +90,10 @@ def test_llamafactory_defaults_fill_what_the_yaml_leaves_out(workdir, tiny_lm_di
     assert config.data.max_length == 2048 and config.data.eval_split is None
     assert "lora_target not given: LLaMA-Factory's default 'all'" in config.notes
     dora = load_run_config(write(workdir / "dora.yaml", {**minimal, "use_dora": True, "lora_alpha": 4,
-                                                         "disable_gradient_checkpointing": True}))  # fmt: skip
+                                                         "disable_gradient_checkpointing": True,
+                                                         "neat_packing": True}))  # fmt: skip
     assert dora.methods["lora"].type == "dora" and dora.methods["lora"].alpha == 4
-    assert dora.training.gradient_checkpointing is False
+    assert dora.training.gradient_checkpointing is False and dora.data.packing is True  # neat_packing: ours
 
 
 def test_keys_without_an_equivalent_are_listed_once_each_with_what_to_do(workdir, tiny_lm_dir):

@@ -42,7 +42,7 @@ _DIRECT = {
 # keys convert() reads itself
 _READ = {"lora_alpha", "use_dora", "lora_target", "val_size", "max_steps", "lr_scheduler_type", "bf16", "fp16",
          "pure_bf16", "quantization_bit", "quantization_type", "double_quantization", "template", "adapter_after",
-         "disable_gradient_checkpointing"}  # fmt: skip
+         "disable_gradient_checkpointing", "neat_packing"}  # fmt: skip
 # keys that change nothing a hybridtune run computes, at any value
 _NO_EFFECT = {
     "trust_remote_code", "overwrite_cache", "preprocessing_num_workers", "preprocessing_batch_size",
@@ -57,7 +57,7 @@ _ONLY: dict[str, tuple] = {
     "mix_strategy": ("concat",), "train_on_prompt": (False,), "mask_history": (False,), "streaming": (False,),
     "quantization_method": ("bnb", "bitsandbytes"), "create_new_adapter": (False,), "additional_target": (None,),
     "pissa_init": (False,), "loraplus_lr_ratio": (None,), "use_unsloth": (False,), "enable_liger_kernel": (False,),
-    "neat_packing": (False,), "tokenized_path": (None,), "adapter_name_or_path": (None,),
+    "tokenized_path": (None,), "adapter_name_or_path": (None,),
     "upcast_layernorm": (False,), "use_galore": (False,), "use_badam": (False,), "use_apollo": (False,),
     "use_llama_pro": (False,), "load_best_model_at_end": (False,), "warmup_steps": (0,),
 }  # fmt: skip
@@ -72,7 +72,6 @@ _WHAT_TO_DO = {
     "additional_target": "extra fully trained modules (modules_to_save) are not supported",
     "train_on_prompt": "hybridtune trains on assistant turns only",
     "mask_history": "hybridtune trains every assistant turn, history included",
-    "neat_packing": "packing without cross-attention is not supported; use packing: true or remove it",
     "quantization_method": "hybridtune quantizes with bitsandbytes only",
     "warmup_steps": "give warmup_ratio instead (the share of the run's steps)",
 }
@@ -124,6 +123,11 @@ def convert(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
         _put(out, "methods.adapter.type", "adapter")
         _put(out, "methods.adapter.after", given["adapter_after"])
     out["methods"] = {"lora": out["methods"].pop("lora"), **out["methods"]}
+    if values.get("neat_packing"):  # packing without cross-attention: what data.packing does
+        _put(out, "data.packing", True)
+    elif given.get("packing"):
+        shown.append("packing: true -> packed rows without cross-attention between examples (LLaMA-Factory's "
+                     "neat_packing; its plain packing lets packed examples attend to each other)")  # fmt: skip
     if values.get("val_size"):
         _put(out, "data.eval_split", values["val_size"])
     if (values.get("max_steps") or -1) > 0:

@@ -68,3 +68,18 @@ def test_packing_is_refused_for_entries_that_add_tokens_per_row(project, tiny_lm
         ConfigError, match="data.packing: entry 'prompt' \\(prompt_tuning\\) cannot train on packed rows"
     ):
         load_run_config(path)
+
+
+def test_a_run_near_the_machines_memory_is_told_what_lowers_it():
+    import os
+
+    from hybridtune.training.run_config import TrainingConfig
+    from hybridtune.training.steps import memory_notes
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    cpu = torch.device("cpu")
+    assert memory_notes(0.5 * total, cpu, TrainingConfig()) == []
+    (note,) = memory_notes(0.9 * total, cpu, TrainingConfig())
+    assert "is 90% of this machine's" in note and "training.gradient_checkpointing: true" in note
+    (note,) = memory_notes(0.9 * total, cpu, TrainingConfig(gradient_checkpointing=True))
+    assert "gradient_checkpointing" not in note and "grad_accum" in note

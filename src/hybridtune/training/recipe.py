@@ -65,7 +65,7 @@ from .run_dir import (
 )
 from .run_eval import RunEvaluation
 from .schedules import get_scheduler
-from .steps import EpochSampler, apply_step, label_tokens, model_inputs, progress_fields, windows
+from .steps import EpochSampler, apply_step, label_tokens, memory_notes, model_inputs, progress_fields, windows
 from .tracking import METRICS_FILE, Tracker, read_metrics
 
 
@@ -139,6 +139,8 @@ class Run(RunCheckpoints, RunEvaluation):
         summary["train_seconds"] = round(time.time() - started, 1)
         summary["steps"] = position.global_step
         summary["peak_memory_mb"] = round(peak_memory_mb(self.accelerator.device), 1)
+        for note in memory_notes(summary["peak_memory_mb"], self.accelerator.device, config.training):
+            self.log(note)
 
         adapters_dir = self.run_dir / "adapters"
         generations: list[Generation] = []

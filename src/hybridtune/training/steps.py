@@ -74,3 +74,22 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     if "position_ids" in batch:
         return {k: v for k, v in batch.items() if k != "attention_mask"}
     return batch
+
+
+def memory_notes(peak_mb: float, device: torch.device, training: Any) -> list[str]:
+    """What to tell a user whose run came near the machine's memory: the settings that lower it
+    (gradient checkpointing is off by default: on the quickstart it costs ~40% more time for 28%
+    less peak memory, bench/results/memory_cpu.md)."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**20
+    else:
+        import os
+
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    if peak_mb < 0.75 * total:
+        return []
+    lower = [] if training.gradient_checkpointing else ["training.gradient_checkpointing: true"]
+    lower += [] if training.chunked_loss else ["training.chunked_loss: true"]
+    lower += ["a smaller training.batch_size with a larger grad_accum"]
+    return [f"note: peak memory {peak_mb:.0f} MB is {peak_mb / total:.0%} of this machine's {total:.0f} MB; "
+            f"to lower it: {'; '.join(lower)}"]  # fmt: skip

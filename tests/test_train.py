@@ -116,6 +116,24 @@ def test_a_finished_run_made_longer_continues_from_its_last_step(project, tiny_l
             train(load_run_config(path, change), log=quiet)  # shorter, or something else changed too
 
 
+def test_from_checkpoint_resumes_a_run_from_a_chosen_checkpoint(project, tiny_lm_dir):
+    path = write_config(project, tiny_lm_dir)  # 12 steps, a checkpoint every 3, the last 2 kept
+    first = train(load_run_config(path), log=quiet)
+    checkpoints = project / "runs" / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000009", "step-0000012"]
+    with pytest.raises(ConfigError, match=r"is not a checkpoint of .* \(it has: step-0000009, step-0000012\)"):
+        train(load_run_config(path), log=quiet, from_checkpoint=project / "nope")
+    result = CliRunner().invoke(app, ["train", str(path), "--from-checkpoint", str(checkpoints / "step-0000009")])
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.output and "step 9" in result.output
+    again = load_file(first.adapters_dir / "hybridtune_model.safetensors")
+    before = load_file(checkpoints / "superseded" / next(iter(os.listdir(checkpoints / "superseded"))) / "adapters"
+                       / "hybridtune_model.safetensors")  # fmt: skip
+    assert all(torch.equal(again[k], before[k]) for k in again)  # step 12 again, exactly; the old one kept
+    steps = [r["step"] for r in read_metrics(first.run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == list(range(1, 13))
+
+
 @pytest.mark.slow
 def test_resume_after_a_real_kill(project, tiny_lm_dir):
     """SIGKILL a `hybridtune train` process once its first checkpoint exists, run it again, and

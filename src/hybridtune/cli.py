@@ -45,6 +45,10 @@ def train(
         list[str] | None, typer.Argument(help="key.path=value overrides, e.g. training.lr=1e-4")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run in the output directory first.")] = False,
+    from_checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Resume from this checkpoint of the run (later ones are kept in checkpoints/superseded/)."),
+    ] = None,
     nproc: Annotated[
         str,
         typer.Option(
@@ -63,9 +67,10 @@ def train(
         typer.echo(f"LLaMA-Factory config: {note}")
     processes = _processes(nproc)
     if processes > 1:
-        raise typer.Exit(_torchrun(processes, config, overrides or [], overwrite))
+        resume = ["--from-checkpoint", str(from_checkpoint)] if from_checkpoint else []
+        raise typer.Exit(_torchrun(processes, config, [*(overrides or []), *resume], overwrite))
     try:
-        result = run_training(cfg, overwrite=overwrite)
+        result = run_training(cfg, overwrite=overwrite, from_checkpoint=from_checkpoint)
     except ConfigError as exc:
         fail(str(exc))
     except TrainingStopped as exc:

@@ -85,9 +85,9 @@ class Run(RunCheckpoints, RunEvaluation):
         self.run_dir = Path(config.output)
         self.generations_before: list[Generation] = []
 
-    def execute(self, overwrite: bool = False) -> RunResult:
+    def execute(self, overwrite: bool = False, from_checkpoint: Path | None = None) -> RunResult:
         config, t = self.config, self.config.training
-        resuming = check_run_dir(self.run_dir, config, overwrite) if self.main else False
+        resuming = check_run_dir(self.run_dir, config, overwrite, from_checkpoint) if self.main else False
         resuming = self._broadcast(resuming)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -389,9 +389,9 @@ class Run(RunCheckpoints, RunEvaluation):
         return box[0]
 
 
-def train(
-    config: RunConfig, *, overwrite: bool = False, log=tqdm.write, stop_after_step: int | None = None
-) -> RunResult:
-    """Run (or resume) the recipe for ``config``; see the module docstring. ``log`` prints a line;
-    tqdm's write by default, so lines printed while a progress bar runs get lines of their own."""
-    return Run(config, log=log, stop_after_step=stop_after_step).execute(overwrite=overwrite)
+def train(config: RunConfig, *, overwrite: bool = False, log=tqdm.write, **options: Any) -> RunResult:
+    """Run (or resume) the recipe for ``config``; see the module docstring. ``log`` prints a line
+    (tqdm's write by default: lines printed while a bar runs get their own). ``options``:
+    ``from_checkpoint`` (a checkpoint of the run to resume from), ``stop_after_step`` (tests)."""
+    run = Run(config, log=log, stop_after_step=options.pop("stop_after_step", None))
+    return run.execute(overwrite=overwrite, **options)

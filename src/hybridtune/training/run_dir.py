@@ -53,14 +53,19 @@ class RunResult:
     is_main: bool = True  # False on the other processes of a multi-process run (they stay quiet)
 
 
-def check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool) -> bool:
-    """True when an interrupted run is there to resume; errors on a finished or different run."""
+def check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool, from_checkpoint: Path | None = None) -> bool:
+    """True when an interrupted run is there to resume; errors on a finished or different run.
+    ``from_checkpoint``: one of the run's checkpoints to resume from instead of the last one."""
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     saved_path = run_dir / CONFIG_COPY
+    if from_checkpoint is not None and not saved_path.is_file():
+        raise ConfigError([f"--from-checkpoint: output '{run_dir}' holds no run to resume"])
     if not saved_path.is_file():
         return False
     saved = yaml.safe_load(saved_path.read_text())
+    if from_checkpoint is not None and (saved == config.dump() or extends(saved, config.dump())):
+        return _from_checkpoint(run_dir, Path(from_checkpoint))
     if saved != config.dump() and extends(saved, config.dump()):
         return _extending(run_dir, config)
     if saved != config.dump():
@@ -105,6 +110,25 @@ def _extending(run_dir: Path, config: RunConfig) -> bool:
             "hybridtune, or removed); choose another output or pass --overwrite"
         ])  # fmt: skip
     (run_dir / SUMMARY).unlink(missing_ok=True)  # written again when the longer run ends (config.yaml too)
+    return True
+
+
+def _from_checkpoint(run_dir: Path, chosen: Path) -> bool:
+    """Resume from ``chosen``: the run's later checkpoints move to checkpoints/superseded/ (kept,
+    never deleted), so ``chosen`` is the last one; a finished run's summary goes."""
+    checkpoints = list_checkpoints(run_dir)
+    resolved = {c.resolve(): c for c in checkpoints}
+    if chosen.resolve() not in resolved:
+        names = ", ".join(c.name for c in checkpoints) or "none"
+        raise ConfigError([f"--from-checkpoint: '{chosen}' is not a checkpoint of '{run_dir}' (it has: {names})"])
+    step = read_position(chosen).global_step
+    later = [c for c in checkpoints if read_position(c).global_step > step]
+    if later:
+        aside = run_dir / "checkpoints" / "superseded"
+        aside.mkdir(exist_ok=True)
+        for checkpoint in later:
+            checkpoint.rename(aside / f"{checkpoint.name}-{int(checkpoint.stat().st_mtime)}")
+    (run_dir / SUMMARY).unlink(missing_ok=True)
     return True
 
 

@@ -142,6 +142,15 @@ def test_the_base_is_recognised_by_its_weights_not_its_name(tmp_path):
     with pytest.raises(ht.CheckpointError, match="trained on base model 'org/base-a', but .* 'org/base-b' "
                                                  "\\(different weights\\)"):  # fmt: skip
         ht.load(other, tmp_path)
+    fine_tuned = make_model("llama")  # the same embedding, one layer changed (a merged fine-tune, say)
+    with torch.no_grad():
+        fine_tuned.model.layers[1].mlp.up_proj.weight.add_(0.05)
+    with pytest.raises(ht.CheckpointError, match="different weights"):
+        ht.load(fine_tuned, tmp_path)
+    merged = ht.inject(make_model("llama"), hybrid_config())  # saved after a merge: still the same base
+    randomize(merged).merge()
+    merged.save_adapters(tmp_path / "merged")
+    ht.load(make_model("llama"), tmp_path / "merged")
     other.config._name_or_path = "org/base-a"  # even under the same name
     with pytest.raises(ht.CheckpointError, match="different weights"):
         ht.load(other, tmp_path)

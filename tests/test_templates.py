@@ -69,3 +69,32 @@ def test_data_preview_shows_examples_lengths_and_truncation(project, tiny_lm_dir
     assert "<|im_start|>user\nwhat color is the sky?<|im_end|>\n<|im_start|>assistant\n«blue<|im_end|>\n»" in out
     assert "train: 34 examples, tokens min" in out and "eval: 6 examples" in out
     assert "cut by max_length=48: 1 example(s)" in out
+
+
+def test_named_chat_templates_and_templates_that_refuse_a_role():
+    from hybridtune.training.data import DataError, encode
+
+    tok = make_tokenizer()
+    plain = tok.chat_template
+    tok.chat_template = {"default": plain, "tool_use": MINE}  # as Command-R and Hermes ship them
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert render_prompt(tok, messages[:1]).startswith("<|im_start|>user")
+    assert render_prompt(tok, messages[:1], tools=[{"name": "f"}]).startswith("[SYSTEM] You can call")
+    assert encode(tok, messages, 64).labels.count(-100) < len(encode(tok, messages, 64).labels)
+    tok.chat_template = "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}" \
+                        "{% endif %}{{ m['content'] }}{% endfor %}"  # fmt: skip
+    with pytest.raises(DataError, match="the chat template cannot render this conversation .*no tool role"):
+        encode(tok, [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"},
+                     {"role": "assistant", "content": "c"}], 64)  # fmt: skip
+
+
+def test_the_chunked_loss_only_for_architectures_it_knows():
+    from conftest import make_model
+    from hybridtune.core.chunked_loss import supports_chunked_loss
+
+    model = make_model("llama").requires_grad_(False)  # a frozen base, as PEFT trains it
+    assert supports_chunked_loss(model)
+    model.config.model_type = "some_new_arch"  # its forward may change the logits: the plain loss
+    assert not supports_chunked_loss(model)
+    model.config.model_type, model.config.lm_head_multiplier = "llama", 0.5
+    assert not supports_chunked_loss(model)

@@ -1,5 +1,6 @@
 """The training recipe and the CLI verbs, end to end on a tiny model saved to disk."""
 
+import copy
 import json
 import os
 import re
@@ -333,3 +334,47 @@ def test_an_fp16_overflow_skips_the_update_and_holds_the_schedule():
     scaler.scale(weight.sum()).backward()
     assert apply_step(optimizer, scheduler) is True
     assert (weight.detach() < 1).all() and scheduler.get_last_lr()[0] < lr
+
+
+def test_what_counts_as_making_a_run_longer():
+    from hybridtune.training.run_dir import extends
+
+    base = {"model": "m", "training": {"max_steps": 10, "epochs": 1}}
+    longer = {"model": "m", "training": {"max_steps": 20, "epochs": 1}}
+    assert extends(base, longer) and not extends(longer, base)
+    assert not extends(base, {"model": "x", "training": {"max_steps": 20, "epochs": 1}})  # something else too
+    by_epochs = {"model": "m", "training": {"epochs": 3}}
+    assert extends({"model": "m", "training": {"epochs": 2}}, by_epochs)
+    assert not extends(by_epochs, {"model": "m", "training": {"epochs": 3, "max_steps": 100}})  # may be shorter
+    staged = {
+        "model": "m",
+        "training": {"epochs": 1},
+        "stages": [{"name": "a", "max_steps": 5}, {"name": "b", "max_steps": 5}],
+    }
+    longer_last = copy.deepcopy(staged)
+    longer_last["stages"][-1]["max_steps"] = 9
+    assert extends(staged, longer_last)
+    first_longer = copy.deepcopy(staged)
+    first_longer["stages"][0]["max_steps"] = 9
+    assert not extends(staged, first_longer)  # an earlier stage: not a continuation
+    no_effect = copy.deepcopy(staged)
+    no_effect["training"]["epochs"] = 5  # with stages, training.epochs trains nothing
+    assert not extends(staged, no_effect)
+
+
+def test_a_run_saved_by_an_earlier_version_still_resumes(project, tiny_lm_dir):
+    from hybridtune.training.run_dir import check_run_dir
+
+    config = load_run_config(write_config(project, tiny_lm_dir))
+    old = config.dump()
+    old["data"]["train"] = old["data"]["train"][0]  # one file as a string, new keys absent
+    for key in ("eval_dataset", "dataset"):
+        old["data"].pop(key)
+    old["training"].pop("chunked_loss")
+    run_dir = project / "runs" / "old"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    assert check_run_dir(run_dir, config, overwrite=False) is False  # no checkpoint yet, but no refusal
+    with pytest.raises(ConfigError, match="--overwrite deletes the run that --from-checkpoint resumes"):
+        check_run_dir(run_dir, config, overwrite=True, from_checkpoint=run_dir / "checkpoints" / "x")
+    assert (run_dir / "config.yaml").is_file()  # nothing was deleted

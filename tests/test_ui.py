@@ -93,10 +93,16 @@ def test_the_method_catalog_has_what_the_page_builds_its_forms_from(workdir):
 
 
 @pytest.mark.parametrize("path", ["../outside.jsonl", "/etc/passwd", "models/../../x.jsonl"])
-def test_paths_typed_into_the_page_stay_in_the_work_directory(workdir, path):
+@pytest.mark.parametrize("key", ["train", "train_list", "eval", "dataset_dir", "template", "deepspeed"])
+def test_paths_typed_into_the_page_stay_in_the_work_directory(workdir, path, key):
     client = TestClient(create_app(workdir))
     config = page_config()
-    config["data"]["train"] = path
+    if key == "deepspeed":
+        config["deepspeed"] = path
+    elif key == "train_list":  # several files: each is checked
+        config["data"]["train"] = ["train.jsonl", path]
+    else:
+        config["data"][key] = path
     assert client.post("/api/check", json=config).json()["problems"] == [f"'{path}' is outside the work directory"]
     response = client.post("/api/runs", json={**config, "name": "escape"})
     assert response.status_code == 400 and "outside the work directory" in response.json()["detail"]

@@ -82,26 +82,49 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
 _SAMPLE_SIZE = 64
 
 
+def _plain(weight: Any) -> bool:
+    """A whole local floating tensor (not meta, not partitioned, sharded or quantized)."""
+    return (type(weight) in (torch.Tensor, nn.Parameter) and weight.device.type != "meta"
+            and not hasattr(weight, "ds_id") and weight.dtype.is_floating_point)  # fmt: skip
+
+
+def _values(weight: torch.Tensor, count: int) -> list[float]:
+    flat = weight.detach().reshape(-1)
+    picks = (torch.arange(count, dtype=torch.int64) * (flat.numel() - 1) // max(count - 1, 1)).to(flat.device)
+    return [round(float(v), 6) for v in flat[picks].double().cpu()]
+
+
 def embedding_sample(model: nn.Module) -> dict[str, Any] | None:
-    """The shape and 64 evenly spaced values of the input embedding (never quantized, so a 4-bit
-    load of the same weights gives the same values up to dtype rounding); None where the weight is
-    not a plain local tensor (meta, sharded)."""
+    """The shape and 64 evenly spaced values of the input embedding, and 8 values of each of the
+    first and last four weight matrices by name: enough to tell the same weights (up to dtype
+    rounding; a 4-bit load keeps its embedding) from a fine-tune that changed some layers. None
+    where the embedding is not a plain local tensor (meta, sharded)."""
     get = getattr(model, "get_input_embeddings", None)
     weight = getattr(get(), "weight", None) if callable(get) else None
-    if type(weight) not in (torch.Tensor, nn.Parameter) or weight.device.type == "meta" or hasattr(weight, "ds_id"):
+    if not _plain(weight):
         return None
-    flat = weight.detach().reshape(-1)
-    picks = (torch.arange(_SAMPLE_SIZE, dtype=torch.int64) * (flat.numel() - 1) // (_SAMPLE_SIZE - 1)).to(flat.device)
-    return {"shape": list(weight.shape), "values": [round(float(v), 6) for v in flat[picks].double().cpu()]}
+    # not the layers branches sit on: a merge changes those (and a save may follow a merge)
+    targeted = {n for n, m in model.named_modules() if any(c == "hybridtune" for c, _ in m.named_children())}
+    matrices = [(n, p) for n, p in model.named_parameters()
+                if p.dim() == 2 and p is not weight and ".hybridtune." not in n and _plain(p)
+                and n.rsplit(".", 1)[0] not in targeted]  # fmt: skip
+    chosen = dict(matrices[:4] + matrices[-4:])
+    return {"shape": list(weight.shape), "values": _values(weight, _SAMPLE_SIZE),
+            "matrices": {n: _values(p, 8) for n, p in chosen.items()}}  # fmt: skip
 
 
 def same_weights(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool | None:
-    """Whether two embedding samples are of the same weights (to bf16 rounding); None: unknown, or
-    of different shapes (a different architecture, which check_targets names module by module)."""
+    """Whether two samples are of the same weights (to bf16 rounding); None: unknown, or of
+    different shapes (a different architecture, which check_targets names module by module)."""
     if not a or not b or a["shape"] != b["shape"]:
         return None
-    x, y = torch.tensor(a["values"]), torch.tensor(b["values"])
-    return bool(torch.allclose(x, y, rtol=1e-2, atol=1e-2 * float(x.abs().max()) + 1e-8))
+    pairs = [(a["values"], b["values"])]
+    pairs += [(v, b["matrices"][n]) for n, v in a.get("matrices", {}).items() if n in b.get("matrices", {})]
+    for left, right in pairs:
+        x, y = torch.tensor(left), torch.tensor(right)
+        if not torch.allclose(x, y, rtol=1e-2, atol=1e-2 * float(x.abs().max()) + 1e-8):
+            return False
+    return True
 
 
 def state_key(entry: str, target: str, name: str) -> str:

@@ -24,7 +24,12 @@ IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MB in fp32)
 # config attributes that change the logits after the head's matmul (Gemma's softcapping, Cohere's
 # scale, ...): a model with any of them set computes its own logits, so it keeps the plain loss
-_LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                  "lm_head_multiplier")  # fmt: skip
+# architectures whose causal-LM forward is exactly lm_head(last hidden state) then transformers'
+# loss; any other keeps its own forward (a model type is added here once its forward is read)
+PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt2", "phi3",
+                    "olmo2", "starcoder2", "stablelm", "smollm3", "gemma"}  # fmt: skip
 
 
 def supports_chunked_loss(model: nn.Module) -> bool:
@@ -39,6 +44,8 @@ def supports_chunked_loss(model: nn.Module) -> bool:
     if any(name == "hybridtune" for name, _ in head.named_children()) or hasattr(model, "hybridtune"):
         return False  # branches on the head, or on the model's own forward
     config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_TYPES:
+        return False
     if getattr(config, "output_router_logits", False):  # MoE: the forward adds the router's loss
         return False
     return not any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_CHANGES)

@@ -50,6 +50,16 @@ def apply_template(tokenizer: Any, template: str | None) -> Any:
     return tokenizer
 
 
+def template_text(tokenizer: Any, tools: list[Any] | None = None) -> str | None:
+    """The tokenizer's chat template as text: of several named ones (Command-R, Hermes), the
+    ``tool_use`` one for a conversation with tools, else ``default``."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        name = "tool_use" if tools and "tool_use" in template else "default"
+        return template.get(name, next(iter(template.values()), None))
+    return template
+
+
 def saved_template(directory: str | Path) -> str | None:
     """The chat template adapters were trained with (``data.template``, saved next to them; "" for
     plain text), or None when they used the tokenizer's own."""
@@ -84,7 +94,7 @@ def render_prompt(
 ) -> str:
     """The text that asks the model for the next assistant turn (what inference feeds it).
     ``template`` replaces the tokenizer's chat template ("" for plain text; see saved_template)."""
-    chat_template = getattr(tokenizer, "chat_template", None) if template is None else (template or None)
+    chat_template = template_text(tokenizer, tools) if template is None else (template or None)
     messages, extra = for_template(chat_template, messages, tools)
     if chat_template:
         return tokenizer.apply_chat_template(
@@ -109,7 +119,7 @@ def _segments(tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] |
             continue
         prompt = render_prompt(tokenizer, messages[:i], tools)
         if templated:
-            shown, extra = for_template(tokenizer.chat_template, messages[: i + 1], tools)
+            shown, extra = for_template(template_text(tokenizer, tools), messages[: i + 1], tools)
             full = tokenizer.apply_chat_template(shown, tokenize=False, **extra)
         else:
             full = prompt + message["content"] + (tokenizer.eos_token or "")
@@ -124,7 +134,13 @@ def encode(tokenizer: Any, messages: list[dict[str, Any]], max_length: int, tool
     """Token ids with labels = -100 on every non-assistant token, truncated to ``max_length``."""
     input_ids: list[int] = []
     labels: list[int] = []
-    for text, is_target in _segments(tokenizer, messages, tools):
+    try:
+        segments = _segments(tokenizer, messages, tools)
+    except DataError:
+        raise
+    except Exception as exc:  # a template that refuses these roles (no tool role, say) or turn order
+        raise DataError(f"the chat template cannot render this conversation ({type(exc).__name__}: {exc})") from None
+    for text, is_target in segments:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if is_target else [IGNORE_INDEX] * len(ids)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import Encoded, Example, apply_template, encode, pack, read_examples, split, with_system
+from .data import DataError, Encoded, Example, apply_template, encode, pack, read_examples, split, with_system
 from .dataset_info import read_datasets
 from .run_config import ConfigError, DataConfig, RunConfig
 
@@ -48,8 +48,11 @@ def prepare_data(config: RunConfig, tokenizer: Any) -> Prepared:
 
     def encode_all(examples: list[Example]) -> list[Encoded]:
         encoded = []
-        for e in examples:
-            item = encode(tokenizer, with_system(e.messages, data.system), data.max_length, e.tools)
+        for number, e in enumerate(examples, start=1):
+            try:
+                item = encode(tokenizer, with_system(e.messages, data.system), data.max_length, e.tools)
+            except DataError as exc:
+                raise DataError(f"example {number} of the split: {exc}") from None
             item.task_id = task_id(e, tasks)
             encoded.append(item)
         return encoded

@@ -130,6 +130,8 @@ def read_datasets(
         if problems:
             raise DataError("; ".join(problems))
         rows = [e for f in dataset_files(dataset_dir, entry) for e in read_examples(f, entry.record_format(), notes)]
+        if not rows:
+            raise DataError(f"dataset '{name}' has no records")
         if entry.num_samples is not None:
             rng = random.Random(seed)
             order = rng.sample(range(len(rows)), min(entry.num_samples, len(rows)))

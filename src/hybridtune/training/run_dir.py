@@ -56,6 +56,8 @@ class RunResult:
 def check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool, from_checkpoint: Path | None = None) -> bool:
     """True when an interrupted run is there to resume; errors on a finished or different run.
     ``from_checkpoint``: one of the run's checkpoints to resume from instead of the last one."""
+    if overwrite and from_checkpoint is not None:  # checked before anything is deleted
+        raise ConfigError(["--overwrite deletes the run that --from-checkpoint resumes: give one of them"])
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     saved_path = run_dir / CONFIG_COPY
@@ -63,7 +65,7 @@ def check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool, from_checkp
         raise ConfigError([f"--from-checkpoint: output '{run_dir}' holds no run to resume"])
     if not saved_path.is_file():
         return False
-    saved = yaml.safe_load(saved_path.read_text())
+    saved = normalized(yaml.safe_load(saved_path.read_text()))
     if from_checkpoint is not None and (saved == config.dump() or extends(saved, config.dump())):
         return _from_checkpoint(run_dir, Path(from_checkpoint))
     if saved != config.dump() and extends(saved, config.dump()):
@@ -81,23 +83,32 @@ def check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool, from_checkp
     return bool(list_checkpoints(run_dir))
 
 
+def normalized(saved: Any) -> Any:
+    """A saved config.yaml as this version dumps it (new keys at their defaults, one data file as a
+    list), so a run started by an earlier version resumes; as it is when it no longer validates."""
+    try:
+        return RunConfig.model_validate(saved).dump()
+    except Exception:
+        return saved
+
+
 def extends(saved: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether ``new`` is ``saved``'s run made longer: only the length of its last stage grew
-    (training.max_steps / epochs, or the last of ``stages``'), nothing else changed."""
+    """Whether ``new`` is ``saved``'s run made longer: the length of its last stage grew (its
+    ``max_steps`` raised, or its ``epochs`` raised where neither has ``max_steps``), nothing else
+    changed. Without ``stages`` the one stage's length is ``training``'s."""
     saved, new = copy.deepcopy(saved), copy.deepcopy(new)
-    nodes = [(saved.get("training", {}), new.get("training", {}))]
-    if saved.get("stages") and new.get("stages") and len(saved["stages"]) == len(new["stages"]):
-        nodes.append((saved["stages"][-1], new["stages"][-1]))
-    grew = False
-    for old_node, new_node in nodes:
-        for key in ("max_steps", "epochs"):
-            before, after = old_node.pop(key, None), new_node.pop(key, None)
-            if before == after:
-                continue
-            if after is None or (before is not None and after < before):
-                return False
-            grew = True
-    return grew and saved == new
+    staged = bool(saved.get("stages"))
+    if staged != bool(new.get("stages")) or (staged and len(saved["stages"]) != len(new["stages"])):
+        return False
+    old_last, new_last = (saved["stages"][-1], new["stages"][-1]) if staged else (saved.get("training", {}),
+                                                                               new.get("training", {}))  # fmt: skip
+    before = (old_last.pop("max_steps", None), old_last.pop("epochs", None))
+    after = (new_last.pop("max_steps", None), new_last.pop("epochs", None))
+    if saved != new:
+        return False
+    if before[0] is not None and after[0] is not None:
+        return after[0] > before[0] and before[1] == after[1]
+    return before[0] is None and after[0] is None and (after[1] or 1) > (before[1] or 1)
 
 
 def _extending(run_dir: Path, config: RunConfig) -> bool:

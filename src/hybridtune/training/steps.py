@@ -85,7 +85,10 @@ def memory_notes(peak_mb: float, device: torch.device, training: Any) -> list[st
     else:
         import os
 
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare with
+            return []
     if peak_mb < 0.75 * total:
         return []
     lower = [] if training.gradient_checkpointing else ["training.gradient_checkpointing: true"]

@@ -10,6 +10,7 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"
+_NOT_SCALARS = {"step", "elapsed_s", "eta_s", "remaining_steps"}  # bookkeeping, not curves for TensorBoard
 
 
 class Tracker:
@@ -47,7 +48,7 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None and "step" in record:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
+                if isinstance(value, (int, float)) and key not in _NOT_SCALARS:
                     self._tb.add_scalar(key, value, record["step"])
 
     def plot(self) -> Path | None:

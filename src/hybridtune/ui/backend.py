@@ -37,6 +37,14 @@ class UIError(HybridTuneError, ValueError):
     """A request the UI refuses, with a message for the page."""
 
 
+_DATA_PATHS = ("train", "eval", "dataset_dir", "template")  # data keys that name files or folders
+
+
+def _is_path(key: str, value: Any) -> bool:
+    """Whether ``value`` of data.``key`` names files (template: none is plain text, not a file)."""
+    return value not in (None, "", []) and not (key == "template" and value == "none")
+
+
 class Workdir:
     """The folder the UI may read and write: data files, configs/, runs/, exports/, models/."""
 
@@ -101,9 +109,10 @@ class Workdir:
         """The file saved as configs/<name>.yaml: data paths relative to it (as the CLI reads them),
         model and output relative to the work directory, where the run starts."""
         shown = json.loads(json.dumps({k: v for k, v in raw.items() if v not in (None, {}, [])}))
-        for key in ("train", "eval"):
-            if (shown.get("data") or {}).get(key):
-                shown["data"][key] = f"../{shown['data'][key]}"
+        data = shown.get("data") or {}
+        for key in _DATA_PATHS:
+            if _is_path(key, data.get(key)):
+                data[key] = [f"../{v}" for v in data[key]] if isinstance(data[key], list) else f"../{data[key]}"
         shown["output"] = f"runs/{name}"
         return yaml.safe_dump(shown, sort_keys=False)
 
@@ -111,9 +120,14 @@ class Workdir:
         """The config with work-directory paths made absolute (and checked)."""
         config = json.loads(json.dumps(raw))
         data = config.get("data") or {}
-        for key in ("train", "eval"):
-            if data.get(key):
-                data[key] = str(self.path(data[key]))
+        for key in _DATA_PATHS:  # every file the run would read stays inside the work directory
+            if _is_path(key, data.get(key)):
+                value = data[key]
+                data[key] = (
+                    [str(self.path(str(v))) for v in value] if isinstance(value, list) else str(self.path(str(value)))
+                )
+        if isinstance(config.get("deepspeed"), str):
+            config["deepspeed"] = str(self.path(config["deepspeed"]))
         if config.get("model") and config["model"] != EMBEDDED_NAME:
             config["model"] = str(self.path(config["model"]))
         config["output"] = str(self.run_dir(name))
@@ -316,11 +330,15 @@ def count_parameters(source: str, methods_json: str) -> dict[str, int]:
 
 
 def _empty_model(source: str):
-    from accelerate import init_empty_weights
+    """The model with every tensor on the meta device, for its structure and sizes. torch's device
+    context is per thread, unlike accelerate's init_empty_weights, which patches nn.Module for the
+    whole process: the server answers in threads, and a chat loading real weights in another
+    thread must not get meta ones."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..core.base_models import resolve_model
 
     config = AutoConfig.from_pretrained(resolve_model(source), local_files_only=True)
-    with init_empty_weights():
+    with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)

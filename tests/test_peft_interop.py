@@ -94,3 +94,23 @@ def test_export_and_import_errors(tmp_path, llama):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(ht.CheckpointError, match="corrupt or truncated"):
         ht.import_peft(make_model("llama"), tmp_path)
+
+
+def test_keys_that_keep_peft_adapter_name_import_the_same(tmp_path, input_ids):
+    """A state dict saved straight from a PeftModel (keys `...lora_A.default.weight`)."""
+    from safetensors.torch import save_file
+
+    base = make_model("llama")
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path)
+    expected = ht.import_peft(copy.deepcopy(base), tmp_path)(input_ids).logits
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    named = {k.replace(".weight", ".default.weight"): v for k, v in saved.items()}
+    save_file(named, tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(
+        ht.import_peft(copy.deepcopy(base), tmp_path)(input_ids).logits, expected, rtol=0, atol=0
+    )

@@ -9,6 +9,7 @@ summed rank); entries without a peft equivalent are refused unless left out expl
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,7 @@ def _per_module(raw: dict[str, torch.Tensor], method: type[MethodConfig], path: 
     """Saved tensors grouped by module name: {module: {tensor name: tensor}}."""
     grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in raw.items():
+        key = re.sub(r"\.default(?=\.weight$|$)", "", key)  # a state dict saved with peft's adapter name
         name = next((n for n in method.peft_tensor_names if key.endswith(f".{n}")), None)
         if name is None:
             raise CheckpointError(

@@ -151,6 +151,14 @@ def test_unknown_keys_are_grouped_per_section_with_one_suggestion_each(project):
     assert all(line.count("valid keys") == 1 for line in lines)
 
 
+def test_a_method_that_needs_full_precision_weights_is_refused_on_a_quantized_base(project):
+    methods = {"dora": {"type": "dora", "r": 4, "targets": ["q_proj"]}, "lora": {"type": "lora", "targets": ["v_proj"]}}
+    path = write_config(project, methods=methods, stages=None, model_quantization={"bits": 4})
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "1 problem(s)" in result.output, result.output
+    assert "methods.dora: dora needs the full-precision weights of its targets" in result.output
+
+
 def test_validate_ok(project):
     result = CliRunner().invoke(app, ["validate", str(write_config(project))])
     assert result.exit_code == 0 and "ok" in result.output

@@ -32,6 +32,7 @@ class MethodConfig(StrictModel):
     identity_at_init: ClassVar[bool] = True  # False for methods that change outputs from the start (prompts)
     supports_routing: ClassVar[bool] = True  # False: cannot serve a different adapter set per row
     supports_packing: ClassVar[bool] = True  # False: cannot train on rows packed with several examples
+    supports_quantized_base: ClassVar[bool] = True  # False: needs the full-precision weights it targets
     # True: each branch's effect is exactly W + scale · B @ A on its target, and the branch is a
     # LoRABranch-like module: A, B (the active directions), lora_A / lora_B (the stored tensors),
     # scale, rank, alpha, transposed, delta_weight(); the config has use_rslora and dropout.

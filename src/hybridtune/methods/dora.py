@@ -27,6 +27,7 @@ class DoRAConfig(LowRankConfig):
 
     type: Literal["dora"] = "dora"
     mergeable: ClassVar[bool] = True
+    supports_quantized_base: ClassVar[bool] = False  # the magnitude needs ||W|| of the real weights
     peft_use_dora: ClassVar[bool] = True  # peft writes DoRA as LoRA with use_dora and a magnitude
     peft_tensor_names: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 

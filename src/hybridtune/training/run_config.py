@@ -157,6 +157,10 @@ class RunConfig(StrictModel):
         if self.data.packing:
             problems += [f"data.packing: entry '{e}' ({c.type}) cannot train on packed rows; set packing: false"
                          for e, c in self.methods.items() if not c.supports_packing]  # fmt: skip
+        if self.model_quantization is not None:
+            problems += [f"methods.{e}: {c.type} needs the full-precision weights of its targets, and "
+                         "model_quantization loads them quantized; use lora on a quantized base"
+                         for e, c in self.methods.items() if not c.supports_quantized_base]  # fmt: skip
         if self.fsdp is not None and self.deepspeed is not None:
             problems.append("give either 'fsdp' or 'deepspeed', not both: each is a whole distribution engine")
         if self.fsdp is not None and self.training.base_dtype not in ("auto", "fp32"):

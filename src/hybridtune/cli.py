@@ -146,12 +146,11 @@ def data_preview(
 ) -> None:
     """Rendered training examples with the trained tokens marked, token-length statistics, and how
     many examples max_length cuts (the tokenizer only: no model weights load)."""
-    from .core.base_models import load_skeleton
+    from .core.base_models import load_tokenizer
     from .training.data_preview import preview
 
     cfg = run_config(config, [])
-    _, tokenizer = load_skeleton(cfg.model)
-    typer.echo(preview(cfg, tokenizer, count))
+    typer.echo(preview(cfg, load_tokenizer(cfg.model), count))
 
 
 @app.command("convert")

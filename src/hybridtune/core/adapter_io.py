@@ -73,7 +73,7 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
         "model_type": getattr(config, "model_type", None),
         "architectures": getattr(config, "architectures", None),
     }
-    sample = embedding_sample(model)
+    sample = weights_sample(model)
     if sample is not None:
         identity["embedding_sample"] = sample
     return identity
@@ -94,7 +94,7 @@ def _values(weight: torch.Tensor, count: int) -> list[float]:
     return [round(float(v), 6) for v in flat[picks].double().cpu()]
 
 
-def embedding_sample(model: nn.Module) -> dict[str, Any] | None:
+def weights_sample(model: nn.Module) -> dict[str, Any] | None:
     """The shape and 64 evenly spaced values of the input embedding, and 8 values of each of the
     first and last four weight matrices by name: enough to tell the same weights (up to dtype
     rounding; a 4-bit load keeps its embedding) from a fine-tune that changed some layers. None

@@ -161,8 +161,8 @@ def load_skeleton(
     from accelerate import init_empty_weights
 
     source = resolve_model(name)
+    tokenizer = load_tokenizer(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         config = AutoConfig.from_pretrained(source, local_files_only=True)
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load the config of model '{name}' from local files ({exc})") from exc
@@ -170,3 +170,14 @@ def load_skeleton(
         model = AutoModelForCausalLM.from_config(config, **({} if dtype is None else {"dtype": dtype}))
     model.tie_weights()  # as from_pretrained does: tied embeddings must be one parameter, like the first process's
     return _finished(model, tokenizer, name)
+
+
+def load_tokenizer(name: str = EMBEDDED_NAME) -> PreTrainedTokenizerBase:
+    """The tokenizer of model ``name`` alone, from local files (with a pad token, as the loaders give)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), local_files_only=True)
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load the tokenizer of model '{name}' from local files ({exc})") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

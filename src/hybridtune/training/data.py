@@ -95,11 +95,8 @@ def render_prompt(
     """The text that asks the model for the next assistant turn (what inference feeds it).
     ``template`` replaces the tokenizer's chat template ("" for plain text; see saved_template)."""
     chat_template = template_text(tokenizer, tools) if template is None else (template or None)
-    messages, extra = for_template(chat_template, messages, tools)
     if chat_template:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, chat_template=chat_template, **extra
-        )
+        return _templated(tokenizer, chat_template, messages, tools, add_generation_prompt=True)
     text = "".join(
         _PLAIN_USER.format(content=m["content"]) if m["role"] == "user" else m["content"] + "\n\n"
         for m in messages
@@ -109,18 +106,27 @@ def render_prompt(
     return system + text
 
 
+def _templated(
+    tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: list[Any] | None, add_generation_prompt: bool
+) -> str:
+    """``messages`` rendered with ``template`` (tool calls and tools as for_template shapes them)."""
+    shown, extra = for_template(template, messages, tools)
+    return tokenizer.apply_chat_template(
+        shown, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template, **extra
+    )
+
+
 def _segments(tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None) -> list[tuple[str, bool]]:
     """(text, is_target) pieces whose concatenation is the whole rendered conversation."""
     pieces: list[tuple[str, bool]] = []
     done = ""
-    templated = bool(getattr(tokenizer, "chat_template", None))
+    template = template_text(tokenizer, tools)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render_prompt(tokenizer, messages[:i], tools)
-        if templated:
-            shown, extra = for_template(template_text(tokenizer, tools), messages[: i + 1], tools)
-            full = tokenizer.apply_chat_template(shown, tokenize=False, **extra)
+        prompt = render_prompt(tokenizer, messages[:i], tools, template=template or "")
+        if template:
+            full = _templated(tokenizer, template, messages[: i + 1], tools, add_generation_prompt=False)
         else:
             full = prompt + message["content"] + (tokenizer.eos_token or "")
         if not prompt.startswith(done) or not full.startswith(prompt):

@@ -18,6 +18,9 @@ from ..core.validation import StrictModel, describe_errors
 from .records import RECORD_SUFFIXES, Columns, DataError, Example, RecordFormat, Tags, read_examples
 
 DATASET_INFO = "dataset_info.json"
+# the columns each layout names (LLaMA-Factory's), of records.Columns
+_COLUMNS = {"alpaca": {"prompt", "query", "response", "history", "system", "tools"},
+            "sharegpt": {"messages", "system", "tools"}}  # fmt: skip
 _HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 _NOT_SFT_COLUMNS = {"chosen": "preference pairs (DPO/RM)", "rejected": "preference pairs (DPO/RM)",
                     "kto_tag": "KTO labels", "images": "images", "videos": "videos", "audios": "audio"}  # fmt: skip
@@ -62,8 +65,7 @@ class DatasetEntry(StrictModel):
                 found.append(f"dataset '{name}': {key} selects part of a hub dataset; point file_name at the files")
         if self.split != "train":
             found.append(f"dataset '{name}': split '{self.split}': a local file has only the 'train' split")
-        known = set(Columns.model_fields) if self.formatting == "alpaca" else {"messages", "system", "tools"}
-        known = known - {"messages"} if self.formatting == "alpaca" else known
+        known = _COLUMNS[self.formatting]
         for column in self.columns:
             if column not in known and column not in _NOT_SFT_COLUMNS:
                 found.append(
@@ -137,5 +139,5 @@ def read_datasets(
             order = rng.sample(range(len(rows)), min(entry.num_samples, len(rows)))
             order += [rng.randrange(len(rows)) for _ in range(entry.num_samples - len(order))]
             rows = [rows[i] for i in order]
-        examples += rows[:max_samples] if max_samples is not None else rows
+        examples += rows[:max_samples]  # (all of them when max_samples is None)
     return examples

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
@@ -89,6 +89,13 @@ def _put(out: dict[str, Any], path: str, value: Any) -> None:
     out[last] = value
 
 
+def _schedulers() -> tuple[str, ...]:
+    """The LR schedules training.scheduler takes (run_config imports this module, hence here)."""
+    from .run_config import TrainingConfig
+
+    return get_args(TrainingConfig.model_fields["scheduler"].annotation)
+
+
 def _targets(value: Any) -> str | list[str]:
     names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value)
     return "all-linear" if names == ["all"] else names
@@ -132,14 +139,13 @@ def convert(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
         _put(out, "data.eval_split", values["val_size"])
     if (values.get("max_steps") or -1) > 0:
         _put(out, "training.max_steps", values["max_steps"])
-    scheduler = values["lr_scheduler_type"]
-    if scheduler not in ("linear", "cosine", "constant", "constant_with_warmup"):
-        problems.append(
-            f"lr_scheduler_type: {scheduler!r}: supported are linear, cosine, constant, constant_with_warmup"
-        )
+    scheduler, supported = values["lr_scheduler_type"], _schedulers()
+    if scheduler not in supported:
+        problems.append(f"lr_scheduler_type: {scheduler!r}: supported are {', '.join(supported)}")
     _put(out, "training.scheduler", scheduler)
     bf16 = bool(values.get("bf16") or values.get("pure_bf16"))
-    _put(out, "training.precision", "bf16" if bf16 else "fp16" if values.get("fp16") else "fp32")
+    precision = "bf16" if bf16 else "fp16" if values.get("fp16") else "fp32"
+    _put(out, "training.precision", precision)
     if values.get("pure_bf16"):
         _put(out, "training.base_dtype", "bf16")
     _put(out, "training.gradient_checkpointing", not values["disable_gradient_checkpointing"])
@@ -147,7 +153,7 @@ def convert(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
         _put(out, "model_quantization", {
             "bits": values["quantization_bit"], "type": values.get("quantization_type") or "nf4",
             "double_quant": values.get("double_quantization", True),
-            "compute_dtype": "bf16" if bf16 else "fp16" if values.get("fp16") else "fp32"})  # fmt: skip
+            "compute_dtype": precision})  # fmt: skip
     _put(out, "eval.metric", "none")  # LLaMA-Factory's SFT evaluates the loss only, after training
     _put(out, "eval.before_training", False)
     if given.get("eval_strategy", given.get("evaluation_strategy")) == "steps" and "eval_steps" not in given:

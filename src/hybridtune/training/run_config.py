@@ -19,6 +19,8 @@ from .data import PLAIN_TEXT, DataError, read_examples
 from .dataset_info import read_datasets
 from .llamafactory_yaml import convert, is_llamafactory
 
+DATA_PATH_KEYS = ("train", "eval", "dataset_dir", "template")  # the data keys that name files or folders
+
 
 class DataConfig(StrictModel):
     """Where the examples come from: files (``train``/``eval``: JSON, JSONL, CSV or parquet, one or
@@ -68,10 +70,6 @@ class DataConfig(StrictModel):
             f"template '{value}' is not a file{named}: give a Jinja file (e.g. template.jinja), "
             f"'{PLAIN_TEXT}' for plain text, or leave it out for the tokenizer's own chat template"
         )
-
-    @property
-    def has_eval(self) -> bool:
-        return bool(self.eval or self.eval_dataset or self.eval_split)
 
 
 class StageConfig(StrictModel):
@@ -303,12 +301,12 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
 
     data = raw.get("data")
     if isinstance(data, dict):
-        for key in ("train", "eval", "dataset_dir"):
+        for key in DATA_PATH_KEYS:
+            value = data.get(key)
+            if key == "template" and not (isinstance(value, str) and ("/" in value or Path(value).suffix)):
+                continue  # a template's name (or none), not a file
             if key in data:
-                data[key] = absolute(data[key])
-        template = data.get("template")
-        if isinstance(template, str) and ("/" in template or Path(template).suffix):  # a file, not a name
-            data["template"] = absolute(template)
+                data[key] = absolute(value)
     if isinstance(raw.get("deepspeed"), str):
         raw["deepspeed"] = absolute(raw["deepspeed"])
     return raw

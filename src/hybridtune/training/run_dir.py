@@ -23,7 +23,7 @@ from ..core import adapter_io as adapter_io
 from .checkpoints import list_checkpoints, read_position
 from .evaluation import Generation
 from .run_config import ConfigError, RunConfig
-from .tracking import METRICS_FILE, read_metrics
+from .tracking import METRICS_FILE, STAMPS, read_metrics
 
 CONFIG_COPY = "config.yaml"
 SUMMARY = "summary.json"
@@ -65,13 +65,13 @@ def check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool, from_checkp
         raise ConfigError([f"--from-checkpoint: output '{run_dir}' holds no run to resume"])
     if not saved_path.is_file():
         return False
-    saved = normalized(yaml.safe_load(saved_path.read_text()))
-    if from_checkpoint is not None and (saved == config.dump() or extends(saved, config.dump())):
+    saved, current = normalized(yaml.safe_load(saved_path.read_text())), config.dump()
+    if from_checkpoint is not None and (saved == current or extends(saved, current)):
         return _from_checkpoint(run_dir, Path(from_checkpoint))
-    if saved != config.dump() and extends(saved, config.dump()):
+    if saved != current and extends(saved, current):
         return _extending(run_dir, config)
-    if saved != config.dump():
-        keys = sorted(k for k in set(saved) | set(config.dump()) if saved.get(k) != config.dump().get(k))
+    if saved != current:
+        keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         raise ConfigError(
             [
                 f"output '{run_dir}' holds a run with a different config (differs in: {', '.join(keys)}); "
@@ -160,5 +160,5 @@ def saved_before(run_dir: Path) -> dict[str, Any] | None:
     """The eval before training that an interrupted run recorded (a resume does not redo it)."""
     for record in read_metrics(run_dir / METRICS_FILE):
         if record.get("kind") == "eval" and record.get("when") == "before":
-            return {k: v for k, v in record.items() if k not in {"kind", "when", "step", "time", "elapsed_s"}}
+            return {k: v for k, v in record.items() if k not in {"kind", "when", "step", *STAMPS}}
     return None

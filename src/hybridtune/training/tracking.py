@@ -10,7 +10,8 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"
-_NOT_SCALARS = {"step", "elapsed_s", "eta_s", "remaining_steps"}  # bookkeeping, not curves for TensorBoard
+STAMPS = ("time", "elapsed_s")  # what ``Tracker.log`` adds to every record
+_NOT_SCALARS = {"step", *STAMPS, "eta_s", "remaining_steps"}  # bookkeeping, not curves for TensorBoard
 
 
 class Tracker:

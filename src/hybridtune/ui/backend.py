@@ -24,7 +24,8 @@ from ..core.base_models import EMBEDDED_NAME
 from ..core.errors import HybridTuneError
 from ..core.targeting import is_linear, named_base_modules
 from ..core.validation import describe_errors
-from ..training.run_config import RunConfig, data_problems
+from ..training.data import PLAIN_TEXT
+from ..training.run_config import DATA_PATH_KEYS, RunConfig, data_problems
 from ..training.run_dir import STOP_FILE, SUMMARY
 from ..training.tracking import METRICS_FILE, read_metrics
 
@@ -37,12 +38,15 @@ class UIError(HybridTuneError, ValueError):
     """A request the UI refuses, with a message for the page."""
 
 
-_DATA_PATHS = ("train", "eval", "dataset_dir", "template")  # data keys that name files or folders
-
-
 def _is_path(key: str, value: Any) -> bool:
-    """Whether ``value`` of data.``key`` names files (template: none is plain text, not a file)."""
-    return value not in (None, "", []) and not (key == "template" and value == "none")
+    """Whether ``value`` of data.``key`` names files (template: none is plain text, not a file).
+    Stricter than the YAML reader: a bare template name is confined too."""
+    return value not in (None, "", []) and not (key == "template" and value == PLAIN_TEXT)
+
+
+def _each(value: str | list, change: Any) -> str | list:
+    """``change`` applied to one path or to every path of a list."""
+    return [change(str(v)) for v in value] if isinstance(value, list) else change(str(value))
 
 
 class Workdir:
@@ -110,9 +114,9 @@ class Workdir:
         model and output relative to the work directory, where the run starts."""
         shown = json.loads(json.dumps({k: v for k, v in raw.items() if v not in (None, {}, [])}))
         data = shown.get("data") or {}
-        for key in _DATA_PATHS:
+        for key in DATA_PATH_KEYS:
             if _is_path(key, data.get(key)):
-                data[key] = [f"../{v}" for v in data[key]] if isinstance(data[key], list) else f"../{data[key]}"
+                data[key] = _each(data[key], lambda v: f"../{v}")
         shown["output"] = f"runs/{name}"
         return yaml.safe_dump(shown, sort_keys=False)
 
@@ -120,12 +124,9 @@ class Workdir:
         """The config with work-directory paths made absolute (and checked)."""
         config = json.loads(json.dumps(raw))
         data = config.get("data") or {}
-        for key in _DATA_PATHS:  # every file the run would read stays inside the work directory
+        for key in DATA_PATH_KEYS:  # every file the run would read stays inside the work directory
             if _is_path(key, data.get(key)):
-                value = data[key]
-                data[key] = (
-                    [str(self.path(str(v))) for v in value] if isinstance(value, list) else str(self.path(str(value)))
-                )
+                data[key] = _each(data[key], lambda v: str(self.path(v)))
         if isinstance(config.get("deepspeed"), str):
             config["deepspeed"] = str(self.path(config["deepspeed"]))
         if config.get("model") and config["model"] != EMBEDDED_NAME:

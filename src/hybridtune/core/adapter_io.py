@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -25,6 +26,7 @@ from .attach import describe_target
 from .config import HybridConfig
 from .errors import CheckpointError, TargetError
 from .partitioned import gathered
+from .validation import describe_errors
 
 CONFIG_NAME = "hybridtune_config.json"
 WEIGHTS_NAME = "hybridtune_model.safetensors"
@@ -319,3 +321,14 @@ def load_state(model: Any, state: dict[str, torch.Tensor], entries: list[str], s
     for entry in entries:
         for _, _, _, branch in model.branches(entry):
             branch.after_load()
+
+
+def saved_config(directory: str | Path, meta: dict[str, Any] | None = None) -> HybridConfig:
+    """The method entries saved in ``directory`` (its config read unless ``meta`` is given),
+    validated; nothing is loaded."""
+    meta = read_meta(directory) if meta is None else meta
+    try:
+        return HybridConfig.model_validate({"methods": meta.get("methods")})
+    except ValidationError as exc:
+        problems = "; ".join(describe_errors(exc))
+        raise CheckpointError(f"the method configs in {directory}/{CONFIG_NAME} are invalid: {problems}") from exc

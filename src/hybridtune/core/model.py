@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
 from ..methods import Branch, MethodConfig
@@ -19,7 +18,7 @@ from .adapter_sets import SET_NAME, AdapterSets
 from .attach import DEFAULT_SET, Attached, attach_config, branch_key, detach, fingerprint, iter_branches
 from .chunked_loss import chunked_causal_lm_forward, supports_chunked_loss
 from .config import HybridConfig
-from .errors import CheckpointError, MergeError
+from .errors import MergeError
 from .merging import Merging
 from .partitioned import full_numel
 from .routing import routed
@@ -355,10 +354,7 @@ def load(
     ``trainable=False`` freezes the loaded entries for inference.
     """
     meta = adapter_io.read_meta(directory)
-    try:
-        config = HybridConfig.model_validate({"methods": meta.get("methods")})
-    except ValidationError as exc:
-        raise CheckpointError(f"the method configs in {directory}/{adapter_io.CONFIG_NAME} are invalid: {exc}") from exc
+    config = adapter_io.saved_config(directory, meta)
     base = model.base_model if isinstance(model, HybridModel) else model
     adapter_io.check_base(base, meta, allow_base_mismatch, config)
     state = adapter_io.read_weights(directory, meta)

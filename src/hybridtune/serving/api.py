@@ -2,30 +2,36 @@
 
 ``model`` names an adapter set of the adapters directory, or the base model. Errors are
 OpenAI-style JSON (``{"error": {"message", "type", "param", "code"}}``) with the matching status,
-and never stop the server.
+for every client input, and never stop the server. A request waits until each of its choices is
+admitted (its adapter set loaded) before the first byte of a reply, so a set that cannot be
+served is a JSON error even for a streamed request. A client that hangs up has its rows dropped
+from the running batch at the next decoding step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from ..core.validation import describe_errors
 from ..training.data import render_prompt, saved_template
-from .adapters_dir import UnknownAdapter
-from .engine import Engine, Sampling
-from .engine import Request as Job
+from .adapters_dir import BrokenAdapter, UnknownAdapter
+from .engine import Engine, Job, Sampling
+from .openai_params import ChatParams, CompletionParams, _Params
+from .openai_replies import Choice, Replies
+
+log = logging.getLogger("hybridtune.serve")
 
 
 @dataclass
@@ -46,37 +52,11 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-class _Params(BaseModel):
-    """What both endpoints share. Unknown fields are ignored (clients send newer options)."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)  # one choice per request
-    stop: str | list[str] | None = None
-    stream: bool = False
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatParams(_Params):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionParams(_Params):
-    prompt: str | list[str]
-
-
 def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
     app = FastAPI(title="hybridtune", docs_url=None, redoc_url=None)
+    vocab = engine.base.get_input_embeddings().num_embeddings
+    templates = _Templates()
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -85,14 +65,19 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 error = APIError(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
                 return error.response()
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > limits.max_request_bytes:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limits.max_request_bytes):
             return APIError(413, f"request body over {limits.max_request_bytes} bytes").response()
         return await call_next(request)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return APIError(500, f"internal error ({type(exc).__name__})", "server_error").response()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -104,20 +89,23 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "hybridtune"}
                                            for n in names]}  # fmt: skip
 
-    async def read(request: Request, schema: type[_Params]) -> _Params:
-        body = await request.body()
-        if len(body) > limits.max_request_bytes:
-            raise APIError(413, f"request body over {limits.max_request_bytes} bytes")
+    async def read(request: Request, schema: type[_Params]) -> Any:
+        body = bytearray()
+        async for piece in request.stream():  # a chunked upload stops being read at the limit
+            body += piece
+            if len(body) > limits.max_request_bytes:
+                raise APIError(413, f"request body over {limits.max_request_bytes} bytes")
         try:
             raw = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise APIError(400, f"the request body is not valid JSON: {reason}") from None
+        if not isinstance(raw, dict):
+            raise APIError(400, "the request body must be a JSON object")
         try:
             return schema.model_validate(raw)
         except ValidationError as exc:
-            problems = describe_errors(exc)
-            param = exc.errors()[0]["loc"][0] if exc.errors() and exc.errors()[0]["loc"] else None
-            raise APIError(400, "; ".join(problems), param=str(param) if param is not None else None) from None
+            raise _invalid(exc) from None
 
     def adapter_of(model: str) -> str | None:
         if model == base_name:
@@ -127,133 +115,256 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
         except UnknownAdapter as exc:
             raise APIError(404, f"{exc}; GET /v1/models lists the models", param="model",
                            code="model_not_found") from None  # fmt: skip
+        except BrokenAdapter as exc:
+            raise _unavailable(exc) from None
         return model
 
-    def job_for(params: _Params, prompt_ids: list[int]) -> tuple[Job, asyncio.Queue]:
-        adapter = adapter_of(params.model)
-        max_tokens = params.max_completion_tokens or params.max_tokens or min(256, limits.max_tokens)
-        if max_tokens > limits.max_tokens:
-            raise APIError(400, f"max_tokens {max_tokens} is over this server's limit of {limits.max_tokens}",
+    def budget(params: _Params, prompts: list[list[int]], default: int) -> int:
+        asked = getattr(params, "max_completion_tokens", None) or params.max_tokens
+        longest = max(len(p) for p in prompts)
+        if longest > limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt is {longest} tokens; this server's limit is {limits.max_prompt_tokens}",
+                           param="messages" if isinstance(params, ChatParams) else "prompt",
+                           code="context_length_exceeded")  # fmt: skip
+        context = getattr(engine.base.config, "max_position_embeddings", None) or longest + limits.max_tokens
+        if asked is None:
+            return max(1, min(default, limits.max_tokens, context - longest))
+        if asked > limits.max_tokens:
+            raise APIError(400, f"max_tokens {asked} is over this server's limit of {limits.max_tokens}",
                            param="max_tokens")  # fmt: skip
-        if len(prompt_ids) > limits.max_prompt_tokens:
-            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this server's limit is "
-                           f"{limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")  # fmt: skip
-        positions = getattr(engine.base.config, "max_position_embeddings", None)
-        if positions and len(prompt_ids) + max_tokens > positions:
-            raise APIError(
-                400,
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) is over the "
-                f"model's context of {positions}",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        stops = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
+        if longest + asked > context:
+            raise APIError(400, f"prompt ({longest} tokens) + max_tokens ({asked}) is over the model's context of "
+                           f"{context}", param="max_tokens", code="context_length_exceeded")  # fmt: skip
+        return asked
+
+    async def run(request: Request, params: _Params, adapter: str | None, prompts: list[list[int]], kind: str,
+                  default_tokens: int, echo: list[str] | None = None):  # fmt: skip
+        for problem in [t for t in params.biases() if t >= vocab]:
+            raise APIError(400, f"logit_bias: token {problem} is outside the vocabulary (0..{vocab - 1})",
+                           param="logit_bias")  # fmt: skip
+        max_tokens = budget(params, prompts, default_tokens)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        jobs = []
+        for p, prompt in enumerate(prompts):
+            for c in range(params.n):
+                index = p * params.n + c
+                sampling = Sampling(
+                    temperature=params.temperature, top_p=params.top_p,
+                    seed=None if params.seed is None else params.seed + c,
+                    presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                    logit_bias=params.biases(), logprobs=params.top(),
+                )  # fmt: skip
 
-        def send(*event: Any) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+                def send(*event: Any, index: int = index) -> None:
+                    loop.call_soon_threadsafe(events.put_nowait, (index, *event))
 
-        job = Job(
-            adapter=adapter,
-            prompt_ids=prompt_ids,
-            max_tokens=max_tokens,
-            sampling=Sampling(params.temperature, params.top_p),
-            stop=[s for s in stops if s],
-            emit=lambda text: send("text", text),
-            finish=lambda reason, tokens: send("end", reason, tokens),
-            fail=lambda exc: send("error", exc),
-        )
-        return job, events
-
-    async def run(params: _Params, prompt_ids: list[int], kind: str):
-        job, events = job_for(params, prompt_ids)
-        engine.submit(job)
-        ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
+                jobs.append(Job(adapter, prompt, max_tokens, sampling, params.stops(), send,
+                                echo_logprobs=echo is not None and params.top() is not None))  # fmt: skip
+        for job in jobs:
+            engine.submit(job)
+        replies = Replies(engine.tokenizer, kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+                          int(time.time()), params.model, params.top())  # fmt: skip
+        prompt_tokens = sum(len(p) for p in prompts)
+        choices = [Choice(i, text=echo[i // params.n] if echo else "") for i in range(len(jobs))]
+        try:
+            early = await _admitted(request, engine, jobs, events)
+        except BaseException:
+            _cancel(engine, jobs)
+            raise
         if params.stream:
-            return StreamingResponse(stream(events, ident, created, params.model, kind), media_type="text/event-stream")
-        text, reason, tokens = [], "stop", 0
-        while True:
-            event = await events.get()
-            if event[0] == "text":
-                text.append(event[1])
-            elif event[0] == "end":
-                reason, tokens = event[1], event[2]
-                break
-            else:
-                raise APIError(500, f"generation failed: {event[1]}", "server_error")
-        content = "".join(text)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
-        if kind == "chat":
-            choice["message"] = {"role": "assistant", "content": content}
-        else:
-            choice["text"] = content
-        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
-                 "total_tokens": len(prompt_ids) + tokens}  # fmt: skip
-        obj = "chat.completion" if kind == "chat" else "text_completion"
-        return {"id": ident, "object": obj, "created": created, "model": params.model, "choices": [choice],
-                "usage": usage}  # fmt: skip
+            usage = params.stream_options is not None and params.stream_options.include_usage
+            body = _stream(engine, jobs, events, early, replies, choices, prompt_tokens, usage)
+            return StreamingResponse(body, media_type="text/event-stream")
+        try:
+            ended = 0
+            while ended < len(jobs):
+                event = early.pop(0) if early else await _next(request, engine, jobs, _get(events))
+                if event[1] == "error":
+                    raise _failure(event[2])
+                ended += event[1] == "end"
+                _apply(choices, event)
+        finally:
+            _cancel(engine, jobs)
+        return replies.response(choices, prompt_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        params = await read(request, ChatParams)
-        messages = [m.model_dump() for m in params.messages]
+        params: ChatParams = await read(request, ChatParams)
         adapter = adapter_of(params.model)
+        messages = [m.for_template() for m in params.messages]
         try:  # a set trained with its own data.template is asked in that template
-            ids = chat_prompt_ids(
-                engine.tokenizer, messages, None if adapter is None else engine.adapters.resolve(adapter)
-            )
+            set_dir = None if adapter is None else engine.adapters.root / adapter
+            ids = chat_prompt_ids(engine.tokenizer, messages, set_dir, templates)
         except Exception as exc:  # a model without a chat template, or a template that refuses the roles
             raise APIError(400, f"the model cannot render these messages: {exc}", param="messages") from None
-        return await run(params, list(ids), "chat")
+        return await run(request, params, adapter, [list(ids)], "chat", limits.max_tokens)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        params = await read(request, CompletionParams)
-        prompts = [params.prompt] if isinstance(params.prompt, str) else params.prompt
-        if len(prompts) != 1:
-            raise APIError(400, "give one prompt per request", param="prompt")
-        ids = engine.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        return await run(params, ids, "completion")
+        params: CompletionParams = await read(request, CompletionParams)
+        adapter = adapter_of(params.model)
+        raw = params.prompt
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+            raw = [raw]
+        prompts = []
+        for number, prompt in enumerate(raw):
+            ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else prompt
+            if not ids:
+                raise APIError(400, f"prompt {number} is empty", param="prompt")
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"prompt {number} holds token ids outside the vocabulary (0..{vocab - 1})",
+                               param="prompt")  # fmt: skip
+            prompts.append(list(ids))
+        echo = None
+        if params.echo:
+            echo = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in raw]
+        return await run(request, params, adapter, prompts, "completion", 16, echo)  # OpenAI's default: 16 tokens
 
     return app
 
 
-async def stream(events: asyncio.Queue, ident: str, created: int, model: str, kind: str) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-    def chunk(delta: str | None, reason: str | None, first: bool = False) -> str:
-        if kind == "chat":
-            body: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if delta is not None:
-                body["content"] = delta
-            choice = {"index": 0, "delta": body, "finish_reason": reason, "logprobs": None}
+# ---- the events of a request's jobs ------------------------------------------------------------
+async def _admitted(request: Request, engine: Engine, jobs: list[Job], events: asyncio.Queue) -> list[tuple]:
+    """Wait until every job is admitted; the events that came meanwhile. A job that failed to
+    start (its set cannot be served) is the request's error, before any byte of a reply."""
+    waiting, early = set(range(len(jobs))), []
+    while waiting:
+        event = await _next(request, engine, jobs, _get(events))
+        if event[1] == "error":
+            raise _failure(event[2])
+        if event[1] == "ready":
+            waiting.discard(event[0])
         else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
-        payload = {"id": ident, "object": obj, "created": created, "model": model, "choices": [choice]}
-        return f"data: {json.dumps(payload)}\n\n"
+            early.append(event)
+    return early
 
-    if kind == "chat":
-        yield chunk(None, None, first=True)
+
+def _get(events: asyncio.Queue) -> asyncio.Future:
+    return asyncio.ensure_future(events.get())
+
+
+async def _next(request: Request, engine: Engine, jobs: list[Job], future: asyncio.Future) -> tuple:
+    """The next event; while waiting, a client that hung up cancels the jobs."""
     while True:
-        event = await events.get()
-        if event[0] == "text":
-            yield chunk(event[1], None)
-        elif event[0] == "end":
-            yield chunk(None, event[1])
-            break
+        done, _ = await asyncio.wait({future}, timeout=0.25)
+        if done:
+            return future.result()
+        if await request.is_disconnected():
+            future.cancel()
+            _cancel(engine, jobs)
+            raise APIError(499, "the client closed the request")
+
+
+def _apply(choices: list[Choice], event: tuple) -> None:
+    index, kind, *data = event
+    choice = choices[index]
+    if kind == "prompt":
+        choice.logprobs = list(data[0]) + choice.logprobs
+    elif kind == "text":
+        choice.text += data[0]
+        choice.logprobs += data[1]
+    elif kind == "end":
+        choice.finish_reason, choice.completion_tokens = data
+
+
+async def _stream(engine: Engine, jobs: list[Job], events: asyncio.Queue, early: list[tuple], replies: Replies,
+                  choices: list[Choice], prompt_tokens: int, usage: bool) -> AsyncIterator[str]:  # fmt: skip
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``; the jobs are
+    cancelled when the client goes away (the generator is closed)."""
+    sent = [0] * len(choices)  # characters of each choice's text streamed so far
+    try:
+        for choice in choices:
+            if replies.kind == "chat":
+                yield replies.chunk(choice.index, None, None, first=True, usage=usage)
+            elif choice.text:  # echo: the prompt first
+                sent[choice.index] = len(choice.text)
+        pending, ended = list(early), 0
+        while ended < len(jobs):
+            event = pending.pop(0) if pending else await events.get()
+            index, kind, *data = event
+            if kind == "error":
+                message = f"generation failed: {type(data[0]).__name__}"
+                yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+                break
+            if kind == "prompt":
+                text = choices[index].text
+                yield replies.chunk(index, text, None, list(data[0]), usage=usage)
+            elif kind == "text":
+                yield replies.chunk(index, data[0], None, data[1], offset=sent[index], usage=usage)
+                sent[index] += len(data[0])
+            elif kind == "end":
+                ended += 1
+                _apply(choices, event)
+                yield replies.chunk(index, None if replies.kind == "chat" else "", data[0], usage=usage)
+        if usage:
+            yield replies.usage_chunk(choices, prompt_tokens)
+        yield "data: [DONE]\n\n"
+    finally:
+        _cancel(engine, jobs)
+
+
+def _cancel(engine: Engine, jobs: list[Job]) -> None:
+    for job in jobs:
+        if not job.done:
+            engine.cancel(job)
+
+
+# ---- errors ------------------------------------------------------------------------------------
+def _invalid(exc: ValidationError) -> APIError:
+    """pydantic's complaint as one OpenAI error: the first problem of each parameter, unknown
+    parameters named as OpenAI names them."""
+    seen, problems, first = set(), [], None
+    for err in exc.errors():
+        loc = [str(x) for x in err["loc"] if not isinstance(x, int) or x >= 0]
+        top = loc[0] if loc else ""
+        if err["type"] == "extra_forbidden" and len(loc) == 1:
+            problem = f"unrecognized request argument supplied: {top}"
         else:
-            error = {"error": {"message": f"generation failed: {event[1]}", "type": "server_error"}}
-            yield f"data: {json.dumps(error)}\n\n"
-            break
-    yield "data: [DONE]\n\n"
+            where = ".".join(x for x in loc if not x.startswith(("str", "list[", "function-")))
+            problem = f"{where}: {err['msg'].removeprefix('Value error, ')}" if where else err["msg"]
+        if top in seen:
+            continue
+        seen.add(top)
+        problems.append(problem)
+        first = first or top or None
+    return APIError(400, "; ".join(problems), param=first)
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], set_dir: Path | None) -> list[int]:
+def _unavailable(exc: BrokenAdapter) -> APIError:
+    return APIError(503, str(exc), "server_error", param="model", code="adapter_set_unavailable")
+
+
+def _failure(exc: Exception) -> APIError:
+    if isinstance(exc, BrokenAdapter):
+        return _unavailable(exc)
+    if isinstance(exc, UnknownAdapter):
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    return APIError(500, f"generation failed: {type(exc).__name__}", "server_error")
+
+
+class _Templates:
+    """Each set's saved chat template, read once per change of the file."""
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[float, str | None]] = {}
+
+    def of(self, set_dir: Path | None) -> str | None:
+        if set_dir is None:
+            return None
+        try:
+            stamp = set_dir.stat().st_mtime_ns
+        except OSError:
+            stamp = 0
+        known = self._known.get(set_dir)
+        if known is None or known[0] != stamp:
+            known = self._known[set_dir] = (stamp, saved_template(set_dir))
+        return known[1]
+
+
+def chat_prompt_ids(
+    tokenizer: Any, messages: list[dict[str, Any]], set_dir: Path | None, templates: _Templates | None = None
+) -> list[int]:
     """The prompt's token ids, rendered with the chat template the set was trained with (its
     saved data.template), else the tokenizer's own."""
-    template = saved_template(set_dir) if set_dir is not None else None
+    template = (templates or _Templates()).of(set_dir)
     return tokenizer(render_prompt(tokenizer, messages, template=template), add_special_tokens=False)["input_ids"]

@@ -1,59 +1,78 @@
-"""One base model serving many adapter sets: a worker thread that batches concurrent requests.
+"""One base model serving many adapter sets: a worker thread that schedules per decoding step.
 
-Only the worker touches the model. It takes whatever requests are waiting (up to a batch size),
-groups them by sampling settings, and runs one ``generate`` per group with a per-row adapter set
-(``adapter_sets=``: rows of different sets share every forward pass). Sets load on first use,
-between batches, and the least recently used one is unloaded when more than ``max_loaded`` are
-in memory; a running batch is never changed under it.
+Continuous batching: requests join and leave the running batch between steps. Each step the
+worker (the only thread that touches the model) admits waiting requests up to ``max_batch`` and
+prefills them together, at most ``prefill_chunk`` prompt tokens per step so a long prompt never
+stalls the rows being decoded; then it runs one batched decoding step for every live row. Each row
+has its own adapter set (``adapter_sets=``, hybrid sets with Adapters included), sampling settings,
+stop strings and token budget; its KV cache is a row of one left-padded ``DynamicCache``
+(ragged_cache.py). A row finished, stopped or cancelled (the client hung up) leaves at the next step.
+
+Why not transformers' own continuous batching (``generate_batch`` / ``ContinuousBatchingManager``):
+it schedules one model for every request, with no way to route a different adapter set per row.
+
+Sets load on first use, between steps, and the least recently used set no live row needs is
+unloaded when more than ``max_loaded`` are in memory. A set that fails to load is marked broken
+(adapters_dir.py) and its requests fail at once, before any byte of a reply.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
-import queue
 import threading
-import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..core.adapter_io import saved_config
+from ..core.kv_cache import cache_keyword, returned_cache
 from ..core.model import HybridModel, add_saved_set
-from .adapters_dir import AdaptersDir
+from .adapters_dir import AdaptersDir, BrokenAdapter, UnknownAdapter
+from .ragged_cache import RaggedCache, splicable
+from .sampling import Sampling, TokenLogprob, next_tokens, prompt_logprobs
 
 log = logging.getLogger("hybridtune.serve")
 
-
-@dataclass
-class Sampling:
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+__all__ = ["Engine", "Job", "Sampling"]
 
 
-@dataclass
-class Request:
-    """One completion. ``emit(text_delta)`` and ``finish(reason)`` are called from the worker."""
+@dataclass(eq=False)
+class Job:
+    """One completion. ``send(kind, *data)`` is called from the worker with: ``ready`` (admitted,
+    its set loaded), ``prompt`` (echoed prompt logprobs), ``text`` (a delta and its tokens'
+    logprobs), ``end`` (finish reason, completion tokens) or ``error`` (an exception)."""
 
     adapter: str | None  # set name in the adapters directory; None: the base model
     prompt_ids: list[int]
     max_tokens: int
     sampling: Sampling
     stop: list[str]
-    emit: Callable[[str], None]
-    finish: Callable[[str, int], None]  # (finish_reason, completion_tokens)
-    fail: Callable[[Exception], None]
+    send: Callable[..., None]
+    echo_logprobs: bool = False  # also report the prompt tokens' logprobs
+    cancelled: bool = False  # set by the server when the client went away
     generated: list[int] = field(default_factory=list)
     text: str = ""
-    sent: int = 0  # characters of ``text`` already emitted
+    sent: int = 0  # characters of ``text`` already sent
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     done: bool = False
+    next_token: int | None = None  # sampled, not yet in the cache
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class _Prefill:
+    jobs: list[Job]
+    ids: torch.Tensor  # [rows, width], left-padded
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: Any
+    done: int = 0  # columns already run
+    reported: list[TokenLogprob] = field(default_factory=list)
 
 
 class Engine:
@@ -65,84 +84,230 @@ class Engine:
         *,
         max_loaded: int = 4,
         max_batch: int = 8,
-        batch_wait_s: float = 0.005,
+        prefill_chunk: int = 512,
     ) -> None:
         self.base, self.tokenizer, self.adapters = base, tokenizer, adapters
         self.model: torch.nn.Module = base  # becomes a HybridModel when the first set loads
-        self.max_loaded, self.max_batch, self.batch_wait_s = max(1, max_loaded), max_batch, batch_wait_s
+        self.max_loaded, self.max_batch, self.prefill_chunk = max(1, max_loaded), max(1, max_batch), prefill_chunk
         self.loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> internal set name, LRU order
-        self.stats = {"batches": 0, "requests": 0, "largest_batch": 0}
+        self.stats = {"steps": 0, "prefills": 0, "requests": 0, "largest_batch": 0}
         self._ids = itertools.count()
-        self._queue: queue.Queue[Request | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="hybridtune-engine", daemon=True)
+        self._waiting: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._live: list[Job] = []
+        self._cache: RaggedCache | None = None
+        self._prefill: _Prefill | None = None
+        self._splicable: bool | None = None  # known after the first prefill
         eos = getattr(base.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.device = next(base.parameters()).device
+        self._cache_keyword = cache_keyword(base)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self._thread = threading.Thread(target=self._run, name="hybridtune-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, request: Request) -> None:
-        self._queue.put(request)
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            self._waiting.append(job)
+            self._wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Stop working on ``job`` at the next step (its client went away)."""
+        job.cancelled = True
 
     def close(self) -> None:
-        self._queue.put(None)
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
         self._thread.join(timeout=10)
 
-    # ---- worker -------------------------------------------------------------------------------
+    # ---- the step loop ------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
-            groups: dict[tuple, list[Request]] = {}
-            for request in batch:
-                key = (request.sampling.temperature, request.sampling.top_p)
-                groups.setdefault(key, []).append(request)
-            for group in groups.values():
-                self._serve(group)
-
-    def _serve(self, group: list[Request]) -> None:
-        ready = []
-        for request in group:
+            with self._wake:
+                while not (self._waiting or self._live or self._prefill or self._closed):
+                    self._wake.wait()
+                if self._closed:
+                    return
+                candidates = self._take()
             try:
-                self._ensure_loaded(request.adapter, keep={r.adapter for r in group})
-                ready.append(request)
-            except Exception as exc:  # a broken set fails its own requests, never the server
-                log.warning("loading adapter set %r failed: %s", request.adapter, exc)
-                request.fail(exc)
-        if not ready:
-            return
-        self.stats["batches"] += 1
-        self.stats["requests"] += len(ready)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(ready))
-        try:
-            with torch.inference_mode():
-                self._generate(ready)
-        except Exception as exc:
-            log.exception("generation failed")
-            for request in ready:
-                if not request.done:
-                    request.fail(exc)
+                with torch.inference_mode():
+                    if candidates:
+                        self._start_prefill(candidates)
+                    if self._prefill is not None:
+                        self._prefill_step()
+                    if self._live:
+                        self._decode_step()
+            except Exception as exc:  # a failed step fails its rows, never the server
+                log.exception("generation failed")
+                for job in self._live + (self._prefill.jobs if self._prefill else []):
+                    if not job.done:
+                        job.done = True
+                        job.send("error", exc)
+                self._live, self._cache, self._prefill = [], None, None
 
+    def _take(self) -> list[Job]:
+        """Waiting jobs to prefill now: none while a prefill runs or the batch is full (or, for a
+        model whose cache cannot be spliced, while any row is live); a job that reports prompt
+        logprobs is prefilled alone (its logits are kept for every position)."""
+        if self._prefill is not None or (self._live and not self._splicable):
+            return []
+        room = self.max_batch - len(self._live)
+        taken: list[Job] = []
+        while self._waiting and len(taken) < room:
+            job = self._waiting[0]
+            if job.cancelled:
+                self._waiting.popleft()
+                continue
+            if taken and (job.echo_logprobs or taken[0].echo_logprobs):
+                break
+            taken.append(self._waiting.popleft())
+        return taken
+
+    def _start_prefill(self, candidates: list[Job]) -> None:
+        jobs = []
+        for job in candidates:
+            try:
+                self._ensure_loaded(job.adapter, keep={j.adapter for j in self._live + jobs + [job]})
+            except Exception as exc:  # a broken set fails its own requests, never the server
+                log.warning("adapter set %r cannot be served: %s", job.adapter, exc)
+                job.done = True
+                job.send("error", exc)
+                continue
+            job.generator = job.sampling.generator(self.device)
+            job.send("ready")
+            jobs.append(job)
+        if not jobs:
+            return
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos))
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, job in enumerate(jobs):
+            ids[row, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
+            mask[row, width - len(job.prompt_ids) :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        self._prefill = _Prefill(jobs, ids, mask, positions, cache=None)
+        self.stats["prefills"] += 1
+        self.stats["requests"] += len(jobs)
+
+    def _prefill_step(self) -> None:
+        prefill = self._prefill
+        assert prefill is not None
+        if all(j.cancelled for j in prefill.jobs):
+            self._prefill = None
+            return
+        rows, width = prefill.ids.shape
+        end = min(width, prefill.done + max(1, self.prefill_chunk // rows))
+        echo = prefill.jobs[0].echo_logprobs
+        logits, prefill.cache = self._forward(
+            prefill.jobs,
+            prefill.ids[:, prefill.done : end],
+            prefill.mask[:, :end],
+            prefill.positions[:, prefill.done : end],
+            prefill.cache,
+            every_position=echo,
+        )
+        if echo:  # one row, no padding: position i predicts token i + 1
+            job = prefill.jobs[0]
+            predicted = logits[0, : min(end, width - 1) - prefill.done]
+            top = job.sampling.logprobs or 0
+            prefill.reported += prompt_logprobs(predicted, job.prompt_ids[prefill.done :], top, prefill.done == 0)
+        prefill.done = end
+        if end < width:
+            return
+        self._prefill = None
+        if echo:
+            prefill.jobs[0].send("prompt", prefill.reported)
+        open_rows = []
+        for row, job in enumerate(prefill.jobs):
+            if job.max_tokens == 0:
+                self._close(job, "length")
+            else:
+                open_rows.append(row)
+        if not open_rows:
+            return
+        jobs = [prefill.jobs[row] for row in open_rows]
+        self._advance(jobs, logits[open_rows, -1])
+        if self._splicable is None:
+            self._splicable = splicable(prefill.cache)
+        joined = RaggedCache(prefill.cache, prefill.mask)
+        if self._splicable:
+            joined.keep(open_rows)
+            if self._cache is None:
+                self._cache = joined
+            else:
+                self._cache.join(joined)
+            self._live += jobs
+            self._drop_finished()
+        else:  # rows stay in place until the whole batch is done (the cache cannot be spliced)
+            self._cache, self._live = joined, list(prefill.jobs)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self._live))
+
+    def _decode_step(self) -> None:
+        self._drop_finished()
+        if not self._live:
+            return
+        assert self._cache is not None
+        pad = next(iter(self.eos))
+        tokens = [[j.next_token if j.next_token is not None else pad] for j in self._live]
+        positions = self._cache.positions()
+        mask = self._cache.grow()
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        logits, _ = self._forward(self._live, ids, mask, positions, self._cache.cache)
+        self.stats["steps"] += 1
+        open_jobs = [j for j in self._live if not j.done and not j.cancelled]
+        rows = [i for i, j in enumerate(self._live) if not j.done and not j.cancelled]
+        self._advance(open_jobs, logits[rows, -1])
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        if not self._live:
+            return
+        keep = [i for i, j in enumerate(self._live) if not (j.done or j.cancelled)]
+        if len(keep) == len(self._live):
+            return
+        if not keep:
+            self._live, self._cache = [], None
+        elif self._splicable:
+            assert self._cache is not None
+            self._cache.keep(keep)
+            self._live = [self._live[i] for i in keep]
+
+    def _forward(self, jobs: list[Job], ids, mask, positions, cache, every_position: bool = False):
+        """One model call over ``jobs``'s rows; returns (logits, the cache it filled)."""
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                  "use_cache": True, self._cache_keyword: cache}  # fmt: skip
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = 0 if every_position else 1
+        if isinstance(self.model, HybridModel):
+            kwargs["adapter_sets"] = [self.loaded.get(j.adapter) if j.adapter else None for j in jobs]
+        output = self.model(**kwargs)
+        return output.logits, returned_cache(output)
+
+    # ---- adapter sets -------------------------------------------------------------------------
     def _ensure_loaded(self, adapter: str | None, keep: set[str | None]) -> None:
         if adapter is None:
             return
         if adapter in self.loaded:
             self.loaded.move_to_end(adapter)
             return
-        directory = self.adapters.resolve(adapter)
+        directory = self.adapters.resolve(adapter)  # UnknownAdapter / BrokenAdapter
         internal = f"set{next(self._ids)}"
-        self.model = add_saved_set(self.model, internal, directory)
+        try:
+            entries = saved_config(directory).methods
+            unroutable = [f"'{e}' ({c.type})" for e, c in entries.items() if not c.supports_routing]
+            if unroutable:
+                raise ValueError(f"entry {', '.join(unroutable)} cannot serve a different set per row in one batch; "
+                                 "merge it into a base model and serve that instead")  # fmt: skip
+            self.model = add_saved_set(self.model, internal, directory)
+        except UnknownAdapter:
+            raise
+        except Exception as exc:
+            reason = self.adapters.mark_broken(adapter, str(exc))
+            raise BrokenAdapter(f"adapter set '{adapter}' cannot be served: {reason}") from None
         self.loaded[adapter] = internal
         log.info("loaded adapter set %r", adapter)
         for name in list(self.loaded):
@@ -152,76 +317,53 @@ class Engine:
                 self.model.delete_set(self.loaded.pop(name))
                 log.info("unloaded adapter set %r (least recently used)", name)
 
-    def _generate(self, requests: list[Request]) -> None:
-        pad = self.tokenizer.pad_token_id
-        width = max(len(r.prompt_ids) for r in requests)
-        ids = torch.full((len(requests), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for i, r in enumerate(requests):  # left padding: every row's next token is at the end
-            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids) :] = 1
-        sampling = requests[0].sampling
-        route = {}
-        if isinstance(self.model, HybridModel):
-            route["adapter_sets"] = [self.loaded.get(r.adapter) if r.adapter else None for r in requests]
-        self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            max_new_tokens=max(r.max_tokens for r in requests),
-            do_sample=not sampling.greedy,
-            **({} if sampling.greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p}),
-            pad_token_id=pad,
-            stopping_criteria=StoppingCriteriaList([_Rows(self, requests)]),
-            **route,
+    # ---- per-row progress ---------------------------------------------------------------------
+    def _advance(self, jobs: list[Job], logits: torch.Tensor) -> None:
+        """Choose each job's next token from its row of ``logits`` and record it."""
+        tokens, reports = next_tokens(
+            logits, [j.sampling for j in jobs], [j.generated for j in jobs], [j.generator for j in jobs]
         )
-        for request in requests:  # rows still open when generate returned ran out of tokens
-            if not request.done:
-                self._close(request, "length")
-
-    # ---- per-row progress (called by generate at every step) ----------------------------------
-    def _step(self, requests: list[Request], new_tokens: torch.Tensor) -> torch.Tensor:
-        for request, token in zip(requests, new_tokens.tolist(), strict=True):
-            if request.done:
-                continue
+        for job, token, report in zip(jobs, tokens, reports, strict=True):
+            job.next_token = token
             if token in self.eos:
-                self._close(request, "stop")
+                self._close(job, "stop")
                 continue
-            request.generated.append(token)
-            request.text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
-            cut = min((request.text.find(s) for s in request.stop if s in request.text), default=-1)
+            job.generated.append(token)
+            if report is not None:
+                job.unsent_logprobs.append(report)
+            job.text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
+            cut = min((job.text.find(s) for s in job.stop if s in job.text), default=-1)
             if cut >= 0:
-                request.text = request.text[:cut]
-                self._close(request, "stop")
-            elif len(request.generated) >= request.max_tokens:
-                self._close(request, "length")
+                self._cut(job, cut)
+                self._close(job, "stop")
+            elif len(job.generated) >= job.max_tokens:
+                self._close(job, "length")
             else:
-                self._flush(request, final=False)
-        return torch.tensor([r.done for r in requests], device=new_tokens.device)
+                self._flush(job, final=False)
 
-    def _flush(self, request: Request, final: bool) -> None:
+    def _cut(self, job: Job, cut: int) -> None:
+        """End the text before a stop string; logprobs of tokens wholly inside it are not sent."""
+        job.text = job.text[:cut]
+        if job.unsent_logprobs:
+            first_unsent = len(job.generated) - len(job.unsent_logprobs)
+            kept = [r for k, r in enumerate(job.unsent_logprobs, start=first_unsent)
+                    if len(self.tokenizer.decode(job.generated[:k], skip_special_tokens=True)) < cut]  # fmt: skip
+            job.unsent_logprobs = kept
+
+    def _flush(self, job: Job, final: bool) -> None:
         """Send the text not sent yet; mid-stream, hold back what may still become a stop string
         or is an incomplete multi-byte character."""
-        end = len(request.text)
+        end = len(job.text)
         if not final:
-            hold = max((len(s) - 1 for s in request.stop), default=0)
-            end = max(request.sent, end - hold)
-            while end > request.sent and request.text[end - 1] == "\ufffd":
+            hold = max((len(s) - 1 for s in job.stop), default=0)
+            end = max(job.sent, end - hold)
+            while end > job.sent and job.text[end - 1] == "\ufffd":
                 end -= 1
-        if end > request.sent:
-            request.emit(request.text[request.sent : end])
-            request.sent = end
+        if end > job.sent or (final and job.unsent_logprobs):
+            job.send("text", job.text[job.sent : end], job.unsent_logprobs)
+            job.sent, job.unsent_logprobs = end, []
 
-    def _close(self, request: Request, reason: str) -> None:
-        self._flush(request, final=True)
-        request.done = True
-        request.finish(reason, len(request.generated))
-
-
-class _Rows(StoppingCriteria):
-    """Feeds each step's new tokens to the engine and stops rows that are finished."""
-
-    def __init__(self, engine: Engine, requests: list[Request]) -> None:
-        self.engine, self.requests = engine, requests
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        return self.engine._step(self.requests, input_ids[:, -1])
+    def _close(self, job: Job, reason: str) -> None:
+        self._flush(job, final=True)
+        job.done = True
+        job.send("end", reason, len(job.generated))

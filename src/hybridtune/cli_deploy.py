@@ -136,14 +136,16 @@ def serve(
         str | None, typer.Option(envvar="HYBRIDTUNE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
     ] = None,
     max_loaded: Annotated[int, typer.Option(help="Adapter sets kept in memory (least recently used unloads).")] = 4,
-    max_batch: Annotated[int, typer.Option(help="Requests generated together in one batch.")] = 8,
+    max_batch: Annotated[int, typer.Option(help="Rows decoded together; more requests wait for a free row.")] = 8,
+    prefill_chunk: Annotated[
+        int, typer.Option(help="Prompt tokens prefilled per step, so long prompts don't stall the others.")
+    ] = 512,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 4096,
     max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1_000_000,
 ) -> None:
     """Serve the base model and every adapter set in a directory over an OpenAI-compatible API."""
-    import uvicorn
-
+    uvicorn = _server_extra("serve")
     from .core.base_models import EMBEDDED_NAME
     from .serving import Limits, build_app
 
@@ -151,7 +153,8 @@ def serve(
     if not adapters_dir.is_dir():
         fail(f"--adapters-dir '{adapters_dir}' is not a directory")
     limits = Limits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_request_bytes=max_request_bytes)
-    api = build_app(base, adapters_dir, api_key=api_key, max_loaded=max_loaded, max_batch=max_batch, limits=limits)
+    api = build_app(base, adapters_dir, api_key=api_key, max_loaded=max_loaded, max_batch=max_batch, limits=limits,
+                    prefill_chunk=prefill_chunk)  # fmt: skip
     typer.echo(f"serving {base} and the adapter sets in {adapters_dir} on http://{host}:{port}/v1")
     uvicorn.run(api, host=host, port=port, log_level="warning")
 
@@ -166,12 +169,22 @@ def ui(
     port: Annotated[int, typer.Option()] = 7860,
 ) -> None:
     """A web page to configure, train, watch, compare, chat with and export runs."""
-    import uvicorn
-
+    uvicorn = _server_extra("ui")
     from .ui import create_app
 
     typer.echo(f"hybridtune ui on http://{host}:{port} (work directory: {workdir.resolve()})")
     uvicorn.run(create_app(workdir), host=host, port=port, log_level="warning")
+
+
+def _server_extra(command: str):
+    """uvicorn, or one line saying how to install the [serve] extra the command needs."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ModuleNotFoundError as exc:
+        fail(f"hybridtune {command} needs the [serve] extra ({exc.name} is not installed): "
+             "pip install 'hybridtune[serve]'")  # fmt: skip
+    return uvicorn
 
 
 COMMANDS = {"merge-sets": merge_sets_command, "merge": merge, "export": export, "serve": serve, "ui": ui}

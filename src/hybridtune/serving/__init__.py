@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .adapters_dir import AdaptersDir, UnknownAdapter
+from .adapters_dir import AdaptersDir, BrokenAdapter, UnknownAdapter
 from .api import Limits, create_app
-from .engine import Engine
+from .engine import Engine, Job
 
-__all__ = ["AdaptersDir", "Engine", "Limits", "UnknownAdapter", "build_app"]
+__all__ = ["AdaptersDir", "BrokenAdapter", "Engine", "Job", "Limits", "UnknownAdapter", "build_app"]
 
 
 def build_app(
@@ -18,6 +18,7 @@ def build_app(
     api_key: str | None = None,
     max_loaded: int = 4,
     max_batch: int = 8,
+    prefill_chunk: int = 512,
     limits: Limits | None = None,
     device: str | None = None,
     base_name: str | None = None,
@@ -30,5 +31,6 @@ def build_app(
 
     model, tokenizer = load_base(base)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    engine = Engine(model, tokenizer, AdaptersDir(adapters_dir), max_loaded=max_loaded, max_batch=max_batch)
+    engine = Engine(model, tokenizer, AdaptersDir(adapters_dir), max_loaded=max_loaded, max_batch=max_batch,
+                    prefill_chunk=prefill_chunk)  # fmt: skip
     return create_app(engine, base_name=base_name or Path(base).name, api_key=api_key, limits=limits)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -58,17 +59,7 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
     vocab = engine.base.get_input_embeddings().num_embeddings
     templates = _Templates()
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                error = APIError(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
-                return error.response()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_request_bytes):
-            return APIError(413, f"request body over {limits.max_request_bytes} bytes").response()
-        return await call_next(request)
+    app.add_middleware(_Guard, api_key=api_key, max_bytes=limits.max_request_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -81,7 +72,7 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "base": base_name, "loaded": list(engine.loaded), **engine.stats}
+        return {"status": "ok", "base": base_name, "loaded": list(engine.loaded), **engine.load()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -312,22 +303,29 @@ def _cancel(engine: Engine, jobs: list[Job]) -> None:
 # ---- errors ------------------------------------------------------------------------------------
 def _invalid(exc: ValidationError) -> APIError:
     """pydantic's complaint as one OpenAI error: the first problem of each parameter, unknown
-    parameters named as OpenAI names them."""
+    parameters named as OpenAI names them. A rule over several parameters says which one it is
+    about first ("top_logprobs: needs logprobs ..."): that is the error's ``param``."""
     seen, problems, first = set(), [], None
     for err in exc.errors():
-        loc = [str(x) for x in err["loc"] if not isinstance(x, int) or x >= 0]
+        loc = [str(x) for x in err["loc"]]
+        message = err["msg"].removeprefix("Value error, ")
+        if not loc and (named := _NAMED.match(message)):
+            loc = [named.group(1)]
+            message = message[named.end() :]
         top = loc[0] if loc else ""
-        if err["type"] == "extra_forbidden" and len(loc) == 1:
-            problem = f"unrecognized request argument supplied: {top}"
-        else:
-            where = ".".join(x for x in loc if not x.startswith(("str", "list[", "function-")))
-            problem = f"{where}: {err['msg'].removeprefix('Value error, ')}" if where else err["msg"]
         if top in seen:
             continue
         seen.add(top)
-        problems.append(problem)
+        if err["type"] == "extra_forbidden" and len(loc) == 1:
+            problems.append(f"unrecognized request argument supplied: {top}")
+        else:
+            where = ".".join(x for x in loc if not x.startswith(("str", "list[", "function-", "int", "dict[")))
+            problems.append(f"{where}: {message}" if where else message)
         first = first or top or None
     return APIError(400, "; ".join(problems), param=first)
+
+
+_NAMED = re.compile(r"([a-z_]+): ")
 
 
 def _unavailable(exc: BrokenAdapter) -> APIError:
@@ -340,6 +338,30 @@ def _failure(exc: Exception) -> APIError:
     if isinstance(exc, UnknownAdapter):
         return APIError(404, str(exc), param="model", code="model_not_found")
     return APIError(500, f"generation failed: {type(exc).__name__}", "server_error")
+
+
+class _Guard:
+    """The API key and the declared body size, checked before any route runs (a plain ASGI
+    middleware: it leaves the route's view of the connection, and its disconnects, untouched)."""
+
+    def __init__(self, app: Any, api_key: str | None, max_bytes: int) -> None:
+        self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            error = None
+            if self.api_key is not None:
+                given = headers.get("authorization", "")
+                if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                    error = APIError(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
+            length = headers.get("content-length")
+            if error is None and length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+                error = APIError(413, f"request body over {self.max_bytes} bytes")
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _Templates:

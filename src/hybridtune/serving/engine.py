@@ -107,6 +107,10 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="hybridtune-engine", daemon=True)
         self._thread.start()
 
+    def load(self) -> dict[str, int]:
+        """What /health reports: counters, and the rows running and waiting now."""
+        return {**self.stats, "live": len(self._live), "waiting": len(self._waiting)}
+
     def submit(self, job: Job) -> None:
         with self._wake:
             self._waiting.append(job)

@@ -85,7 +85,10 @@ def test_no_method_is_named_outside_methods():
     classes = {c.__name__ for c in METHODS.values()}
     classes |= {f"{name.removesuffix('Config')}Branch" for name in classes} | {"LowRankConfig"}
     kinds = "|".join(sorted(METHODS))
-    pattern = re.compile(rf"\b({'|'.join(sorted(classes))})\b|\.type [!=]= [\"']({kinds})[\"']")
+    pattern = re.compile(
+        rf"\b({'|'.join(sorted(classes))})\b|\.type [!=]= [\"']({kinds})[\"']"  # a class, a type comparison,
+        rf"|[\"']type[\"']\]? *[:=] *[\"']({kinds})[\"']|[\"']methods\.({kinds})\."  # an entry built by its type
+    )
     offenders = []
     for name, path in MODULES.items():
         if name.startswith("hybridtune.methods") or name == "hybridtune":

@@ -69,7 +69,8 @@ def test_a_pasted_llamafactory_yaml_trains_with_its_settings_plus_an_adapter(wor
 
     result = CliRunner().invoke(app, ["train", str(path)])
     assert result.exit_code == 0, result.output
-    assert "LLaMA-Factory config: read as: model_name_or_path -> model, lora_rank -> methods.lora.r" in result.output
+    assert "LLaMA-Factory config: read as: model_name_or_path -> model, dataset -> data.dataset" in result.output
+    assert "method entries lora (lora), adapter (adapter) from adapter_after, lora_rank, lora_target" in result.output
     assert "template: 'qwen' -> the tokenizer's own chat template" in result.output
     assert "no effect on what hybridtune computes: dataloader_num_workers, ddp_timeout, do_train, eval_strategy" in (
         result.output

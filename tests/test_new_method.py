@@ -27,6 +27,13 @@ class OutputShiftConfig(MethodConfig):
 
     targets: list[str] = Field(min_length=1)
     init: float = 0.0
+    llamafactory_defaults: ClassVar[dict] = {"output_shift_targets": None}  # its own LLaMA-Factory YAML key
+
+    @classmethod
+    def from_llamafactory(cls, values: dict, given: dict):
+        if not given.get("output_shift_targets"):
+            return None
+        return "shift", {"type": "output_shift", "targets": given["output_shift_targets"].split(",")}
 
     @classmethod
     def example(cls) -> "OutputShiftConfig":
@@ -143,3 +150,15 @@ def test_the_page_builds_a_form_for_the_new_method(registered, project, tiny_lm_
             "type": "output_shift", "targets": ["q_proj", "v_proj"]}  # fmt: skip
         find(By.ID, "method-output_shift-enable").click()
         assert "output_shift" not in browser.execute_script("return buildConfig()")["methods"]
+
+
+def test_a_llamafactory_yaml_can_ask_for_the_new_method(registered, tiny_lm_dir):
+    from hybridtune.training.llamafactory_yaml import convert
+
+    raw = {"stage": "sft", "finetuning_type": "lora", "model_name_or_path": str(tiny_lm_dir), "dataset": "d",
+           "output_shift_targets": "q_proj,v_proj"}  # fmt: skip
+    converted, _, problems = convert(raw)
+    assert problems == []
+    assert converted["methods"]["shift"] == {"type": "output_shift", "targets": ["q_proj", "v_proj"]}
+    assert "lora" in converted["methods"]  # LLaMA-Factory's LoRA stays
+    assert convert({**raw, "output_shift_targets": None})[0]["methods"].keys() == {"lora"}

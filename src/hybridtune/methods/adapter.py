@@ -7,7 +7,7 @@ return tuples (attention blocks return (hidden, weights, ...)) get the adapter o
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -35,6 +35,21 @@ class AdapterConfig(MethodConfig):
     after: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1, json_schema_extra=BLOCKS)
     reduction_factor: float = Field(16.0, gt=0)
     bottleneck_size: int | None = Field(None, ge=1)
+    # hybridtune's extension of a LLaMA-Factory YAML: adapter_after (plus optional sizes) adds an Adapter
+    llamafactory_defaults: ClassVar[dict[str, Any]] = {
+        "adapter_after": None, "adapter_reduction_factor": None, "adapter_bottleneck_size": None,
+    }  # fmt: skip
+
+    @classmethod
+    def from_llamafactory(cls, values: dict[str, Any], given: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        sizes = {k: given[k] for k in cls.llamafactory_defaults if k != "adapter_after" and given.get(k) is not None}
+        if given.get("adapter_after") is None:
+            if sizes:
+                raise ValueError(f"{next(iter(sizes))}: give adapter_after too (where the Adapter goes, e.g. mlp)")
+            return None
+        return "adapter", {"type": "adapter", "after": given["adapter_after"],
+                           **{k.removeprefix("adapter_"): v for k, v in sizes.items()}}  # fmt: skip
+
     activation: str = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     scaling: float = 1.0

@@ -44,6 +44,9 @@ class MethodConfig(StrictModel):
     # below; interop/peft_format.py handles the files and peft's generic keys.
     peft_type: ClassVar[str | None] = None
     peft_tensor_names: ClassVar[tuple[str, ...]] = ()  # the tensors peft saves per module ("lora_A.weight")
+    # The keys of a LLaMA-Factory training YAML this method reads (from_llamafactory), with
+    # LLaMA-Factory's defaults for them; training/llamafactory_yaml.py asks every registered method.
+    llamafactory_defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def example(cls) -> MethodConfig:
@@ -71,6 +74,13 @@ class MethodConfig(StrictModel):
 
     def routing_tasks(self) -> list[str] | None:
         """The task names a row can be routed to by ``task_ids`` (hard mixtures), or None."""
+        return None
+
+    @classmethod
+    def from_llamafactory(cls, values: dict[str, Any], given: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """This method's entry, as (entry name, hybridtune entry mapping), for a LLaMA-Factory YAML
+        that asks for it; None when it doesn't. ``values`` is the YAML over LLaMA-Factory's
+        defaults, ``given`` the YAML as written. A value it cannot honour: ValueError("key: what to do")."""
         return None
 
     # ---- peft's adapter format (methods with a peft_type) ----------------------------------

@@ -97,6 +97,24 @@ class LowRankExchange:
     peft_use_dora: ClassVar[bool] = False  # the value of peft's use_dora this method reads and writes
 
     stack_deltas = staticmethod(stack_deltas)
+    # LLaMA-Factory's finetuning_type: lora (use_dora chooses LoRA or DoRA); lora_alpha None: rank * 2
+    llamafactory_defaults: ClassVar[dict[str, Any]] = {
+        "lora_rank": 8, "lora_alpha": None, "lora_dropout": 0.0, "lora_target": "all", "use_rslora": False,
+        "use_dora": False,
+    }  # fmt: skip
+
+    @classmethod
+    def from_llamafactory(cls, values: dict[str, Any], given: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        if bool(values["use_dora"]) != cls.peft_use_dora:
+            return None
+        target = values["lora_target"]
+        names = [n.strip() for n in target.split(",")] if isinstance(target, str) else list(target)
+        rank = values["lora_rank"]
+        return "lora", {
+            "type": cls.model_fields["type"].default, "r": rank, "alpha": values["lora_alpha"] or 2 * rank,
+            "dropout": values["lora_dropout"], "use_rslora": values["use_rslora"],
+            "targets": "all-linear" if names == ["all"] else names,
+        }  # fmt: skip
 
     @classmethod
     def exact(cls, ranks: dict[str, int], alphas: dict[str, float], **kwargs):

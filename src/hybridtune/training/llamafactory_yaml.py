@@ -3,6 +3,8 @@ equivalent hybridtune run, with LLaMA-Factory's and transformers' Trainer defaul
 is absent, so the same file trains the same way. Every key is mapped, has no effect here (said
 so in the mapping), or is refused once with what to do. ``adapter_after: mlp`` is our one-line
 extension: it adds a bottleneck Adapter next to the LoRA, which LLaMA-Factory cannot train.
+The method entries come from the methods themselves (``MethodConfig.from_llamafactory``, with the
+keys and defaults each reads in ``llamafactory_defaults``); this module knows the rest of the file.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import yaml
 
 MARKERS = ("stage", "finetuning_type", "model_name_or_path")
 
-# LLaMA-Factory's / transformers.TrainingArguments' defaults for what a hybridtune run needs
+# LLaMA-Factory's / transformers.TrainingArguments' defaults for what a hybridtune run needs (the
+# methods' own keys: their llamafactory_defaults)
 _DEFAULTS = {
-    "lora_rank": 8, "lora_dropout": 0.0, "lora_target": "all", "use_rslora": False, "use_dora": False,
     "cutoff_len": 2048, "dataset_dir": "data", "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
     "learning_rate": 5e-5, "num_train_epochs": 3.0, "lr_scheduler_type": "linear", "warmup_ratio": 0.0,
     "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 42, "logging_steps": 500, "save_steps": 500,
@@ -26,8 +28,7 @@ _DEFAULTS = {
 }  # fmt: skip
 # key -> where it goes in the hybridtune YAML
 _DIRECT = {
-    "model_name_or_path": "model", "lora_rank": "methods.lora.r", "lora_dropout": "methods.lora.dropout",
-    "use_rslora": "methods.lora.use_rslora", "dataset": "data.dataset", "eval_dataset": "data.eval_dataset",
+    "model_name_or_path": "model", "dataset": "data.dataset", "eval_dataset": "data.eval_dataset",
     "dataset_dir": "data.dataset_dir", "cutoff_len": "data.max_length", "max_samples": "data.max_samples",
     "packing": "data.packing", "default_system": "data.system",
     "per_device_train_batch_size": "training.batch_size", "gradient_accumulation_steps": "training.grad_accum",
@@ -36,13 +37,12 @@ _DIRECT = {
     "logging_steps": "training.log_every", "save_steps": "training.save_every", "eval_steps": "training.eval_every",
     "save_total_limit": "training.keep_checkpoints", "per_device_eval_batch_size": "eval.batch_size",
     "output_dir": "output", "deepspeed": "deepspeed",
-    "adapter_reduction_factor": "methods.adapter.reduction_factor",
-    "adapter_bottleneck_size": "methods.adapter.bottleneck_size",
 }  # fmt: skip
 # keys convert() reads itself
-_READ = {"lora_alpha", "use_dora", "lora_target", "val_size", "max_steps", "lr_scheduler_type", "bf16", "fp16",
-         "pure_bf16", "quantization_bit", "quantization_type", "double_quantization", "template", "adapter_after",
-         "disable_gradient_checkpointing", "neat_packing"}  # fmt: skip
+_READ = {
+    "val_size", "max_steps", "lr_scheduler_type", "bf16", "fp16", "pure_bf16", "quantization_bit", "quantization_type",
+    "double_quantization", "template", "disable_gradient_checkpointing", "neat_packing",
+}  # fmt: skip
 # keys that change nothing a hybridtune run computes, at any value
 _NO_EFFECT = {
     "trust_remote_code", "overwrite_cache", "preprocessing_num_workers", "preprocessing_batch_size",
@@ -101,15 +101,39 @@ def _targets(value: Any) -> str | list[str]:
     return "all-linear" if names == ["all"] else names
 
 
+def _method_keys() -> dict[str, Any]:
+    """Every registered method's LLaMA-Factory keys with their defaults."""
+    from ..methods import METHODS
+
+    return {k: v for cls in METHODS.values() for k, v in cls.llamafactory_defaults.items()}
+
+
+def _methods(values: dict[str, Any], given: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The method entries the YAML asks for, each built by its method."""
+    from ..methods import METHODS
+
+    methods: dict[str, Any] = {}
+    for cls in METHODS.values():
+        try:
+            found = cls.from_llamafactory(values, given)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if found is not None:
+            methods[found[0]] = found[1]
+    return methods
+
+
 def convert(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
     """(hybridtune YAML mapping, the mapping lines to show, problems each with what to do)."""
     given = dict(raw)
-    values = {**_DEFAULTS, **given}
+    method_keys = _method_keys()
+    values = {**_DEFAULTS, **method_keys, **given}
     out: dict[str, Any] = {}
     shown: list[str] = []
     problems: list[str] = []
     for key, value in given.items():
-        if key in _DIRECT or key in _READ or key in _NO_EFFECT:
+        if key in _DIRECT or key in _READ or key in _NO_EFFECT or key in method_keys:
             continue
         if key in _ONLY:
             if value not in _ONLY[key]:
@@ -118,18 +142,8 @@ def convert(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
         problems.append(f"{key}: a LLaMA-Factory key with no equivalent in hybridtune; remove it")
     for key, path in _DIRECT.items():
         if values.get(key) is not None:
-            if key.startswith("adapter_") and "adapter_after" not in given:
-                problems.append(f"{key}: give adapter_after too (where the Adapter goes, e.g. mlp)")
-                continue
             _put(out, path, values[key])
-    lora = out.setdefault("methods", {}).setdefault("lora", {})
-    lora["type"] = "dora" if values["use_dora"] else "lora"
-    lora["alpha"] = values.get("lora_alpha") or 2 * values["lora_rank"]  # LLaMA-Factory: lora_rank * 2
-    lora["targets"] = _targets(values["lora_target"])
-    if "adapter_after" in given:
-        _put(out, "methods.adapter.type", "adapter")
-        _put(out, "methods.adapter.after", given["adapter_after"])
-    out["methods"] = {"lora": out["methods"].pop("lora"), **out["methods"]}
+    out["methods"] = _methods(values, given, problems)
     if values.get("neat_packing"):  # packing without cross-attention: what data.packing does
         _put(out, "data.packing", True)
     elif given.get("packing"):
@@ -161,11 +175,16 @@ def convert(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
     if "template" in given:
         shown.append(f"template: {given['template']!r} -> the tokenizer's own chat template (LLaMA-Factory's named "
                      "templates are its code; set data.system if you relied on its default system prompt)")  # fmt: skip
-    for key in sorted(set(_DEFAULTS) - set(given)):
-        if key in _DIRECT or key in ("lora_target", "lr_scheduler_type", "disable_gradient_checkpointing"):
-            shown.append(f"{key} not given: LLaMA-Factory's default {_DEFAULTS[key]!r}")
+    defaults = {**_DEFAULTS, **method_keys}
+    for key in sorted(set(defaults) - set(given)):
+        if defaults[key] is not None and (key in _DIRECT or key in method_keys or key in (
+                "lr_scheduler_type", "disable_gradient_checkpointing")):  # fmt: skip
+            shown.append(f"{key} not given: LLaMA-Factory's default {defaults[key]!r}")
     mapped = [f"{k} -> {_DIRECT[k]}" for k in given if k in _DIRECT]
-    shown.insert(0, f"read as: {', '.join(mapped)}; the LoRA entry from lora_rank/lora_alpha/lora_target/use_dora")
+    entries = [f"{name} ({entry['type']})" for name, entry in out["methods"].items()]
+    used = sorted(k for k in given if k in method_keys)
+    shown.insert(0, f"read as: {', '.join(mapped)}; method entries {', '.join(entries)} from "
+                    f"{', '.join(used) or 'LLaMA-Factory defaults'}")  # fmt: skip
     ignored = sorted(k for k in given if k in _NO_EFFECT or (k in _ONLY and given[k] in _ONLY[k]))
     if ignored:
         shown.append(f"no effect on what hybridtune computes: {', '.join(ignored)}")

@@ -102,7 +102,7 @@ def measure(url: str, names: list[str], clients: int, seconds: float, tokens: in
         "p50": statistics.median(latencies) if latencies else float("nan"),
         "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
         "largest_batch": health["largest_batch"],
-        "mean_batch": health["requests"] / max(health["batches"], 1),
+        "mean_batch": health["row_steps"] / max(health["steps"], 1),  # rows per decoding step
     }
 
 

@@ -44,7 +44,7 @@ def data_dir(tmp_path):
         {"instruction": "classify", "input": "good film", "output": "positive", "id": 7},
     ]))  # fmt: skip
     (d / "identity.json").write_text(json.dumps([
-        {"q": "who are you?", "a": "a bot", "sys": "be brief", "hist": [["hi", "hello"]]},
+        {"q": "who are you?", "a": "a bot", "sys": "be brief", "hist": [["hi", "hello"]], "fns": json.dumps([TOOL])},
     ] * 3))  # fmt: skip
     (d / "glaive.json").write_text(json.dumps([GLAIVE] * 2))
     (d / "chat.jsonl").write_text(json.dumps({"messages": [
@@ -61,7 +61,7 @@ def data_dir(tmp_path):
     info = {
         "alpaca_demo": {"file_name": "alpaca.json"},
         "identity": {"file_name": "identity.json",
-                     "columns": {"prompt": "q", "response": "a", "system": "sys", "history": "hist"}},
+                     "columns": {"prompt": "q", "response": "a", "system": "sys", "history": "hist", "tools": "fns"}},
         "glaive_toolcall": {"file_name": "glaive.json", "formatting": "sharegpt",
                             "columns": {"messages": "conversations", "tools": "tools"}},
         "openai_chat": {"file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"},
@@ -84,6 +84,7 @@ def test_dataset_info_reads_every_format_and_mapping(data_dir):
                                                                                    "content": "positive"}]  # fmt: skip
     assert [m["role"] for m in identity.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert identity.messages[1:3] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert identity.tools == [TOOL]  # an alpaca tools column, as LLaMA-Factory reads it
     assert [m["role"] for m in glaive.messages] == ["user", "assistant", "tool", "assistant"]
     assert glaive.messages[1]["tool_calls"] == [{"type": "function", "function": CALL}]
     assert glaive.tools == [TOOL]

@@ -32,7 +32,8 @@ def with_data(path, **data):
 
 def test_a_template_file_trains_and_travels_with_the_adapters(project, tiny_lm_dir):
     (project / "mine.jinja").write_text(MINE)
-    config = load_run_config(with_data(write_config(project, tiny_lm_dir, max_steps=2), template="mine.jinja"))
+    config = load_run_config(with_data(write_config(project, tiny_lm_dir, max_steps=3, save_every=2),
+                                       template="mine.jinja"))  # fmt: skip
     tokenizer = make_tokenizer()
     data = prepare_data(config, tokenizer)
     assert tokenizer.chat_template == MINE
@@ -40,6 +41,12 @@ def test_a_template_file_trains_and_travels_with_the_adapters(project, tiny_lm_d
 
     result = train(config, log=quiet)
     assert (result.adapters_dir / TEMPLATE_FILE).read_text() == MINE
+    checkpoints = sorted((result.run_dir / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-0000002", "step-0000003"]
+    for checkpoint in checkpoints:  # mid-stage and final checkpoints carry it too
+        assert (checkpoint / "adapters" / TEMPLATE_FILE).read_text() == MINE
+    weights = [d / "hybridtune_model.safetensors" for d in (checkpoints[-1] / "adapters", result.adapters_dir)]
+    assert weights[0].stat().st_ino == weights[1].stat().st_ino  # the final adapters are stored once
     _, loaded = load_trained(result.adapters_dir)  # generate, eval, export: prompts as in training
     messages = [{"role": "user", "content": "hi"}]
     assert render_prompt(loaded, messages) == "[USER] hi<|im_end|>[ASSISTANT] "

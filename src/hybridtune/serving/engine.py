@@ -90,7 +90,7 @@ class Engine:
         self.model: torch.nn.Module = base  # becomes a HybridModel when the first set loads
         self.max_loaded, self.max_batch, self.prefill_chunk = max(1, max_loaded), max(1, max_batch), prefill_chunk
         self.loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> internal set name, LRU order
-        self.stats = {"steps": 0, "prefills": 0, "requests": 0, "largest_batch": 0}
+        self.stats = {"steps": 0, "row_steps": 0, "prefills": 0, "requests": 0, "largest_batch": 0}
         self._ids = itertools.count()
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
@@ -262,6 +262,7 @@ class Engine:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         logits, _ = self._forward(self._live, ids, mask, positions, self._cache.cache)
         self.stats["steps"] += 1
+        self.stats["row_steps"] += len(self._live)
         open_jobs = [j for j in self._live if not j.done and not j.cancelled]
         rows = [i for i, j in enumerate(self._live) if not j.done and not j.cancelled]
         self._advance(open_jobs, logits[rows, -1])

@@ -48,20 +48,30 @@ def save_checkpoint(
     engine_dir: Path | None = None,
     scaler: dict | None = None,
     stage_name: str | None = None,
+    saved_adapters: Path | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """One resumable checkpoint (atomic: a staging directory renamed into place). ``adapters`` is
     ``adapter_state(model)``; ``optimizer``/``scheduler`` are state dicts, None at a stage's end.
     ``engine_dir``: what a distribution engine wrote itself (DeepSpeed: each process its part of
     the optimizer), moved in as ``engine/``. ``scaler``: fp16's GradScaler state (its scale took
     many steps to find; a resume from a fresh one would skip steps the first run did not).
-    ``stage_name``: the stage that trained this step, in the name when the run has several."""
+    ``stage_name``: the stage that trained this step, in the name when the run has several.
+    ``saved_adapters``: a directory holding exactly these adapters already (a finished stage's),
+    hard-linked instead of written again, so the run stores them once. ``extra_files``: files
+    saved next to the adapters (the chat template they were trained with)."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(position.global_step, stage_name)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
     normal_mode(staging, directory=True)
     try:
-        save_adapters(model, staging / "adapters", adapters)
+        if saved_adapters is not None:
+            link_files(saved_adapters, staging / "adapters")
+        else:
+            save_adapters(model, staging / "adapters", adapters)
+            for name, data in (extra_files or {}).items():
+                (staging / "adapters" / name).write_bytes(data)
         if optimizer is not None:  # absent when an engine saved its own (engine_dir)
             torch.save(optimizer, staging / "optimizer.pt")
         if scheduler is not None:
@@ -83,6 +93,17 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def link_files(source: Path, target: Path) -> None:
+    """``target`` made a directory holding ``source``'s files, hard-linked (copied where the file
+    system has no links): the same bytes stored once."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        try:
+            os.link(path, target / path.name)
+        except OSError:
+            shutil.copy2(path, target / path.name)
 
 
 def checkpoint_name(global_step: int, stage_name: str | None = None) -> str:

@@ -255,7 +255,7 @@ class Run(RunCheckpoints, RunEvaluation):
                     position = position if final else Position(index + 1, 0, 0, 0, step)
                 stop = self._broadcast((self.run_dir / STOP_FILE).exists()) and not done
                 if (t.save_every and step % t.save_every == 0) or done or stop:
-                    self._save(position, model, None if done and not final else optimizer, scheduler, stage.name)
+                    self._save(position, model, None if done and not final else optimizer, scheduler, stage.name, done)
                 if stop:
                     self.tracker.log({"kind": "stopped", "stage": stage.name, "step": step})
                     if self.main:  # the request is served: running again resumes

@@ -144,16 +144,15 @@ def to_example(record: Any, fmt: RecordFormat, where: str, unused: set[str]) -> 
     if system is not None and not isinstance(system, str):
         raise DataError(f"{where}: '{c.system}' must be a string")
     if layout == "alpaca":
-        read = {c.prompt, c.query, c.response, c.history, c.system}
+        read = {c.prompt, c.query, c.response, c.history, c.system, c.tools}
         messages = _alpaca(record, c, where)
-        tools = None
     else:
         key = c.messages
         if key not in record and fmt.tags is None:  # either common naming, unless a dataset names its column
             key = next((k for k in ("conversations", "messages") if k in record), key)
         read = {key, c.system, c.tools}
         messages = _sharegpt(record.get(key), fmt.tags, where, key)
-        tools = _tools(record.get(c.tools) if c.tools else None, where, c.tools)
+    tools = _tools(record.get(c.tools) if c.tools else None, where, c.tools)
     if system and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
     unused.update(k for k in record if k not in read and k != "task")

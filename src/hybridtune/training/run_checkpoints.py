@@ -3,7 +3,6 @@ gathered optimizer state, DeepSpeed's own engine checkpoint): a mixin of the rec
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from .checkpoints import (
     ENGINE_DIR,
     ENGINE_STAGING_PREFIX,
     Position,
+    link_files,
     load_optimizer_state,
     load_scheduler_state,
     save_checkpoint,
@@ -48,13 +48,19 @@ class RunCheckpoints:
             state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         return state
 
+    def _template_files(self) -> dict[str, bytes]:
+        """Files saved next to adapters: the chat template of data.template, so generate / eval /
+        serve render prompts as training did ("" for plain text); none with the tokenizer's own."""
+        if self.config.data.template is None:
+            return {}
+        return {TEMPLATE_FILE: (self.tokenizer.chat_template or "").encode()}
+
     def _save_adapters(self, directory: Path) -> None:
         state = self._adapter_state(self.model)
         if self.main:
             self.model.save_adapters(directory, state)
-            if self.config.data.template is not None:  # generate/serve render prompts as training did
-                text = self.tokenizer.chat_template or ""  # empty: plain text, no template
-                adapter_io.atomic_write(directory / TEMPLATE_FILE, text.encode())
+            for name, data in self._template_files().items():
+                adapter_io.atomic_write(directory / name, data)
 
     def _publish(self, stage_dir: Path, directory: Path) -> None:
         """The run's final adapters: the last stage's files (nothing trains after it), hard-linked
@@ -63,21 +69,18 @@ class RunCheckpoints:
             return
         staging, old = directory.with_name(f"{directory.name}.partial"), directory.with_name(f"{directory.name}.old")
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for path in stage_dir.iterdir():
-            try:
-                os.link(path, staging / path.name)
-            except OSError:
-                shutil.copy2(path, staging / path.name)
+        link_files(stage_dir, staging)
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
             directory.rename(old)
         staging.rename(directory)
         shutil.rmtree(old, ignore_errors=True)
 
-    def _save(self, position: Position, prepared: Any, optimizer: Any, scheduler: Any, stage_name: str) -> None:
+    def _save(self, position: Position, prepared: Any, optimizer: Any, scheduler: Any, stage_name: str,
+              stage_done: bool = False) -> None:  # fmt: skip
         """``prepared``: the model as accelerate prepared it (under DeepSpeed, its engine);
-        ``stage_name``: the stage that trained this step (in the checkpoint's name with several)."""
+        ``stage_name``: the stage that trained this step (in the checkpoint's name with several);
+        ``stage_done``: the stage just saved its adapters (stages/<name>), which the checkpoint links."""
         acc = self.accelerator
         acc.wait_for_everyone()
         model = self._unwrap(self.model)
@@ -107,6 +110,8 @@ class RunCheckpoints:
                 engine_dir=engine_dir,
                 scaler=None if acc.scaler is None else acc.scaler.state_dict(),
                 stage_name=stage_name if len(self.config.stage_list()) > 1 else None,
+                saved_adapters=self.run_dir / "stages" / stage_name if stage_done else None,
+                extra_files=self._template_files(),
             )
         acc.wait_for_everyone()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -316,8 +317,17 @@ for _name, _command in cli_deploy.COMMANDS.items():
 def main(argv: list[str] | None = None) -> int:
     """The console entry point: expected errors (every HybridTuneError: a bad path, not an adapter
     directory, a bad config...) are one line and exit code 2; a traceback only with --debug."""
-    from .core.errors import HybridTuneError
+    from .core.errors import HybridTuneError, HybridTuneWarning
 
+    shown = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):  # our warnings: one plain line
+        if issubclass(category, HybridTuneWarning):
+            typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
     try:
         app(args=argv if argv is not None else sys.argv[1:], prog_name="hybridtune")
     except SystemExit as exc:
@@ -327,4 +337,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         return 2
+    finally:
+        warnings.showwarning = shown
     return 0

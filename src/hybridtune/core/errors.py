@@ -19,3 +19,11 @@ class CheckpointError(HybridTuneError, ValueError):
 
 class MergeError(HybridTuneError, RuntimeError):
     """A merge/unmerge was asked for that would give a wrong or lossy model."""
+
+
+class HybridTuneWarning(UserWarning):
+    """Something worth knowing that is not an error (the CLI prints these as one ``warning:`` line)."""
+
+
+class TargetWarning(HybridTuneWarning):
+    """A target pattern left out weights a user may think it covers (``all-linear`` on an MoE model)."""

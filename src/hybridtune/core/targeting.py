@@ -5,19 +5,22 @@ A pattern is either
   or ends with ``.`` + it — the same rule as peft's list form;
 - a regular expression (anything containing one of ``*+?[](){}|^$\\``): must match the whole
   module name (``re.fullmatch``);
-- ``"all-linear"``: every linear layer except the output head.
+- ``"all-linear"``: every linear layer except the output head. Weights that are not linear layers
+  (the fused 3-D expert tensors and the routers of mixture-of-experts models) are not adapted, and
+  a TargetWarning says which and how much of the model they hold.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import TargetError
+from .errors import TargetError, TargetWarning
 from .partitioned import full_shape
 
 BRANCH_ATTR = "hybridtune"
@@ -98,6 +101,7 @@ def select_modules(
             hits = [(n, m) for n, m in modules if is_linear(m) and m is not head and accept(m)]
             if not hits:
                 raise TargetError(f"entry '{entry}': '{ALL_LINEAR}' found no linear layer in this model")
+            _warn_unadapted(model, entry, modules, head)
         else:
             selected = [(n, m) for n, m in modules if matches(pattern, n)]
             hits = [(n, m) for n, m in selected if accept(m)]
@@ -112,6 +116,30 @@ def select_modules(
     return sorted(chosen.items(), key=lambda item: order[item[0]])
 
 
+def _warn_unadapted(model: nn.Module, entry: str, modules: list[tuple[str, nn.Module]], head: nn.Module | None) -> None:
+    """Warn when ``all-linear`` leaves out matrices that are not linear layers (MoE experts kept as
+    3-D tensors, routers holding a bare weight): never skip most of a model silently."""
+    skipped: dict[str, int] = {}
+    for name, module in modules:
+        if is_linear(module) or module is head or isinstance(module, nn.Embedding):
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2:
+                pattern = re.sub(r"\.\d+\.", ".*.", f"{name}.{pname}")
+                skipped[pattern] = skipped.get(pattern, 0) + param.numel()
+    if not skipped:
+        return
+    total = sum(p.numel() for p in model.parameters())
+    share = 100 * sum(skipped.values()) / max(total, 1)
+    warnings.warn(
+        f"entry '{entry}': '{ALL_LINEAR}' adapts linear layers only; it leaves out {', '.join(sorted(skipped))} "
+        f"({share:.0f}% of the model's weights: fused expert tensors and routers are not linear layers, and "
+        "hybridtune cannot adapt them yet)",
+        TargetWarning,
+        stacklevel=2,
+    )
+
+
 def _no_match_message(
     entry: str,
     pattern: str,
@@ -122,9 +150,13 @@ def _no_match_message(
     if selected:
         name, module = selected[0]
         more = f" and {len(selected) - 1} more" if len(selected) > 1 else ""
+        fused = [p for p, t in module.named_parameters(recurse=False) if t.dim() >= 3]
+        why = (f" ({', '.join(fused)} are fused 3-D expert tensors, not linear layers; hybridtune cannot adapt "
+               "them yet: target the attention projections, shared-expert linears, or `after: mlp` Adapters)"
+               if fused else "")  # fmt: skip
         return (
             f"entry '{entry}': pattern '{pattern}' matched {name} ({type(module).__name__}){more}, "
-            f"but this method needs {accepted_what}"
+            f"but this method needs {accepted_what}{why}"
         )
     if pattern.lower() in ("all", "all_linear", "linear"):  # LLaMA-Factory's lora_target: all
         return f"entry '{entry}': pattern '{pattern}' matched no module of the model; did you mean '{ALL_LINEAR}'?"

@@ -94,13 +94,15 @@ class AdapterConfig(MethodConfig):
 
 
 def output_features(module: nn.Module, model: nn.Module, name: str) -> int:
-    """Width of a sub-module's output: its own, or its last linear layer's, or the model's hidden size."""
+    """Width of a sub-module's output: its own (a linear layer); for a block, the model's hidden
+    size when one of its linear layers produces it (a block's last linear may be a side branch,
+    such as an MoE block's shared-expert gate of width 1), else its last linear layer's."""
     if is_linear(module):
         return linear_features(module)[1]
-    linears = [m for _, m in named_base_modules(module) if is_linear(m)]
-    if linears:
-        return linear_features(linears[-1])[1]
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    widths = [linear_features(m)[1] for _, m in named_base_modules(module) if is_linear(m)]
+    if widths and hidden not in widths:
+        return widths[-1]
     if hidden is None:
         raise ValueError(f"cannot tell the output width of '{name}' ({type(module).__name__}) for an adapter")
     return int(hidden)

@@ -192,7 +192,7 @@ def test_api_key_is_checked_on_every_request(server):
         (b"{not json", 400, "not valid JSON"),
         (json.dumps({"model": "alpha", "messages": QUESTION, "max_tokens": -1}), 400, "max_tokens"),
         (json.dumps({"model": "alpha", "messages": QUESTION, "max_tokens": 100}), 400, "server's limit of 32"),
-        (json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "sky " * 300}]}), 400, "limit is 200"),
+        (json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "sky " * 300}]}), 400, "at most 200"),
         (json.dumps({"model": "alpha", "messages": QUESTION, "n": 9}), 400, "n"),
         (json.dumps({"model": "alpha"}), 400, "messages"),
         (json.dumps({"model": "alpha", "messages": QUESTION, "x": "y" * 1_100_000}), 413, "over 1000000 bytes"),

@@ -86,6 +86,9 @@ def post(url, path, body, timeout=60):
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "does not parse tool calls"),
         ({"frobnicate": 1}, "frobnicate", "unrecognized request argument supplied: frobnicate"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        ({"seed": 2**70}, "seed", "less than or equal to"),
+        ({"logit_bias": {"\u00b2": 1}}, "logit_bias", "keys are token ids"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "at most 300"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages",
          "part type 'image_url'"),
@@ -101,7 +104,8 @@ def test_parameters_out_of_range_or_unsupported_are_refused_by_name(url, body, p
 
 def test_completions_refuse_what_they_do_not_implement(url):
     cases = [({"suffix": "x"}, "suffix"), ({"best_of": 2}, "best_of"), ({"max_tokens": 0}, "only useful with echo"),
-             ({"prompt": [[1, 2], [99999]]}, "vocabulary")]  # fmt: skip
+             ({"prompt": [[1, 2], [99999]]}, "vocabulary"), ({"prompt": ["a"] * 9, "n": 8}, "per request"),
+             ({"prompt": "x " * 300}, "model context 256")]  # fmt: skip
     for body, message in cases:
         response = post(url, "/v1/completions", {"model": "alpha", "prompt": "hello", **body})
         assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
@@ -156,6 +160,21 @@ def test_completions_echo_scores_a_token_prompt_as_lm_eval_asks(url, tiny_lm_dir
     assert logprobs["token_logprobs"][-1] == pytest.approx(max(last.values()))
     scored = post(url, "/v1/completions", {**body, "max_tokens": 0}).json()["choices"][0]["logprobs"]
     assert scored["token_logprobs"] == logprobs["token_logprobs"][:-1]  # the prompt scored alone: the same
+
+
+def test_streamed_echo_starts_with_the_prompt(client):
+    whole = client.completions.create(model="alpha", prompt="the sky is", max_tokens=4, temperature=0, echo=True)
+    chunks = client.completions.create(model="alpha", prompt="the sky is", max_tokens=4, temperature=0, echo=True,
+                                       stream=True)  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert whole.choices[0].text.startswith("the sky is")
+
+
+def test_a_tiny_temperature_and_top_p_zero_are_greedy(client):
+    greedy = client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=5, temperature=0)
+    for options in ({"temperature": 1e-39}, {"temperature": 1.0, "top_p": 0}):
+        reply = client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=5, **options)
+        assert reply.choices[0].message.content == greedy.choices[0].message.content, options
 
 
 def test_several_prompts_and_choices_in_one_request(client):
@@ -245,15 +264,23 @@ def test_clients_that_hang_up_are_dropped_at_the_next_step(url, client, eos):
                 if count == 5:
                     return
 
+    wait_for(lambda: httpx.get(f"{url}/health").json()["live"] == 0, timeout=30, every=0.02)
+    steps = httpx.get(f"{url}/health").json()["row_steps"]
     threads = [threading.Thread(target=hang_up) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wait_for(lambda: httpx.get(f"{url}/health").json()["live"] == 0, timeout=5, every=0.02)
+    time.sleep(0.5)
+    run = httpx.get(f"{url}/health").json()["row_steps"] - steps
+    assert run < 4 * 220 / 4, f"{run} row-steps: the hung-up rows were not dropped"
+    steps = httpx.get(f"{url}/health").json()["row_steps"]
     with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
-        post(url, "/v1/chat/completions", body, timeout=0.1)
-    wait_for(lambda: httpx.get(f"{url}/health").json()["live"] == 0, timeout=5, every=0.02)
+        post(url, "/v1/chat/completions", body, timeout=0.5)
+    wait_for(lambda: httpx.get(f"{url}/health").json()["live"] == 0, timeout=30, every=0.02)
+    run = httpx.get(f"{url}/health").json()["row_steps"] - steps
+    assert run < 220 / 2, f"{run} row-steps: the row of the client that gave up was not dropped"
     start = time.monotonic()
     client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=4, temperature=0)
     assert time.monotonic() - start < 2

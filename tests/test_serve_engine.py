@@ -293,17 +293,58 @@ def test_models_whose_cache_cannot_be_spliced_still_batch_correctly(sets_dir, ti
         server.close()
 
 
-def test_stop_strings_cut_the_text_and_its_logprobs(engine, tiny_lm_dir):
+def test_stop_strings_cut_the_text_and_its_logprobs(engine):
     free, events = job(None, prompt_of(30, 5), 12, Sampling(temperature=0, logprobs=0))
     engine.submit(free)
     text = "".join(delta for delta, _ in events.wait().of("text"))
-    stop = text[len(text) // 2 : len(text) // 2 + 2]
-    assert stop.strip(), text
-    cut, events = job(None, prompt_of(30, 5), 12, Sampling(temperature=0, logprobs=0))
-    cut.stop = [stop]
-    engine.submit(cut)
-    sent = events.wait().of("text")
-    assert "".join(d for d, _ in sent) == text[: text.find(stop)]
-    assert events.of("end")[0][0] == "stop"
-    shown = sum(len(items) for _, items in sent)
-    assert shown <= len(cut.generated)
+    for stop in (text[len(text) // 2 : len(text) // 2 + 2], text[-3:-1]):
+        assert stop.strip(), text
+        cut, events = job(None, prompt_of(30, 5), 12, Sampling(temperature=0, logprobs=0))
+        cut.stop = [stop]
+        engine.submit(cut)
+        sent = events.wait().of("text")
+        shown = "".join(d for d, _ in sent)
+        assert shown == text[: text.find(stop)]
+        assert events.of("end")[0][0] == "stop"
+        reported = [r.token for _, items in sent for r in items]
+        assert reported == cut.generated[: len(reported)]  # in order, none skipped
+        decoded = engine.tokenizer.decode(reported, skip_special_tokens=True)
+        assert decoded.startswith(shown)  # every shown character has its token's logprob
+        assert len(engine.tokenizer.decode(reported[:-1], skip_special_tokens=True)) < len(shown) or not shown
+
+
+def test_a_failed_step_fails_the_rows_it_touched_and_the_engine_keeps_serving(engine, solo, monkeypatch):
+    running, running_events = job("alpha", prompt_of(40, 4), 200)
+    engine.submit(running)
+    wait_for(lambda: len(running.generated) >= 2, timeout=60, every=0.001)
+    forward = engine._forward
+    calls = []
+
+    def broken(*args, **kwargs):
+        if not calls and args[1].shape[1] > 1:  # the newcomer's prefill, in a step that also decodes the other
+            calls.append(1)
+            raise RuntimeError("out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_forward", broken)
+    newcomer, newcomer_events = job("hybrid", prompt_of(41, 6), 4)
+    engine.submit(newcomer)
+    for events in (running_events, newcomer_events):
+        (error,) = events.wait().of("error")
+        assert "simulated" in str(error[0])
+    after, events = job("alpha", prompt_of(42, 5), 4)
+    engine.submit(after)
+    assert events.wait().of("end") == [("length", 4)]
+    assert after.generated == solo("alpha", after.prompt_ids, 4)
+
+
+def test_an_extreme_seed_or_a_tiny_temperature_is_served(engine, solo):
+    prompt = prompt_of(43, 5)
+    tiny, events = job("alpha", prompt, 4, Sampling(temperature=1e-39))
+    engine.submit(tiny)
+    events.wait()
+    assert tiny.generated == solo("alpha", prompt, 4)  # treated as greedy, as vLLM does
+    for seed in (2**63 - 1, -(2**63)):
+        seeded, events = job("alpha", prompt, 4, Sampling(temperature=1.0, seed=seed))
+        engine.submit(seeded)
+        assert events.wait().of("end") == [("length", 4)]

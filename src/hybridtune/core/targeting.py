@@ -133,8 +133,8 @@ def _warn_unadapted(model: nn.Module, entry: str, modules: list[tuple[str, nn.Mo
     share = 100 * sum(skipped.values()) / max(total, 1)
     warnings.warn(
         f"entry '{entry}': '{ALL_LINEAR}' adapts linear layers only; it leaves out {', '.join(sorted(skipped))} "
-        f"({share:.0f}% of the model's weights: fused expert tensors and routers are not linear layers, and "
-        "hybridtune cannot adapt them yet)",
+        f"({share:.0f}% of the model's weights; they are not linear layers, such as the fused expert tensors and "
+        "routers of mixture-of-experts models, and hybridtune cannot adapt them yet)",
         TargetWarning,
         stacklevel=2,
     )

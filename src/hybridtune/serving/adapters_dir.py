@@ -2,10 +2,12 @@
 
 A name is one path component of plain characters; it resolves to ``DIR/name`` only if that
 directory, its config and its weights all resolve (symlinks followed) inside ``DIR``. Only the
-JSON config and the safetensors weights of a set are ever read.
+JSON config and the safetensors weights of a set are ever read (and its chat template, below).
 
 A set that failed to load is remembered as broken, with the reason, until one of its files
 changes: it is not listed and not loaded again, and requests for it get the reason at once.
+Besides those two files, a set's saved chat template (``chat_template.jinja``) is read, under the
+same rule.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 from pathlib import Path
 
 from ..core.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from ..training.data import TEMPLATE_FILE
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PATH = re.compile(r"(?<![\w.])/[^\s'\"]+")  # an absolute path in an error message
@@ -33,6 +36,7 @@ class AdaptersDir:
         if not self.root.is_dir():
             raise NotADirectoryError(f"--adapters-dir '{root}' is not a directory")
         self._broken: dict[str, tuple[tuple, str]] = {}  # name -> (files' signature, reason)
+        self._templates: dict[str, tuple[tuple, str | None]] = {}  # name -> (signature, saved chat template)
 
     def mark_broken(self, name: str, reason: str) -> str:
         """Remember that set ``name`` failed to load; returns the reason as clients see it (the
@@ -49,7 +53,7 @@ class AdaptersDir:
             return
         if known[0] == _signature(self.root / name):
             raise BrokenAdapter(f"adapter set '{name}' cannot be served: {known[1]}")
-        del self._broken[name]  # its files changed: try again
+        self._broken.pop(name, None)  # its files changed: try again
 
     def _inside(self, path: Path) -> bool:
         try:
@@ -69,6 +73,19 @@ class AdaptersDir:
             raise UnknownAdapter(f"no adapter set '{name}' in the adapters directory")
         self._check_broken(name)
         return directory.resolve()
+
+    def template(self, name: str) -> str | None:
+        """The chat template set ``name`` was trained with (its saved data.template; "" for plain
+        text), or None: the tokenizer's own. Read once per change of the set's files, and only
+        from inside the directory."""
+        directory = self.resolve(name)
+        signature = _signature(directory)
+        known = self._templates.get(name)
+        if known is None or known[0] != signature:
+            path = directory / TEMPLATE_FILE
+            text = path.read_text(encoding="utf-8") if path.is_file() and self._inside(path) else None
+            known = self._templates[name] = (signature, text)
+        return known[1]
 
     def names(self) -> list[str]:
         """Every set directly inside the directory, sorted."""

@@ -57,7 +57,6 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
     limits = limits or Limits()
     app = FastAPI(title="hybridtune", docs_url=None, redoc_url=None)
     vocab = engine.base.get_input_embeddings().num_embeddings
-    templates = _Templates()
 
     app.add_middleware(_Guard, api_key=api_key, max_bytes=limits.max_request_bytes)
 
@@ -71,8 +70,11 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
         return APIError(500, f"internal error ({type(exc).__name__})", "server_error").response()
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "base": base_name, "loaded": list(engine.loaded), **engine.load()}
+    async def health() -> JSONResponse:
+        alive = engine.alive()
+        body = {"status": "ok" if alive else "engine stopped", "base": base_name, "loaded": list(engine.loaded),
+                **engine.load()}  # fmt: skip
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -111,27 +113,31 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
         return model
 
     def budget(params: _Params, prompts: list[list[int]], default: int) -> int:
-        asked = getattr(params, "max_completion_tokens", None) or params.max_tokens
+        by_new_name = getattr(params, "max_completion_tokens", None) is not None
+        asked = params.max_completion_tokens if by_new_name else params.max_tokens
+        name = "max_completion_tokens" if by_new_name else "max_tokens"
         longest = max(len(p) for p in prompts)
-        if longest > limits.max_prompt_tokens:
-            raise APIError(400, f"the prompt is {longest} tokens; this server's limit is {limits.max_prompt_tokens}",
+        context = getattr(engine.base.config, "max_position_embeddings", None) or longest + limits.max_tokens + 1
+        room = min(limits.max_prompt_tokens, context - 1)  # the prompt leaves room for one token at least
+        if longest > room:
+            raise APIError(400, f"the prompt is {longest} tokens; this server takes at most {room} "
+                           f"(limit {limits.max_prompt_tokens}, model context {context})",
                            param="messages" if isinstance(params, ChatParams) else "prompt",
                            code="context_length_exceeded")  # fmt: skip
-        context = getattr(engine.base.config, "max_position_embeddings", None) or longest + limits.max_tokens
         if asked is None:
-            return max(1, min(default, limits.max_tokens, context - longest))
+            return min(default, limits.max_tokens, context - longest)
         if asked > limits.max_tokens:
-            raise APIError(400, f"max_tokens {asked} is over this server's limit of {limits.max_tokens}",
-                           param="max_tokens")  # fmt: skip
+            raise APIError(400, f"{name} {asked} is over this server's limit of {limits.max_tokens}", param=name)
         if longest + asked > context:
-            raise APIError(400, f"prompt ({longest} tokens) + max_tokens ({asked}) is over the model's context of "
-                           f"{context}", param="max_tokens", code="context_length_exceeded")  # fmt: skip
+            raise APIError(400, f"prompt ({longest} tokens) + {name} ({asked}) is over the model's context of "
+                           f"{context}", param=name, code="context_length_exceeded")  # fmt: skip
         return asked
 
     async def run(request: Request, params: _Params, adapter: str | None, prompts: list[list[int]], kind: str,
                   default_tokens: int, echo: list[str] | None = None):  # fmt: skip
-        for problem in [t for t in params.biases() if t >= vocab]:
-            raise APIError(400, f"logit_bias: token {problem} is outside the vocabulary (0..{vocab - 1})",
+        outside = next((t for t in params.biases() if t >= vocab), None)
+        if outside is not None:
+            raise APIError(400, f"logit_bias: token {outside} is outside the vocabulary (0..{vocab - 1})",
                            param="logit_bias")  # fmt: skip
         max_tokens = budget(params, prompts, default_tokens)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -157,25 +163,23 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
                           int(time.time()), params.model, params.top())  # fmt: skip
         prompt_tokens = sum(len(p) for p in prompts)
         choices = [Choice(i, text=echo[i // params.n] if echo else "") for i in range(len(jobs))]
+        watcher = asyncio.create_task(_watch(request, engine, jobs, events))
         try:
-            early = await _admitted(request, engine, jobs, events)
-        except BaseException:
-            _cancel(engine, jobs)
-            raise
-        if params.stream:
-            usage = params.stream_options is not None and params.stream_options.include_usage
-            body = _stream(engine, jobs, events, early, replies, choices, prompt_tokens, usage)
-            return StreamingResponse(body, media_type="text/event-stream")
-        try:
+            early = await _admitted(events, len(jobs))
+            if params.stream:  # from here on the streaming response notices a client that leaves
+                watcher.cancel()
+                usage = params.stream_options is not None and params.stream_options.include_usage
+                body = _stream(engine, jobs, events, early, replies, choices, prompt_tokens, usage)
+                return StreamingResponse(body, media_type="text/event-stream")
             ended = 0
             while ended < len(jobs):
-                event = early.pop(0) if early else await _next(request, engine, jobs, _get(events))
-                if event[1] == "error":
-                    raise _failure(event[2])
+                event = early.pop(0) if early else _checked(await events.get())
                 ended += event[1] == "end"
                 _apply(choices, event)
         finally:
-            _cancel(engine, jobs)
+            watcher.cancel()
+            if not params.stream:
+                _cancel(engine, jobs)
         return replies.response(choices, prompt_tokens)
 
     @app.post("/v1/chat/completions")
@@ -184,10 +188,12 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
         adapter = adapter_of(params.model)
         messages = [m.for_template() for m in params.messages]
         try:  # a set trained with its own data.template is asked in that template
-            set_dir = None if adapter is None else engine.adapters.root / adapter
-            ids = chat_prompt_ids(engine.tokenizer, messages, set_dir, templates)
+            template = None if adapter is None else engine.adapters.template(adapter)
+            text = render_prompt(engine.tokenizer, messages, template=template)
         except Exception as exc:  # a model without a chat template, or a template that refuses the roles
-            raise APIError(400, f"the model cannot render these messages: {exc}", param="messages") from None
+            raise APIError(400, f"the model cannot render these messages: {type(exc).__name__}: {exc}",
+                           param="messages") from None  # fmt: skip
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
         return await run(request, params, adapter, [list(ids)], "chat", limits.max_tokens)
 
     @app.post("/v1/completions")
@@ -215,14 +221,13 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
 
 
 # ---- the events of a request's jobs ------------------------------------------------------------
-async def _admitted(request: Request, engine: Engine, jobs: list[Job], events: asyncio.Queue) -> list[tuple]:
-    """Wait until every job is admitted; the events that came meanwhile. A job that failed to
-    start (its set cannot be served) is the request's error, before any byte of a reply."""
-    waiting, early = set(range(len(jobs))), []
+async def _admitted(events: asyncio.Queue, count: int) -> list[tuple]:
+    """Wait until every one of the request's ``count`` jobs is admitted; the events that came
+    meanwhile. A job that failed to start (its set cannot be served) is the request's error,
+    before any byte of a reply."""
+    waiting, early = set(range(count)), []
     while waiting:
-        event = await _next(request, engine, jobs, _get(events))
-        if event[1] == "error":
-            raise _failure(event[2])
+        event = _checked(await events.get())
         if event[1] == "ready":
             waiting.discard(event[0])
         else:
@@ -230,20 +235,24 @@ async def _admitted(request: Request, engine: Engine, jobs: list[Job], events: a
     return early
 
 
-def _get(events: asyncio.Queue) -> asyncio.Future:
-    return asyncio.ensure_future(events.get())
+def _checked(event: tuple) -> tuple:
+    """``event``, or the request's error when it is one (a job failed, the client went away)."""
+    if event[1] == "error":
+        raise _failure(event[2])
+    if event[1] == "gone":
+        raise APIError(499, "the client closed the request")
+    return event
 
 
-async def _next(request: Request, engine: Engine, jobs: list[Job], future: asyncio.Future) -> tuple:
-    """The next event; while waiting, a client that hung up cancels the jobs."""
+async def _watch(request: Request, engine: Engine, jobs: list[Job], events: asyncio.Queue) -> None:
+    """Every 0.25 s, whether events flow or not: a client that hung up cancels the jobs, and the
+    request stops waiting for them."""
     while True:
-        done, _ = await asyncio.wait({future}, timeout=0.25)
-        if done:
-            return future.result()
+        await asyncio.sleep(0.25)
         if await request.is_disconnected():
-            future.cancel()
             _cancel(engine, jobs)
-            raise APIError(499, "the client closed the request")
+            events.put_nowait((-1, "gone"))
+            return
 
 
 def _apply(choices: list[Choice], event: tuple) -> None:
@@ -264,10 +273,13 @@ async def _stream(engine: Engine, jobs: list[Job], events: asyncio.Queue, early:
     cancelled when the client goes away (the generator is closed)."""
     sent = [0] * len(choices)  # characters of each choice's text streamed so far
     try:
+        echo_scored = any(job.echo_logprobs for job in jobs)  # the prompt comes with its logprobs (a "prompt" event)
         for choice in choices:
             if replies.kind == "chat":
                 yield replies.chunk(choice.index, None, None, first=True, usage=usage)
             elif choice.text:  # echo: the prompt first
+                if not echo_scored:
+                    yield replies.chunk(choice.index, choice.text, None, usage=usage)
                 sent[choice.index] = len(choice.text)
         pending, ended = list(early), 0
         while ended < len(jobs):
@@ -276,6 +288,7 @@ async def _stream(engine: Engine, jobs: list[Job], events: asyncio.Queue, early:
             if kind == "error":
                 message = f"generation failed: {type(data[0]).__name__}"
                 yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+                usage = False  # the counts of a failed request mean nothing
                 break
             if kind == "prompt":
                 text = choices[index].text
@@ -356,7 +369,9 @@ class _Guard:
                 if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                     error = APIError(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
             length = headers.get("content-length")
-            if error is None and length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            if error is None and length is not None and not (length.isascii() and length.isdigit()):
+                error = APIError(400, f"Content-Length '{length[:20]}' is not a number of bytes")
+            elif error is None and length is not None and int(length) > self.max_bytes:
                 error = APIError(413, f"request body over {self.max_bytes} bytes")
             if error is not None:
                 await error.response()(scope, receive, send)
@@ -364,29 +379,8 @@ class _Guard:
         await self.app(scope, receive, send)
 
 
-class _Templates:
-    """Each set's saved chat template, read once per change of the file."""
-
-    def __init__(self) -> None:
-        self._known: dict[Path, tuple[float, str | None]] = {}
-
-    def of(self, set_dir: Path | None) -> str | None:
-        if set_dir is None:
-            return None
-        try:
-            stamp = set_dir.stat().st_mtime_ns
-        except OSError:
-            stamp = 0
-        known = self._known.get(set_dir)
-        if known is None or known[0] != stamp:
-            known = self._known[set_dir] = (stamp, saved_template(set_dir))
-        return known[1]
-
-
-def chat_prompt_ids(
-    tokenizer: Any, messages: list[dict[str, Any]], set_dir: Path | None, templates: _Templates | None = None
-) -> list[int]:
-    """The prompt's token ids, rendered with the chat template the set was trained with (its
-    saved data.template), else the tokenizer's own."""
-    template = (templates or _Templates()).of(set_dir)
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], set_dir: Path | None) -> list[int]:
+    """The prompt's token ids, rendered with the chat template the set in ``set_dir`` was trained
+    with (its saved data.template), else the tokenizer's own."""
+    template = saved_template(set_dir) if set_dir is not None else None
     return tokenizer(render_prompt(tokenizer, messages, template=template), add_special_tokens=False)["input_ids"]

@@ -58,7 +58,7 @@ class Job:
     generated: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of ``text`` already sent
-    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
+    unsent_logprobs: list[tuple[TokenLogprob, int, int]] = field(default_factory=list)  # (report, text start, end)
     done: bool = False
     next_token: int | None = None  # sampled, not yet in the cache
     generator: torch.Generator | None = None
@@ -107,6 +107,9 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="hybridtune-engine", daemon=True)
         self._thread.start()
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def load(self) -> dict[str, int]:
         """What /health reports: counters, and the rows running and waiting now."""
         return {**self.stats, "live": len(self._live), "waiting": len(self._waiting)}
@@ -135,6 +138,7 @@ class Engine:
                 if self._closed:
                     return
                 candidates = self._take()
+            touched = candidates + self._live + (self._prefill.jobs if self._prefill else [])
             try:
                 with torch.inference_mode():
                     if candidates:
@@ -143,12 +147,12 @@ class Engine:
                         self._prefill_step()
                     if self._live:
                         self._decode_step()
-            except Exception as exc:  # a failed step fails its rows, never the server
+            except Exception as exc:  # a failed step fails the rows it touched, never the server
                 log.exception("generation failed")
-                for job in self._live + (self._prefill.jobs if self._prefill else []):
+                for job in touched:
                     if not job.done:
                         job.done = True
-                        job.send("error", exc)
+                        _send(job, "error", exc)
                 self._live, self._cache, self._prefill = [], None, None
 
     def _take(self) -> list[Job]:
@@ -334,9 +338,10 @@ class Engine:
                 self._close(job, "stop")
                 continue
             job.generated.append(token)
-            if report is not None:
-                job.unsent_logprobs.append(report)
+            start = len(job.text)
             job.text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
+            if report is not None:
+                job.unsent_logprobs.append((report, start, len(job.text)))
             cut = min((job.text.find(s) for s in job.stop if s in job.text), default=-1)
             if cut >= 0:
                 self._cut(job, cut)
@@ -347,28 +352,34 @@ class Engine:
                 self._flush(job, final=False)
 
     def _cut(self, job: Job, cut: int) -> None:
-        """End the text before a stop string; logprobs of tokens wholly inside it are not sent."""
+        """End the text before a stop string; logprobs of tokens that start inside it are not sent."""
         job.text = job.text[:cut]
-        if job.unsent_logprobs:
-            first_unsent = len(job.generated) - len(job.unsent_logprobs)
-            kept = [r for k, r in enumerate(job.unsent_logprobs, start=first_unsent)
-                    if len(self.tokenizer.decode(job.generated[:k], skip_special_tokens=True)) < cut]  # fmt: skip
-            job.unsent_logprobs = kept
+        job.unsent_logprobs = [item for item in job.unsent_logprobs if item[1] < cut]
 
     def _flush(self, job: Job, final: bool) -> None:
-        """Send the text not sent yet; mid-stream, hold back what may still become a stop string
-        or is an incomplete multi-byte character."""
+        """Send the text not sent yet, with the logprobs of the tokens it completes; mid-stream,
+        hold back what may still become a stop string or is an incomplete multi-byte character."""
         end = len(job.text)
         if not final:
             hold = max((len(s) - 1 for s in job.stop), default=0)
             end = max(job.sent, end - hold)
             while end > job.sent and job.text[end - 1] == "\ufffd":
                 end -= 1
-        if end > job.sent or (final and job.unsent_logprobs):
-            job.send("text", job.text[job.sent : end], job.unsent_logprobs)
-            job.sent, job.unsent_logprobs = end, []
+        ready = [item for item in job.unsent_logprobs if final or item[2] <= end]
+        if end > job.sent or ready:
+            job.send("text", job.text[job.sent : end], [item[0] for item in ready])
+            job.sent = end
+            job.unsent_logprobs = job.unsent_logprobs[len(ready) :]
 
     def _close(self, job: Job, reason: str) -> None:
         self._flush(job, final=True)
         job.done = True
         job.send("end", reason, len(job.generated))
+
+
+def _send(job: Job, *event: Any) -> None:
+    """An event for a job whose request may be gone (its event loop closed): never fatal to the worker."""
+    try:
+        job.send(*event)
+    except Exception:
+        log.exception("could not deliver a job's %s event", event[0])

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_CHOICES = 8
 MAX_TOP_LOGPROBS = 20
+MAX_ROWS = 64  # prompts x n in one request
+MAX_LOGIT_BIAS = 300
 
 
 class _Strict(BaseModel):
@@ -45,12 +47,12 @@ class _Params(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, ge=0, le=1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -70,8 +72,10 @@ class _Params(_Strict):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
         for token, bias in (value or {}).items():
-            if not token.isdigit():
+            if not (token.isascii() and token.isdigit()):
                 raise ValueError(f"keys are token ids, got '{token}'")
             if not -100 <= bias <= 100:
                 raise ValueError(f"token {token}: bias {bias} is outside -100..100")
@@ -185,6 +189,9 @@ class CompletionParams(_Params):
             raise ValueError("max_tokens: 0 is only useful with echo (to score a prompt)")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt: is empty")
+        prompts = 1 if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else len(self.prompt)
+        if prompts * self.n > MAX_ROWS:
+            raise ValueError(f"prompt: {prompts} prompts x n={self.n} is over this server's {MAX_ROWS} per request")
         return self
 
     def top(self) -> int | None:

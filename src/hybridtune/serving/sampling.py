@@ -28,7 +28,8 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or so small that sampling would overflow: the most likely token (vLLM's rule)."""
+        return self.temperature < 1e-5
 
     @property
     def adjusts(self) -> bool:
@@ -42,7 +43,7 @@ class Sampling:
         if self.seed is None:
             generator.seed()
         else:
-            generator.manual_seed(self.seed)
+            generator.manual_seed(self.seed & 0xFFFF_FFFF_FFFF_FFFF)  # any int64 seed (torch takes uint64)
         return generator
 
 
@@ -104,7 +105,8 @@ def _sample(row: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     probs = torch.softmax(row / sampling.temperature, dim=-1)
     if sampling.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(0) - sorted_probs >= sampling.top_p  # the most likely token always stays
+        outside = sorted_probs.cumsum(0) - sorted_probs >= sampling.top_p
+        outside[0] = False  # the most likely token always stays (top_p 0: greedy)
         sorted_probs[outside] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -12,7 +12,7 @@ import yaml
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 import hybridtune as ht
-from conftest import make_model, make_tokenizer, randomize
+from conftest import greedy_uncached, make_model, make_tokenizer, randomize
 from hybridtune.cli import main
 from hybridtune.core.errors import TargetError, TargetWarning
 
@@ -135,11 +135,10 @@ def test_the_serving_engine_batches_sets_on_an_moe_base(tmp_path):
             reference = moe_model("qwen2_moe")
             if job.adapter:
                 reference = ht.load(reference, tmp_path / job.adapter)
-            ids = list(job.prompt_ids)
+            ids = torch.tensor([job.prompt_ids])
             with torch.no_grad():
-                for _ in range(len(job.generated)):
-                    ids.append(int(reference(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-            assert job.generated == ids[len(job.prompt_ids) :][: len(job.generated)]
+                expected = greedy_uncached(reference, ids, torch.ones_like(ids), len(job.generated))
+            assert job.generated == expected[0, ids.shape[1] :].tolist()
             assert len(job.generated) == 6 or job.next_token in engine.eos
     finally:
         engine.close()

@@ -73,7 +73,7 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
     async def health() -> JSONResponse:
         alive = engine.alive()
         body = {"status": "ok" if alive else "engine stopped", "base": base_name, "loaded": list(engine.loaded),
-                **engine.load()}  # fmt: skip
+                **engine.counters()}  # fmt: skip
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/v1/models")

@@ -110,7 +110,7 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def load(self) -> dict[str, int]:
+    def counters(self) -> dict[str, int]:
         """What /health reports: counters, and the rows running and waiting now."""
         return {**self.stats, "live": len(self._live), "waiting": len(self._waiting)}
 

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
+from vllm_serves_export import free_port, wait_ready  # bench/ is this script's import path
 
 HERE = Path(__file__).parent
 LENGTHS = [4, 200, 16, 64, 4, 32, 8, 128]
@@ -59,28 +60,6 @@ def make_sets(model: str, root: Path) -> Path:
     subprocess.run([sys.executable, "-m", "hybridtune", "export", "--adapters", str(root / "lora"), "--format", "peft",
                     "--out", str(export)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     return export
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_up(url: str, process: subprocess.Popen, timeout: float = 900) -> None:
-    start = time.time()
-    while time.time() - start < timeout:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not come up")
 
 
 async def one_request(http: httpx.AsyncClient, url: str, model: str, tokens: int, eos: int, turn: int,
@@ -187,8 +166,8 @@ def main() -> None:
              "mixed": {"hybridtune": ["lora", None, "hybrid"], "vLLM": ["lora", None]}}  # fmt: skip
     results: dict[tuple[str, str], list[dict]] = {}
     try:
-        wait_up(servers["hybridtune"], ours)
-        wait_up(servers["vLLM"], theirs)
+        wait_ready(f"{servers['hybridtune']}/v1/models", ours)
+        wait_ready(f"{servers['vLLM']}/v1/models", theirs)
         for name, url in servers.items():  # warm-up: sets loaded, first-call costs paid
             asyncio.run(load(url, [m or base_names[name] for m in loads["mixed"][name]], 2, 5, eos))
         for _ in range(args.rounds):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -226,6 +227,49 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def save_random_sets(root, base_dir, sets: dict) -> None:
+    """Adapter sets ``{name: methods}`` with random weights (seed = their order) on the base in
+    ``base_dir``, saved under ``root`` (what a server's adapters directory holds)."""
+    import hybridtune as ht
+    from hybridtune.core.base_models import load_base
+
+    for seed, (name, methods) in enumerate(sets.items()):
+        base, _ = load_base(str(base_dir))
+        randomize(ht.inject(base, {"methods": methods}), std=0.5, seed=seed).save_adapters(root / name)
+
+
+@contextlib.contextmanager
+def hybridtune_server(base_dir, adapters_dir, *options, env=None, key=None):
+    """`hybridtune serve` in a subprocess on a free loopback port, until the block ends; yields its
+    URL once /health answers (with ``key`` as the API key when the server needs one)."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "hybridtune", "serve", "--base", str(base_dir), "--adapters-dir",
+               str(adapters_dir), "--port", str(port), *options]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def up():
+        if process.poll() is not None:
+            pytest.fail(f"server exited: {process.stdout.read()}")
+        try:
+            return httpx.get(f"{url}/health", headers=headers).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(up, timeout=60)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def wait_for(condition, timeout=120, every=0.1):

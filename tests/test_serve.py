@@ -4,15 +4,13 @@ official openai client and raw HTTP."""
 import concurrent.futures
 import json
 import os
-import subprocess
-import sys
 
 import httpx
 import pytest
 import torch
 
 import hybridtune as ht
-from conftest import free_port, randomize, wait_for
+from conftest import hybridtune_server, randomize, save_random_sets
 from hybridtune.core.base_models import load_base
 from hybridtune.training.data import render_prompt
 from hybridtune.training.evaluation import generate_batch
@@ -34,9 +32,7 @@ QUESTION = [{"role": "user", "content": "what color is the sky?"}]
 @pytest.fixture(scope="module")
 def adapters_dir(tmp_path_factory, tiny_lm_dir):
     root = tmp_path_factory.mktemp("adapters")
-    for seed, (name, methods) in enumerate(SETS.items()):
-        base, _ = load_base(str(tiny_lm_dir))
-        randomize(ht.inject(base, {"methods": methods}), std=0.5, seed=seed).save_adapters(root / name)
+    save_random_sets(root, tiny_lm_dir, SETS)
     outside = tmp_path_factory.mktemp("outside")
     base, _ = load_base(str(tiny_lm_dir))
     randomize(ht.inject(base, {"methods": SETS["alpha"]}), std=0.5).save_adapters(outside / "secret")
@@ -47,26 +43,10 @@ def adapters_dir(tmp_path_factory, tiny_lm_dir):
 
 @pytest.fixture(scope="module")
 def server(adapters_dir, tiny_lm_dir):
-    port = free_port()
-    command = [sys.executable, "-m", "hybridtune", "serve", "--base", str(tiny_lm_dir), "--adapters-dir",
-               str(adapters_dir), "--port", str(port), "--max-loaded", "2", "--max-tokens", "32",
-               "--max-prompt-tokens", "200"]  # fmt: skip
-    env = {**os.environ, "HYBRIDTUNE_API_KEY": KEY}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        if process.poll() is not None:
-            pytest.fail(f"server exited: {process.stdout.read()}")
-        try:
-            return httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, timeout=60)
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
+    options = ["--max-loaded", "2", "--max-tokens", "32", "--max-prompt-tokens", "200"]
+    with hybridtune_server(tiny_lm_dir, adapters_dir, *options, env={**os.environ, "HYBRIDTUNE_API_KEY": KEY},
+                           key=KEY) as url:  # fmt: skip
+        yield url
 
 
 @pytest.fixture(scope="module")

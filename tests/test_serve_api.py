@@ -13,8 +13,7 @@ import time
 import httpx
 import pytest
 
-import hybridtune as ht
-from conftest import free_port, randomize, wait_for
+from conftest import hybridtune_server, save_random_sets, wait_for
 from hybridtune.core.adapter_io import WEIGHTS_NAME
 from hybridtune.core.base_models import load_base
 
@@ -28,9 +27,7 @@ QUESTION = [{"role": "user", "content": "what color is the sky?"}]
 @pytest.fixture(scope="module")
 def sets_dir(tmp_path_factory, tiny_lm_dir):
     root = tmp_path_factory.mktemp("served")
-    for seed, (name, methods) in enumerate({"alpha": LORA, "hybrid": HYBRID, "broken": LORA}.items()):
-        base, _ = load_base(str(tiny_lm_dir))
-        randomize(ht.inject(base, {"methods": methods}), std=0.5, seed=seed).save_adapters(root / name)
+    save_random_sets(root, tiny_lm_dir, {"alpha": LORA, "hybrid": HYBRID, "broken": LORA})
     weights = root / "broken" / WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:-50])
     return root
@@ -38,24 +35,8 @@ def sets_dir(tmp_path_factory, tiny_lm_dir):
 
 @pytest.fixture(scope="module")
 def url(sets_dir, tiny_lm_dir):
-    port = free_port()
-    command = [sys.executable, "-m", "hybridtune", "serve", "--base", str(tiny_lm_dir), "--adapters-dir",
-               str(sets_dir), "--port", str(port), "--max-tokens", "230", "--max-request-bytes", "200000"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    address = f"http://127.0.0.1:{port}"
-
-    def up():
-        if process.poll() is not None:
-            pytest.fail(f"server exited: {process.stdout.read()}")
-        try:
-            return httpx.get(f"{address}/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, timeout=60)
-    yield address
-    process.terminate()
-    process.wait(timeout=10)
+    with hybridtune_server(tiny_lm_dir, sets_dir, "--max-tokens", "230", "--max-request-bytes", "200000") as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

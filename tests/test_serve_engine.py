@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hybridtune as ht
-from conftest import randomize, save_tiny_lm, wait_for
+from conftest import randomize, save_random_sets, save_tiny_lm, wait_for
 from hybridtune.core.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from hybridtune.core.base_models import load_base
 from hybridtune.serving import AdaptersDir, Engine
@@ -33,9 +33,7 @@ GREEDY = Sampling(temperature=0)
 @pytest.fixture(scope="module")
 def sets_dir(tmp_path_factory, tiny_lm_dir):
     root = tmp_path_factory.mktemp("sets")
-    for seed, (name, methods) in enumerate(SETS.items()):
-        base, _ = load_base(str(tiny_lm_dir))
-        randomize(ht.inject(base, {"methods": methods}), std=0.5, seed=seed).save_adapters(root / name)
+    save_random_sets(root, tiny_lm_dir, SETS)
     return root
 
 

@@ -4,14 +4,11 @@ and gets what lm-eval computes in this process with its `hf` model on the same h
 
 import json
 import os
-import subprocess
-import sys
 
-import httpx
 import pytest
 
 import hybridtune as ht
-from conftest import free_port, randomize, wait_for
+from conftest import hybridtune_server, save_random_sets
 from hybridtune.core.base_models import load_base
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -46,26 +43,9 @@ def tasks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_lm_dir):
     root = tmp_path_factory.mktemp("sets")
-    base, _ = load_base(str(tiny_lm_dir))
-    randomize(ht.inject(base, {"methods": HYBRID}), std=0.5).save_adapters(root / "hybrid")
-    port = free_port()
-    command = [sys.executable, "-m", "hybridtune", "serve", "--base", str(tiny_lm_dir), "--adapters-dir", str(root),
-               "--port", str(port)]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        if process.poll() is not None:
-            pytest.fail(f"server exited: {process.stdout.read()}")
-        try:
-            return httpx.get(f"{url}/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, timeout=60)
-    yield url, root / "hybrid"
-    process.terminate()
-    process.wait(timeout=10)
+    save_random_sets(root, tiny_lm_dir, {"hybrid": HYBRID})
+    with hybridtune_server(tiny_lm_dir, root) as url:
+        yield url, root / "hybrid"
 
 
 def evaluate(model, tasks, **options):

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import make_tokenizer, quiet, write_config
 from hybridtune.cli import app
+from hybridtune.serving import AdaptersDir
 from hybridtune.serving.api import chat_prompt_ids
 from hybridtune.training.data import TEMPLATE_FILE, render_prompt
 from hybridtune.training.data_prep import prepare_data
@@ -50,7 +51,8 @@ def test_a_template_file_trains_and_travels_with_the_adapters(project, tiny_lm_d
     _, loaded = load_trained(result.adapters_dir)  # generate, eval, export: prompts as in training
     messages = [{"role": "user", "content": "hi"}]
     assert render_prompt(loaded, messages) == "[USER] hi<|im_end|>[ASSISTANT] "
-    ids = chat_prompt_ids(loaded, messages, result.adapters_dir)  # the server asks the set in its template
+    served = AdaptersDir(result.adapters_dir.parent).template(result.adapters_dir.name)
+    ids = chat_prompt_ids(loaded, messages, served)  # the server asks the set in its template
     assert loaded.decode(ids) == "[USER] hi<|im_end|>[ASSISTANT] "
     assert loaded.decode(chat_prompt_ids(make_tokenizer(), messages, None)).startswith("<|im_start|>user")
 

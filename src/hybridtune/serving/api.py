@@ -19,14 +19,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from ..training.data import render_prompt, saved_template
+from ..training.data import render_prompt
 from .adapters_dir import BrokenAdapter, UnknownAdapter
 from .engine import Engine, Job, Sampling
 from .openai_params import ChatParams, CompletionParams, _Params
@@ -106,8 +105,7 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
         try:
             engine.adapters.resolve(model)
         except UnknownAdapter as exc:
-            raise APIError(404, f"{exc}; GET /v1/models lists the models", param="model",
-                           code="model_not_found") from None  # fmt: skip
+            raise _not_found(exc) from None
         except BrokenAdapter as exc:
             raise _unavailable(exc) from None
         return model
@@ -189,11 +187,10 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
         messages = [m.for_template() for m in params.messages]
         try:  # a set trained with its own data.template is asked in that template
             template = None if adapter is None else engine.adapters.template(adapter)
-            text = render_prompt(engine.tokenizer, messages, template=template)
+            ids = chat_prompt_ids(engine.tokenizer, messages, template)
         except Exception as exc:  # a model without a chat template, or a template that refuses the roles
             raise APIError(400, f"the model cannot render these messages: {type(exc).__name__}: {exc}",
                            param="messages") from None  # fmt: skip
-        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
         return await run(request, params, adapter, [list(ids)], "chat", limits.max_tokens)
 
     @app.post("/v1/completions")
@@ -345,11 +342,15 @@ def _unavailable(exc: BrokenAdapter) -> APIError:
     return APIError(503, str(exc), "server_error", param="model", code="adapter_set_unavailable")
 
 
+def _not_found(exc: UnknownAdapter) -> APIError:
+    return APIError(404, f"{exc}; GET /v1/models lists the models", param="model", code="model_not_found")
+
+
 def _failure(exc: Exception) -> APIError:
     if isinstance(exc, BrokenAdapter):
         return _unavailable(exc)
     if isinstance(exc, UnknownAdapter):
-        return APIError(404, str(exc), param="model", code="model_not_found")
+        return _not_found(exc)
     return APIError(500, f"generation failed: {type(exc).__name__}", "server_error")
 
 
@@ -379,8 +380,7 @@ class _Guard:
         await self.app(scope, receive, send)
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], set_dir: Path | None) -> list[int]:
-    """The prompt's token ids, rendered with the chat template the set in ``set_dir`` was trained
-    with (its saved data.template), else the tokenizer's own."""
-    template = saved_template(set_dir) if set_dir is not None else None
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], template: str | None) -> list[int]:
+    """The prompt's token ids, rendered with ``template`` (a set's saved data.template, from
+    AdaptersDir.template), else the tokenizer's own chat template."""
     return tokenizer(render_prompt(tokenizer, messages, template=template), add_special_tokens=False)["input_ids"]

@@ -258,7 +258,7 @@ def test_clients_that_hang_up_are_dropped_at_the_next_step(url, client, eos):
     assert run < 4 * 220 / 4, f"{run} row-steps: the hung-up rows were not dropped"
     steps = httpx.get(f"{url}/health").json()["row_steps"]
     with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
-        post(url, "/v1/chat/completions", body, timeout=0.5)
+        post(url, "/v1/chat/completions", body, timeout=0.1)
     wait_for(lambda: httpx.get(f"{url}/health").json()["live"] == 0, timeout=30, every=0.02)
     run = httpx.get(f"{url}/health").json()["row_steps"] - steps
     assert run < 220 / 2, f"{run} row-steps: the row of the client that gave up was not dropped"

@@ -242,10 +242,10 @@ def _checked(event: tuple) -> tuple:
 
 
 async def _watch(request: Request, engine: Engine, jobs: list[Job], events: asyncio.Queue) -> None:
-    """Every 0.25 s, whether events flow or not: a client that hung up cancels the jobs, and the
+    """Every 0.1 s, whether events flow or not: a client that hung up cancels the jobs, and the
     request stops waiting for them."""
     while True:
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.1)
         if await request.is_disconnected():
             _cancel(engine, jobs)
             events.put_nowait((-1, "gone"))

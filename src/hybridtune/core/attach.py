@@ -7,6 +7,7 @@ from one forward hook per target, in entry order. The base model's own module na
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from torch import nn
 from ..methods import Branch
 from ..methods.base import first_input
 from .config import HybridConfig
+from .experts import describe as describe_experts
+from .experts import is_fused_experts, tokens_of_rows
 from .partitioned import full_shape
 from .routing import current as current_routing
 from .targeting import BRANCH_ATTR
@@ -29,12 +32,12 @@ def _run_branches(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     routing = current_routing()
     if routing is None or routing.rows is None:
         for branch in module._modules[BRANCH_ATTR].values():
-            if branch.active:
+            if branch.active and not branch.runs_inside:
                 output = branch(args, kwargs, output)
         return output
     batch = (output if isinstance(output, torch.Tensor) else output[0]).shape[0]
     for branch in module._modules[BRANCH_ATTR].values():
-        rows = routing.rows_for(branch.set_name, batch)
+        rows = None if branch.runs_inside else routing.rows_for(branch.set_name, batch)
         if rows is not None:
             output = branch.routed(args, kwargs, output, rows)
     return output
@@ -55,6 +58,26 @@ def _run_pre_branches(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     return args, kwargs
 
 
+def _run_inside(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The forward of a module with branches that run inside its computation (``runs_inside``):
+    their class's ``run_target`` computes the module with each live branch, for the tokens of the
+    rows its set serves in a mixed batch; with none live, the module's own forward."""
+    routing = current_routing()
+    live = [b for b in module._modules[BRANCH_ATTR].values() if b.runs_inside and not b.merged]
+    if routing is None or routing.rows is None:
+        chosen = [(b, None) for b in live if b.active]
+    else:
+        tokens = first_input(args, kwargs).shape[0]
+        chosen = []
+        for branch in live:
+            rows = routing.rows_for(branch.set_name, routing.batch)
+            if rows is not None:
+                chosen.append((branch, tokens_of_rows(rows, routing.batch, tokens)))
+    if not chosen:
+        return type(module).forward(module, *args, **kwargs)
+    return type(chosen[0][0]).run_target(module, chosen, *args, **kwargs)
+
+
 def branch_key(set_name: str, entry: str) -> str:
     """Key of a branch in its target's ModuleDict: the entry name, qualified for non-default sets."""
     return entry if set_name == DEFAULT_SET else f"{set_name}:{entry}"
@@ -70,9 +93,15 @@ def attach(module: nn.Module, key: str, branch: Branch) -> None:
     if branches is None:
         branches = nn.ModuleDict()
         module.add_module(BRANCH_ATTR, branches)
-        module.register_forward_hook(_run_branches, with_kwargs=True)
     if key in branches:
         raise ValueError(f"module already has a branch '{key}'")
+    if branch.runs_inside:
+        runners = {type(b).run_target for b in branches.values() if b.runs_inside}
+        if runners - {type(branch).run_target}:
+            raise ValueError(f"module already has branches computed by another run_target than '{key}'")
+        module.forward = functools.partial(_run_inside, module)
+    elif _run_branches not in module._forward_hooks.values():
+        module.register_forward_hook(_run_branches, with_kwargs=True)
     branches[key] = branch
     if branch.modifies_input and _run_pre_branches not in module._forward_pre_hooks.values():
         module.register_forward_pre_hook(_run_pre_branches, with_kwargs=True)
@@ -82,7 +111,7 @@ def sync_hook(module: nn.Module) -> None:
     """Run the branch hook only while some branch of the module is unmerged: a module whose LoRA is
     all merged then costs exactly what the base module costs (no hook call per forward)."""
     branches = module._modules.get(BRANCH_ATTR)
-    needed = branches is not None and any(not b.merged for b in branches.values())
+    needed = branches is not None and any(not b.merged and not b.runs_inside for b in branches.values())
     present = _run_branches in module._forward_hooks.values()
     if needed and not present:
         module.register_forward_hook(_run_branches, with_kwargs=True)
@@ -112,9 +141,12 @@ def detach(module: nn.Module, key: str) -> None:
     del branches[key]
     if not any(b.modifies_input for b in branches.values()):
         _remove_hook(module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs, _run_pre_branches)
+    if not any(b.runs_inside for b in branches.values()):
+        module.__dict__.pop("forward", None)
+    if not any(not b.runs_inside for b in branches.values()):
+        _remove_hook(module._forward_hooks, module._forward_hooks_with_kwargs, _run_branches)
     if len(branches) == 0:
         del module._modules[BRANCH_ATTR]
-        _remove_hook(module._forward_hooks, module._forward_hooks_with_kwargs, _run_branches)
 
 
 class Attached(NamedTuple):
@@ -140,6 +172,8 @@ def iter_branches(model: nn.Module) -> Iterator[Attached]:
 
 def describe_target(module: nn.Module) -> dict[str, Any]:
     weight = getattr(module, "weight", None)
+    if weight is None and is_fused_experts(module):
+        return {"class": type(module).__name__, "shape": describe_experts(module)}
     return {
         "class": type(module).__name__,
         "shape": list(full_shape(weight)) if weight is not None and hasattr(weight, "shape") else None,

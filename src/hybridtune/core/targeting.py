@@ -8,6 +8,11 @@ A pattern is either
 - ``"all-linear"``: every linear layer except the output head. Weights that are not linear layers
   (the fused 3-D expert tensors and the routers of mixture-of-experts models) are not adapted, and
   a TargetWarning says which and how much of the model they hold.
+
+Methods that adapt the fused expert tensors of MoE blocks (``select_expert_tensors``) match the
+same patterns against parameter names (``model.layers.0.mlp.experts.gate_up_proj``); a plain
+pattern must then name the module too (``experts.gate_up_proj``), so a dense-model pattern such as
+``down_proj`` keeps selecting the linear layers it always selected.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import TargetError, TargetWarning
+from .experts import expert_projections, is_fused_experts
 from .partitioned import full_shape
 
 BRANCH_ATTR = "hybridtune"
@@ -86,11 +92,13 @@ def select_modules(
     accept: Callable[[nn.Module], bool],
     accepted_what: str,
     exclude: list[str] | None = None,
+    selected_elsewhere: set[str] | frozenset[str] = frozenset(),
 ) -> list[tuple[str, nn.Module]]:
     """Modules selected by ``patterns`` that ``accept`` allows, in model order.
 
-    Every pattern must select at least one acceptable module: a pattern that selects nothing is
-    nearly always a typo, and silently training fewer layers than asked is the worst outcome.
+    Every pattern must select at least one acceptable module (or be one of ``selected_elsewhere``,
+    the patterns that selected expert tensors): a pattern that selects nothing is nearly always a
+    typo, and silently training fewer layers than asked is the worst outcome.
     """
     exclude = exclude or []
     modules = [(n, m) for n, m in named_base_modules(model) if n]
@@ -105,15 +113,56 @@ def select_modules(
         else:
             selected = [(n, m) for n, m in modules if matches(pattern, n)]
             hits = [(n, m) for n, m in selected if accept(m)]
-            if not hits:
+            if not hits and pattern not in selected_elsewhere:
                 raise TargetError(_no_match_message(entry, pattern, selected, modules, accepted_what))
         for name, module in hits:
             if not any(matches(x, name) for x in exclude):
                 chosen[name] = module
-    if not chosen:
+    if not chosen and not selected_elsewhere:
         raise TargetError(f"entry '{entry}': every module selected by {patterns} is excluded by {exclude}")
     order = {n: i for i, (n, _) in enumerate(modules)}
     return sorted(chosen.items(), key=lambda item: order[item[0]])
+
+
+def in_model_order(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    order = {n: i for i, (n, _) in enumerate(named_base_modules(model))}
+    return sorted(chosen, key=lambda item: order[item[0]])
+
+
+def _selects_tensor(pattern: str, full_name: str) -> bool:
+    if pattern == ALL_LINEAR or (not is_regex(pattern) and "." not in pattern):
+        return False
+    return matches(pattern, full_name)
+
+
+def select_expert_tensors(
+    model: nn.Module, patterns: list[str], exclude: list[str], prefix: str = ""
+) -> dict[str, tuple[nn.Module, list[str]]]:
+    """The fused expert tensors ``patterns`` name: {experts module name: (module, [projection])},
+    in model order (``prefix``: the name of ``model`` itself, when it is a part of the model)."""
+    chosen: dict[str, tuple[nn.Module, list[str]]] = {}
+    for name, module in named_base_modules(model):
+        name = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        if not is_fused_experts(module):
+            continue
+        for projection in expert_projections(module):
+            full = f"{name}.{projection}"
+            if any(_selects_tensor(p, full) for p in patterns) and not any(matches(x, full) for x in exclude):
+                chosen.setdefault(name, (module, []))[1].append(projection)
+    return chosen
+
+
+def any_experts(model: nn.Module) -> bool:
+    return any(is_fused_experts(m) for _, m in named_base_modules(model))
+
+
+def describe_expert_tensors(model: nn.Module) -> str:
+    """The expert tensor names of one MoE block, as a pattern names them (``experts.gate_up_proj``)."""
+    for name, module in named_base_modules(model):
+        if is_fused_experts(module):
+            leaf = name.rsplit(".", 1)[-1]
+            return ", ".join(f"{leaf}.{p}" for p in expert_projections(module))
+    return ""
 
 
 def _warn_unadapted(model: nn.Module, entry: str, modules: list[tuple[str, nn.Module]], head: nn.Module | None) -> None:
@@ -134,7 +183,12 @@ def _warn_unadapted(model: nn.Module, entry: str, modules: list[tuple[str, nn.Mo
     warnings.warn(
         f"entry '{entry}': '{ALL_LINEAR}' adapts linear layers only; it leaves out {', '.join(sorted(skipped))} "
         f"({share:.0f}% of the model's weights; they are not linear layers, such as the fused expert tensors and "
-        "routers of mixture-of-experts models, and hybridtune cannot adapt them yet)",
+        "routers of mixture-of-experts models"
+        + (
+            f"; LoRA adapts the expert tensors when targets name them: {describe_expert_tensors(model)})"
+            if any_experts(model)
+            else ")"
+        ),
         TargetWarning,
         stacklevel=2,
     )
@@ -151,13 +205,17 @@ def _no_match_message(
         name, module = selected[0]
         more = f" and {len(selected) - 1} more" if len(selected) > 1 else ""
         fused = [p for p, t in module.named_parameters(recurse=False) if t.dim() >= 3]
-        why = (f" ({', '.join(fused)} are fused 3-D expert tensors, not linear layers; hybridtune cannot adapt "
-               "them yet: target the attention projections, shared-expert linears, or `after: mlp` Adapters)"
-               if fused else "")  # fmt: skip
+        leaf = name.rsplit(".", 1)[-1]
+        why = (f" ({', '.join(fused)} are fused 3-D expert tensors, not linear layers; to adapt them with LoRA, "
+               f"name the tensors: {', '.join(f'{leaf}.{p}' for p in fused)})" if fused else "")  # fmt: skip
         return (
             f"entry '{entry}': pattern '{pattern}' matched {name} ({type(module).__name__}){more}, "
             f"but this method needs {accepted_what}{why}"
         )
+    tensors = [f"{n}.{p}" for n, m in modules if is_fused_experts(m) for p in expert_projections(m)]
+    if any(matches(pattern, t) or t.endswith("." + pattern) for t in tensors):
+        return (f"entry '{entry}': pattern '{pattern}' names fused expert tensors (e.g. {tensors[0]}), which this "
+                f"method does not adapt (it needs {accepted_what})")  # fmt: skip
     if pattern.lower() in ("all", "all_linear", "linear"):  # LLaMA-Factory's lora_target: all
         return f"entry '{entry}': pattern '{pattern}' matched no module of the model; did you mean '{ALL_LINEAR}'?"
     leaf_names = sorted({n.rsplit(".", 1)[-1] for n, _ in modules})

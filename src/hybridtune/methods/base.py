@@ -121,6 +121,12 @@ class Branch(nn.Module):
     ``mergeable``; a branch of a mergeable method implements ``merge_into``/``unmerge_from``."""
 
     modifies_input: ClassVar[bool] = False  # True: ``pre`` runs before the target module (IA3 on FFN inputs)
+    # True: the branch acts inside its target's computation (a delta on one of the fused expert
+    # tensors of an MoE block, before the gate's nonlinearity), so it cannot run after the target:
+    # the target is computed by ``run_target(module, [(branch, token indices or None)], *args)``,
+    # shared by every such branch of the module (core/experts.py's experts_forward).
+    runs_inside: ClassVar[bool] = False
+    run_target: ClassVar[Any] = None
 
     def __init__(self) -> None:
         super().__init__()

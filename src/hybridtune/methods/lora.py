@@ -16,10 +16,23 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..core.targeting import first_match, is_linear, linear_features, select_modules
+from ..core.errors import TargetError
+from ..core.experts import check_supported, is_fused_experts
+from ..core.targeting import (
+    any_experts,
+    describe_expert_tensors,
+    first_match,
+    in_model_order,
+    is_linear,
+    linear_features,
+    matches,
+    select_expert_tensors,
+    select_modules,
+)
 from ..core.validation import StrictModel
 from .base import LINEAR_TARGETS, PER_TARGET, Branch, MethodConfig, first_input, for_weights, param_like
 from .dropout import InputDropout, SharedDropout
+from .lora_experts import ExpertLoRABranch
 from .low_rank_exchange import LowRankExchange
 
 
@@ -127,7 +140,11 @@ class LowRankConfig(LowRankExchange, InputDropout, MethodConfig):
             accepted_what="linear layers (nn.Linear or transformers' Conv1D)",
             exclude=self.exclude,
         )
-        names = [n for n, _ in chosen]
+        self._check_patterns(entry, [n for n, _ in chosen])
+        return chosen
+
+    def _check_patterns(self, entry: str, names: list[str]) -> None:
+        """Every rank_pattern/alpha_pattern key must select one of the targeted ``names``."""
         for field in ("rank_pattern", "alpha_pattern"):
             for pattern in getattr(self, field):
                 if not any(first_match([pattern], n) for n in names):
@@ -135,7 +152,6 @@ class LowRankConfig(LowRankExchange, InputDropout, MethodConfig):
                         f"entry '{entry}': {field} key '{pattern}' matches none of the targeted modules "
                         f"(e.g. {', '.join(names[:4])})"
                     )
-        return chosen
 
     def branch_args(self, name: str, module: nn.Module) -> dict:
         """Constructor arguments of a low-rank branch for target ``name``."""
@@ -155,14 +171,60 @@ class LowRankConfig(LowRankExchange, InputDropout, MethodConfig):
 
 
 class LoRAConfig(LowRankConfig):
-    """Low-rank update of linear layers chosen by name pattern (see LowRankConfig)."""
+    """Low-rank update of linear layers chosen by name pattern (see LowRankConfig), and of the
+    fused expert tensors of MoE blocks: a pattern that names a parameter (``experts.gate_up_proj``,
+    ``experts.down_proj``, or a regular expression over parameter names) gives each expert its own
+    delta (methods/lora_experts.py). ``target_parameters`` (peft's key) takes patterns that must
+    name such parameters."""
 
     type: Literal["lora"] = "lora"
     mergeable: ClassVar[bool] = True
     linear_low_rank: ClassVar[bool] = True
+    targets: list[str] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("targets", "target_modules"),
+        json_schema_extra=LINEAR_TARGETS,
+    )
+    target_parameters: list[str] = Field(default_factory=list)
 
-    def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> LoRABranch:
-        return LoRABranch(**self.branch_args(name, module))
+    @model_validator(mode="after")
+    def _something_targeted(self) -> LoRAConfig:
+        if not self.targets and not self.target_parameters:
+            raise ValueError("targets: give at least one module pattern (or target_parameters for expert tensors)")
+        return self
+
+    def select_targets(self, model: nn.Module, entry: str) -> list[tuple[str, nn.Module]]:
+        experts = select_expert_tensors(model, self.targets + self.target_parameters, self.exclude)
+        for pattern in self.target_parameters:
+            if not any(matches(pattern, f"{n}.{p}") for n, (_, names) in experts.items() for p in names):
+                known = describe_expert_tensors(model) if any_experts(model) else "none: it has no fused MoE experts"
+                raise TargetError(f"entry '{entry}': target_parameters pattern '{pattern}' names no expert tensor "
+                                  f"of this model (its expert tensors: {known})")  # fmt: skip
+        if experts and isinstance(self.r, RankSchedule):
+            raise TargetError(f"entry '{entry}': a growing rank (r: {{start, max, ...}}) is not supported on expert "
+                              "tensors; give an integer r")  # fmt: skip
+        found = {p for p in self.targets if any(matches(p, f"{n}.{t}") for n, (_, ts) in experts.items() for t in ts)}
+        chosen = []
+        if self.targets:
+            chosen = select_modules(model, self.targets, entry=entry, accept=is_linear, exclude=self.exclude,
+                                    accepted_what="linear layers (nn.Linear or transformers' Conv1D)",
+                                    selected_elsewhere=found)  # fmt: skip
+        names = [n for n, _ in chosen] + [f"{n}.{p}" for n, (_, ps) in experts.items() for p in ps]
+        self._check_patterns(entry, names)
+        for name, (module, _) in experts.items():
+            check_supported(module, name)
+        return in_model_order(model, chosen + [(n, m) for n, (m, _) in experts.items()])
+
+    def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> Branch:
+        if not is_fused_experts(module):
+            return LoRABranch(**self.branch_args(name, module))
+        chosen = select_expert_tensors(module, self.targets + self.target_parameters, self.exclude, prefix=name)
+        ranks = {}
+        for projection in chosen[name][1]:
+            full = f"{name}.{projection}"
+            rank, alpha = self.rank_for(full), self.alpha_for(full)
+            ranks[projection] = (rank, alpha, self.scale_for(rank, alpha))
+        return ExpertLoRABranch(module, ranks, self.entry_dropout())
 
 
 class LoRABranch(Branch):

@@ -1,0 +1,167 @@
+"""Fused mixture-of-experts tensors: adapting a projection *inside* the expert computation.
+
+transformers 5 keeps an MoE block's experts as one module of 3-D tensors (``gate_up_proj``
+[experts, 2·inter, hidden] and ``down_proj`` [experts, hidden, inter], or transposed) and computes
+it as: sort the (token, expert) pairs by expert, one grouped matmul per projection, the gate, the
+routing weights, a sum per token. A per-expert delta on ``gate_up_proj`` has to be added before the
+gate's nonlinearity, so it cannot be a hook on the module's output, and materialising W + ΔW for
+every expert at every step (peft's ``target_parameters``) costs a full copy of the experts. Here the
+experts are computed the same way with each branch's delta added to the projection it adapts, for
+the pairs routed to each expert only (and, in a mixed batch, only for the rows of the branch's set).
+
+A branch that works this way sets ``runs_inside = True`` and provides
+``expert_delta(projection, x, expert_ids, offsets)``: the [pairs, out] delta of that projection for
+the sorted pairs ``x`` (or None when it does not adapt that projection).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
+"""The expert tensors a branch can adapt, in the order the experts apply them."""
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """An experts module as transformers 5 builds them: 3-D projection tensors and a num_experts."""
+    if not isinstance(getattr(module, "num_experts", None), int):
+        return False
+    return any(isinstance(p, torch.Tensor) and p.dim() == 3 for p in expert_projections(module).values())
+
+
+def expert_projections(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The module's 3-D projection tensors by name (``gate_up_proj``/``up_proj``, ``down_proj``)."""
+    own = dict(module.named_parameters(recurse=False))
+    return {name: own[name] for name in PROJECTIONS if name in own and own[name].dim() == 3}
+
+
+def projection_features(module: nn.Module, name: str) -> tuple[int, int, int]:
+    """(experts, in_features, out_features) of one projection; transposed experts (GPT-OSS) store
+    [experts, in, out], the others [experts, out, in]."""
+    experts, first, second = getattr(module, name).shape
+    return (experts, first, second) if getattr(module, "is_transposed", False) else (experts, second, first)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Rows of ``x`` sorted by expert times their expert's matrix: ``weight`` is [experts, out, in]
+    (or [experts, in, out] when ``transposed``); ``offsets`` are the cumulative rows per expert.
+
+    torch's grouped matmul where its kernel takes the shapes (both matrix sides a multiple of 16
+    bytes, which a LoRA factor of rank 2 is not), otherwise one matmul per expert."""
+    weight_in_out = weight if transposed else weight.transpose(-2, -1)
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        x = x.to(weight.dtype)
+    if _grouped_kernel_takes(x, weight_in_out):
+        return _GROUPED_MM(x, weight_in_out, offs=offsets)
+    out, start = [], 0
+    for expert, end in enumerate(offsets.tolist()):
+        out.append(x[start:end] @ weight_in_out[expert].to(x.dtype))
+        start = end
+    return torch.cat(out)
+
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if _GROUPED_MM is None or x.dtype != weight.dtype or x.device.type not in ("cpu", "cuda"):
+        return False
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    size = x.element_size()
+    return all((dim * size) % 16 == 0 for dim in weight.shape[1:])
+
+
+def _bias(module: nn.Module, name: str, expert_ids: torch.Tensor) -> torch.Tensor | None:
+    if not getattr(module, "has_bias", False):
+        return None
+    return getattr(module, f"{name}_bias")[expert_ids]
+
+
+def experts_forward(
+    module: nn.Module,
+    branches: Sequence[tuple[nn.Module, torch.Tensor | None]],
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The experts module's output with every branch's deltas; ``branches`` are (branch, token
+    indices it serves, or None for every token). Without branches: the module's own forward."""
+    if not branches:
+        return type(module).forward(module, hidden_states, top_k_index, top_k_weights)
+    if getattr(module, "_is_expert_parallel", False):
+        raise NotImplementedError("branches on expert-parallel (sharded) experts are not supported")
+    tokens, top_k = top_k_index.shape
+    expert_ids, order = torch.sort(top_k_index.reshape(-1))
+    token_of_pair = order // top_k
+    x = hidden_states[token_of_pair]
+    counts = torch.bincount(expert_ids, minlength=module.num_experts)
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    pair_rows = [(b, None if rows is None else _pairs_of(rows, token_of_pair, tokens)) for b, rows in branches]
+
+    def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
+        out = grouped_linear(inputs, getattr(module, name), offsets, module.is_transposed)
+        bias = _bias(module, name, expert_ids)
+        if bias is not None:
+            out = out + bias
+        for branch, pairs in pair_rows:
+            if pairs is None:
+                delta = branch.expert_delta(name, inputs, expert_ids, offsets)
+                if delta is not None:
+                    out = out + delta.to(out.dtype)
+            elif pairs.numel():
+                sub_ids = expert_ids[pairs]
+                sub_offsets = torch.cumsum(torch.bincount(sub_ids, minlength=module.num_experts), 0).to(torch.int32)
+                delta = branch.expert_delta(name, inputs[pairs], sub_ids, sub_offsets)
+                if delta is not None:
+                    out = out.index_add(0, pairs, delta.to(out.dtype))
+        return out
+
+    if getattr(module, "has_gate", hasattr(module, "gate_up_proj")):
+        inner = module._apply_gate(project("gate_up_proj", x))
+    else:
+        inner = module.act_fn(project("up_proj", x))
+    out = project("down_proj", inner)
+    if getattr(module, "has_post_expert_norm", False):
+        out = module.post_expert_norm(out)
+    weighted = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+    final = torch.zeros(tokens, weighted.shape[-1], dtype=weighted.dtype, device=weighted.device)
+    final = final.index_add(0, token_of_pair, weighted)
+    return final.to(hidden_states.dtype)
+
+
+def _pairs_of(token_rows: torch.Tensor, token_of_pair: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Indices of the sorted pairs whose token is one of ``token_rows``."""
+    chosen = torch.zeros(tokens, dtype=torch.bool, device=token_of_pair.device)
+    chosen[token_rows] = True
+    return chosen[token_of_pair].nonzero().squeeze(-1)
+
+
+def tokens_of_rows(rows: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
+    """The flattened token indices of batch ``rows`` when ``tokens`` = ``batch`` x sequence (an MoE
+    block flattens [batch, seq, hidden] to [tokens, hidden] before its experts)."""
+    per_row, rest = divmod(tokens, batch)
+    if rest:
+        raise ValueError(f"adapter_sets routes {batch} rows, but an experts module saw {tokens} tokens")
+    return (rows[:, None] * per_row + torch.arange(per_row, device=rows.device)).reshape(-1)
+
+
+def check_supported(module: nn.Module, name: str) -> None:
+    """Refuse, by name, an experts module whose computation this file does not reproduce."""
+    if not callable(getattr(module, "_apply_gate", None)) and hasattr(module, "gate_up_proj"):
+        raise ValueError(
+            f"{name} ({type(module).__name__}) has no _apply_gate: hybridtune reproduces the experts modules of "
+            "transformers' experts interface (transformers >= 5), and this one is not one of them"
+        )
+
+
+def describe(module: nn.Module) -> dict[str, Any]:
+    """The shapes of an experts module's projections (for a saved set's target fingerprint)."""
+    return {name: list(p.shape) for name, p in expert_projections(module).items()}

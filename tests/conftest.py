@@ -20,7 +20,10 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
 )
 
 torch.set_num_threads(2)
@@ -38,6 +41,17 @@ CONFIGS = {
     "gpt_neox": lambda: GPTNeoXConfig(
         **_COMMON, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
     ),
+}
+
+# Mixture-of-experts families (fused 3-D expert tensors in transformers 5): Qwen3-MoE, Mixtral, and
+# Qwen2-MoE with its shared expert (plain linears named like a dense FFN's)
+_MOE_SIZES = dict(**_COMMON, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, output_router_logits=False)  # fmt: skip
+_EXPERTS = dict(num_experts=4, moe_intermediate_size=16, intermediate_size=64)
+MOE_CONFIGS = {
+    "qwen3_moe": lambda: Qwen3MoeConfig(**_MOE_SIZES, **_EXPERTS, head_dim=8),
+    "mixtral": lambda: MixtralConfig(**_MOE_SIZES, num_local_experts=4, intermediate_size=16),
+    "qwen2_moe": lambda: Qwen2MoeConfig(**_MOE_SIZES, **_EXPERTS, shared_expert_intermediate_size=32),
 }
 
 # Per architecture: its attention projections, its attention block and its FFN block names.
@@ -59,7 +73,7 @@ ATTN_BLOCK = {
 
 def make_model(arch: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    config = CONFIGS[arch]()
+    config = (CONFIGS.get(arch) or MOE_CONFIGS[arch])()
     for key, value in overrides.items():
         setattr(config, key, value)
     model = AutoModelForCausalLM.from_config(config)

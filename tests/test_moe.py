@@ -9,21 +9,13 @@ import warnings
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 import hybridtune as ht
-from conftest import greedy_uncached, make_model, make_tokenizer, randomize
+from conftest import MOE_CONFIGS, greedy_uncached, make_model, make_tokenizer, randomize
 from hybridtune.cli import main
 from hybridtune.core.errors import TargetError, TargetWarning
 
-SIZES = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64, num_experts_per_tok=2, output_router_logits=False)  # fmt: skip
-EXPERTS = dict(num_experts=4, moe_intermediate_size=16, intermediate_size=64)
-CONFIGS = {
-    "qwen3_moe": lambda: Qwen3MoeConfig(**SIZES, **EXPERTS, head_dim=8),
-    "mixtral": lambda: MixtralConfig(**SIZES, num_local_experts=4, intermediate_size=16),
-    "qwen2_moe": lambda: Qwen2MoeConfig(**SIZES, **EXPERTS, shared_expert_intermediate_size=32),
-}
+CONFIGS = MOE_CONFIGS
 ALL_LINEAR = {"methods": {"lora": {"type": "lora", "r": 2, "targets": "all-linear"}}}
 HYBRID = {
     "lora": {"type": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
@@ -32,11 +24,7 @@ HYBRID = {
 
 
 def moe_model(arch, seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = CONFIGS[arch]()
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return make_model(arch, seed, **overrides)
 
 
 def batch(seed=1):

@@ -35,9 +35,9 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 
 def expert_projections(module: nn.Module) -> dict[str, nn.Parameter]:
-    """The module's 3-D projection tensors by name (``gate_up_proj``/``up_proj``, ``down_proj``)."""
-    own = dict(module.named_parameters(recurse=False))
-    return {name: own[name] for name in PROJECTIONS if name in own and own[name].dim() == 3}
+    """The module's 3-D projection tensors by name (``gate_up_proj``/``up_proj``, ``down_proj``), in
+    the order the module defines them (peft nests its wrappers of one module in that order)."""
+    return {n: p for n, p in module.named_parameters(recurse=False) if n in PROJECTIONS and p.dim() == 3}
 
 
 def projection_features(module: nn.Module, name: str) -> tuple[int, int, int]:

@@ -134,7 +134,11 @@ def _per_module(raw: dict[str, torch.Tensor], method: type[MethodConfig], path: 
                 f"{path}: key '{key}' is not a tensor of peft's {method.peft_type} "
                 f"(expected MODULE.{{{', '.join(method.peft_tensor_names)}}})"
             )
-        grouped[key.removeprefix(_PEFT_PREFIX).removesuffix(f".{name}")][name] = tensor
+        module = key.removeprefix(_PEFT_PREFIX).removesuffix(f".{name}")
+        depth = 0  # peft nests its wrappers of one module's tensors (target_parameters) as base_layer.base_layer...
+        while module.endswith(".base_layer"):
+            module, depth = module.removesuffix(".base_layer"), depth + 1
+        grouped[module]["base_layer." * depth + name] = tensor
     return grouped
 
 

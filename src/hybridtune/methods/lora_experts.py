@@ -100,3 +100,49 @@ class ExpertLoRABranch(Branch):
     def extra_repr(self) -> str:
         drop = f", dropout={self.input_dropout.p}" if self.input_dropout.p else ""
         return f"projections={list(self.factors)}{drop}"
+
+
+# ---- peft's format (``target_parameters``) ----------------------------------------------------
+# peft wraps each targeted tensor of a module in a ParamWrapper, the first defined innermost, so
+# the k-th of n targeted tensors' factors sit under "base_layer." * (n - 1 - k). Its factors are
+# flat: lora_A [r·E, in] (expert e's rows e·r .. e·r+r-1) and lora_B [out, r·E] (expert e's
+# column for direction k is k·E + e).
+
+
+def peft_prefixes(projections: list[str]) -> dict[str, str]:
+    """The key prefix of each projection's factors in peft's files, for these targeted projections
+    of one module (in the module's order)."""
+    return {p: "base_layer." * (len(projections) - 1 - i) for i, p in enumerate(projections)}
+
+
+def expert_to_peft(branch: ExpertLoRABranch) -> dict[str, torch.Tensor]:
+    """One experts module's tensors in peft's layout."""
+    tensors = {}
+    for name, prefix in peft_prefixes(list(branch.factors)).items():
+        factors = branch.factors[name]
+        a, b = factors.lora_A.detach(), factors.lora_B.detach()
+        experts, rank, fan_in = a.shape
+        tensors[f"{prefix}lora_A.weight"] = a.reshape(experts * rank, fan_in)
+        tensors[f"{prefix}lora_B.weight"] = b.permute(1, 2, 0).reshape(b.shape[1], rank * experts)
+    return tensors
+
+
+def expert_from_peft(branch: ExpertLoRABranch, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy one experts module's peft tensors into ``branch``; ValueError naming what does not fit."""
+    prefixes = peft_prefixes(list(branch.factors))
+    expected = {f"{prefix}lora_{x}.weight" for prefix in prefixes.values() for x in "AB"}
+    if set(tensors) != expected:
+        raise ValueError(f"the adapter holds {sorted(tensors)}, but the targeted expert tensors "
+                         f"{list(branch.factors)} need {sorted(expected)}")  # fmt: skip
+    for name, prefix in prefixes.items():
+        factors = branch.factors[name]
+        experts, rank, fan_in = factors.lora_A.shape
+        fan_out = factors.lora_B.shape[1]
+        a, b = tensors[f"{prefix}lora_A.weight"], tensors[f"{prefix}lora_B.weight"]
+        if tuple(a.shape) != (experts * rank, fan_in) or tuple(b.shape) != (fan_out, rank * experts):
+            raise ValueError(
+                f"{name}: lora_A {list(a.shape)} / lora_B {list(b.shape)}, but {experts} experts of rank {rank} "
+                f"on {fan_in} -> {fan_out} need {[experts * rank, fan_in]} / {[fan_out, rank * experts]}"
+            )
+        factors.lora_A.copy_(a.reshape(experts, rank, fan_in))
+        factors.lora_B.copy_(b.reshape(fan_out, rank, experts).permute(2, 0, 1))

@@ -16,8 +16,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core.experts import PROJECTIONS
 from ..core.targeting import linear_features
 from .base import peft_key_problems
+from .lora_experts import expert_from_peft, expert_to_peft
 
 # Every key of peft's LoraConfig and what an import does with it (tests/interop checks each against
 # peft itself). Reproduced: the saved tensors and these keys give exactly peft's function.
@@ -26,6 +28,7 @@ _REPRODUCED = {
     # the saved tensors name exactly the modules these chose:
     "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
     "use_dora",  # chooses the method (LoRA or DoRA) that reads the adapter
+    "target_parameters",  # LoRA on fused MoE expert tensors (methods/lora_experts.py)
 }  # fmt: skip
 # Run-time settings that do not change what the adapter computes.
 _NO_EFFECT = {"runtime_config", "megatron_core", "qalora_group_size", "ensure_weight_tying", "eva_config"}
@@ -45,7 +48,6 @@ _ONLY = {
     "trainable_token_indices": (None, [], {}),
     "layer_replication": (None, []),
     "lora_bias": (False, None),
-    "target_parameters": (None, []),
     "megatron_config": (None,),
     "velora_config": (None,),
     "monteclora_config": (None,),
@@ -56,7 +58,6 @@ _ONLY = {
 _WHY = {
     "init_lora_weights": "this initialisation rewrites the base weights too, which the adapter files do not hold",
     "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens, a LoRA entry everywhere",
-    "target_parameters": "LoRA on parameters (MoE experts) is not supported yet",
 }
 
 
@@ -77,12 +78,24 @@ def peft_alpha_for(branch: nn.Module, use_rslora: bool) -> float:
     return float(branch.scale * (branch.rank**0.5 if use_rslora else branch.rank))
 
 
-def _peft_alpha(peft_config: dict[str, Any], target: str) -> float:
-    """peft's own rule: the first alpha_pattern key that matches the end of the module name."""
-    for key, value in (peft_config.get("alpha_pattern") or {}).items():
+def _peft_value(peft_config: dict[str, Any], field: str, target: str, default: Any) -> Any:
+    """peft's own rule: the first key of a pattern field that matches the end of the name."""
+    for key, value in (peft_config.get(field) or {}).items():
         if re.match(rf"(.*\.)?({key})$", target):
-            return float(value)
-    return float(peft_config.get("lora_alpha", 8))
+            return value
+    return default
+
+
+def _peft_alpha(peft_config: dict[str, Any], target: str) -> float:
+    return float(_peft_value(peft_config, "alpha_pattern", target, peft_config.get("lora_alpha", 8)))
+
+
+def _peft_expert_tensors(peft_config: dict[str, Any], module: str) -> list[str]:
+    """The expert tensors of ``module`` that peft's ``target_parameters`` adapts (peft's suffix
+    rule), in the order experts modules define them."""
+    wanted = peft_config.get("target_parameters") or []
+    full = {p: f"{module}.{p}" for p in PROJECTIONS}
+    return [p for p, name in full.items() if any(name == t or name.endswith("." + t) for t in wanted)]
 
 
 def _most_common(values: dict[str, Any]) -> Any:
@@ -139,11 +152,18 @@ class LowRankExchange:
 
     @classmethod
     def from_peft(cls, peft_config: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]):
-        missing = [f"{t}.{n}" for t, named in tensors.items() for n in cls.peft_tensor_names if n not in named]
-        if missing:
-            raise ValueError(f"the adapter has no tensor {missing[0]}")
-        ranks = {t: named["lora_A.weight"].shape[0] for t, named in tensors.items()}
-        alphas = {t: _peft_alpha(peft_config, t) for t in tensors}
+        ranks, alphas = {}, {}
+        for target, named in tensors.items():
+            experts = _peft_expert_tensors(peft_config, target)
+            if experts:  # per-expert factors: one target per tensor, its rank from peft's config
+                for name in (f"{target}.{p}" for p in experts):
+                    ranks[name] = int(_peft_value(peft_config, "rank_pattern", name, peft_config.get("r", 8)))
+                    alphas[name] = _peft_alpha(peft_config, name)
+                continue
+            missing = [n for n in cls.peft_tensor_names if n not in named]
+            if missing:
+                raise ValueError(f"the adapter has no tensor {target}.{missing[0]}")
+            ranks[target], alphas[target] = named["lora_A.weight"].shape[0], _peft_alpha(peft_config, target)
         return cls.exact(
             ranks,
             alphas,
@@ -152,6 +172,9 @@ class LowRankExchange:
         )
 
     def load_peft(self, branch: nn.Module, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        if branch.runs_inside:
+            expert_from_peft(branch, tensors)
+            return
         a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
         fan_in, fan_out = linear_features(module)
         if tuple(a.shape) != (branch.rank, fan_in) or tuple(b.shape) != (fan_out, branch.rank):
@@ -174,7 +197,22 @@ class LowRankExchange:
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         ranks: dict[str, int] = {}
         alphas: dict[str, float] = {}
+        experts: list[str] = []
         for target, branches in per_module.items():
+            if branches[0].runs_inside:  # per-expert factors: peft's target_parameters
+                if len(branches) > 1:
+                    raise ValueError(
+                        f"several LoRA entries on the expert tensors of {target} cannot be one peft adapter"
+                    )
+                if max(c.dropout for c in configs):
+                    raise ValueError("peft refuses lora_dropout with target_parameters (expert tensors); "
+                                     "export an entry with dropout: 0")  # fmt: skip
+                tensors[target] = expert_to_peft(branches[0])
+                for projection, factors in branches[0].factors.items():
+                    experts.append(name := f"{target}.{projection}")
+                    per_scale = factors.rank**0.5 if use_rslora else factors.rank
+                    ranks[name], alphas[name] = factors.rank, float(factors.scale * per_scale)
+                continue
             if stacked:
                 a, b = stack_deltas([(branch, 1.0) for branch in branches])
                 ranks[target], alphas[target] = a.shape[0], float(a.shape[0])
@@ -190,12 +228,13 @@ class LowRankExchange:
             "r": r,
             "lora_alpha": alpha,
             "lora_dropout": max(c.dropout for c in configs),
-            "target_modules": sorted(per_module),
+            "target_modules": sorted(t for t, bs in per_module.items() if not bs[0].runs_inside) or None,
+            "target_parameters": experts or None,
             "rank_pattern": {re.escape(t): v for t, v in ranks.items() if v != r},
             "alpha_pattern": {re.escape(t): v for t, v in alphas.items() if v != alpha},
             "use_rslora": use_rslora,
             "use_dora": cls.peft_use_dora,
-            "fan_in_fan_out": any(b.transposed for bs in per_module.values() for b in bs),
+            "fan_in_fan_out": any(b.transposed for bs in per_module.values() for b in bs if not b.runs_inside),
             "bias": "none",
             "modules_to_save": None,
             "init_lora_weights": True,

@@ -21,6 +21,11 @@ HYBRID = {
     "lora": {"type": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
     "adapter": {"type": "adapter", "after": "mlp", "bottleneck_size": 8},
 }
+# LoRA on the expert tensors themselves (tests/test_moe_lora.py), beside an Adapter after each block
+EXPERTS_HYBRID = {
+    **HYBRID,
+    "lora": {"type": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "experts.gate_up_proj", "experts.down_proj"]},
+}
 
 
 def moe_model(arch, seed=0, **overrides):
@@ -56,14 +61,15 @@ def test_targets_naming_the_fused_experts_are_refused_with_what_to_do():
         ht.inject(moe_model("qwen3_moe"), {"methods": {"lora": {"type": "lora", "r": 2, "targets": ["experts"]}}})
 
 
+@pytest.mark.parametrize("methods", [HYBRID, EXPERTS_HYBRID], ids=["attention-lora", "experts-lora"])
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_adapters_around_moe_blocks_train_with_the_load_balancing_loss(arch, tmp_path):
+def test_adapters_around_moe_blocks_train_with_the_load_balancing_loss(arch, methods, tmp_path):
     ids, mask = batch()
     base = moe_model(arch, output_router_logits=True, router_aux_loss_coef=0.5)
     with torch.no_grad():
         expected = base(input_ids=ids, attention_mask=mask, labels=ids)
     assert expected.aux_loss is not None and expected.aux_loss > 0
-    model = ht.inject(base, {"methods": HYBRID})
+    model = ht.inject(base, {"methods": methods})
     with torch.no_grad():
         start = model(input_ids=ids, attention_mask=mask, labels=ids)
     torch.testing.assert_close(start.logits, expected.logits, rtol=0, atol=1e-6)  # identity at init
@@ -98,6 +104,7 @@ def test_validate_prints_the_all_linear_warning_as_one_line(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "run.yaml")]) == 0
     err = capsys.readouterr().err
     assert "warning: entry 'lora': 'all-linear' adapts linear layers only; it leaves out" in err
+    assert "LoRA adapts the expert tensors when targets name them: experts.gate_up_proj, experts.down_proj" in err
     assert "Traceback" not in err and "TargetWarning" not in err
 
 
@@ -105,8 +112,8 @@ def test_the_serving_engine_batches_sets_on_an_moe_base(tmp_path):
     from hybridtune.serving import AdaptersDir, Engine, Job
     from hybridtune.serving.sampling import Sampling
 
-    for seed, name in enumerate(["one", "two"]):
-        randomize(ht.inject(moe_model("qwen2_moe"), {"methods": HYBRID}), std=0.5, seed=seed).save_adapters(
+    for seed, (name, methods) in enumerate([("one", HYBRID), ("two", EXPERTS_HYBRID)]):
+        randomize(ht.inject(moe_model("qwen2_moe"), {"methods": methods}), std=0.5, seed=seed).save_adapters(
             tmp_path / name
         )
     engine = Engine(moe_model("qwen2_moe"), make_tokenizer(), AdaptersDir(tmp_path), max_batch=4)

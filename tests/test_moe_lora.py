@@ -1,0 +1,172 @@
+"""LoRA on the fused expert tensors of MoE blocks (tiny Qwen3-MoE, Mixtral and Qwen2-MoE): the
+function against the deltas folded into each expert's tensor by hand, the deltas computed for the
+routed (token, expert) pairs only, rank/alpha patterns, dropout, peft's `target_parameters` both
+ways against peft itself, refusals by name, and a YAML run through the CLI. The contract suite
+(tests/test_method_contract.py) covers identity, save/load, merge, gradients and per-row sets."""
+
+import copy
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import hybridtune as ht
+from conftest import MOE_CONFIGS, make_model, make_tokenizer, randomize, write_config
+from hybridtune.cli import main
+from hybridtune.core.errors import TargetError
+from hybridtune.interop.peft_format import export_peft, import_peft
+from hybridtune.methods.lora_experts import ExpertLoRABranch
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+EXPERT_TENSORS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def experts_lora(**extra):
+    return {"methods": {"lora": {"type": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", *EXPERT_TENSORS], **extra}}}
+
+
+def ids_and_mask(seed=1, rows=2, length=10):
+    ids = torch.randint(0, 97, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return ids, torch.ones_like(ids)
+
+
+def folded(base, model):
+    """A copy of ``base`` with every branch's delta added to the tensor it adapts, by hand."""
+    reference = copy.deepcopy(base)
+    params = dict(reference.named_parameters())
+    for _, target, _, branch in model.branches():
+        if isinstance(branch, ExpertLoRABranch):
+            for projection, f in branch.factors.items():
+                delta = torch.einsum("eor,eri->eoi", f.lora_B, f.lora_A) * f.scale
+                params[f"{target}.{projection}"].data += delta
+        else:
+            params[f"{target}.weight"].data += branch.B @ branch.A * branch.scale
+    return reference
+
+
+@pytest.mark.parametrize("arch", sorted(MOE_CONFIGS))
+def test_expert_lora_equals_its_deltas_folded_into_each_experts_tensor(arch):
+    ids, mask = ids_and_mask()
+    base = make_model(arch)
+    config = experts_lora(rank_pattern={"layers.1.mlp.experts.down_proj": 2}, alpha_pattern={"gate_up_proj": 3.0})
+    model = randomize(ht.inject(copy.deepcopy(base), config), std=0.3)
+    branches = [b for _, _, _, b in model.branches() if isinstance(b, ExpertLoRABranch)]
+    assert len(branches) == 2 and all(list(b.factors) == ["gate_up_proj", "down_proj"] for b in branches)
+    assert branches[1].factors["down_proj"].rank == 2 and branches[0].factors["down_proj"].rank == 4
+    assert branches[0].factors["gate_up_proj"].scale == pytest.approx(3.0 / 4)
+    experts = MOE_CONFIGS[arch]().num_local_experts if arch == "mixtral" else 4
+    assert branches[0].factors["gate_up_proj"].lora_A.shape[0] == experts
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+        want = folded(base, model)(input_ids=ids, attention_mask=mask).logits
+        plain = base(input_ids=ids, attention_mask=mask).logits
+    assert (got - plain).abs().max() > 1e-2  # the deltas matter
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_the_deltas_are_computed_for_the_routed_pairs_only(monkeypatch):
+    """One low-rank product per (token, chosen expert) pair, never per (token, every expert); in a
+    mixed batch, only for the rows of the branch's set."""
+    seen = []
+    original = ExpertLoRABranch.expert_delta
+
+    def counting(self, projection, x, expert_ids, offsets):
+        seen.append((self.set_name, projection, x.shape[0], int(offsets[-1])))
+        return original(self, projection, x, expert_ids, offsets)
+
+    monkeypatch.setattr(ExpertLoRABranch, "expert_delta", counting)
+    model = randomize(ht.inject(make_model("qwen3_moe"), experts_lora()))
+    model.add_set("other", ht.HybridConfig(**experts_lora()))
+    ids, mask = ids_and_mask(rows=3, length=5)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    top_k = 2
+    assert {s[2] for s in seen} == {3 * 5 * top_k} and all(s[2] == s[3] for s in seen)
+    seen.clear()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, adapter_sets=["other", None, "default"])
+    assert sorted({(s[0], s[2]) for s in seen}) == [("default", 5 * top_k), ("other", 5 * top_k)]
+
+
+def test_dropout_masks_the_expert_inputs_in_training_only():
+    ids, mask = ids_and_mask()
+    model = randomize(ht.inject(make_model("mixtral"), experts_lora(dropout=0.5, targets=EXPERT_TENSORS)))
+    with torch.no_grad():
+        evals = [model(input_ids=ids, attention_mask=mask).logits for _ in range(2)]
+        model.train()
+        trains = [model(input_ids=ids, attention_mask=mask).logits for _ in range(2)]
+    assert torch.equal(*evals) and not torch.allclose(*trains)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_peft_target_parameters_adapters_import_and_export_exactly(arch, tmp_path):
+    ids, mask = ids_and_mask()
+    base = make_model(arch)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                             rank_pattern={"layers.1.mlp.experts.down_proj": 2})  # fmt: skip
+    theirs = get_peft_model(copy.deepcopy(base), peft_config).eval()
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=mask).logits
+    assert (want - base(input_ids=ids).logits).abs().max() > 1e-2
+    theirs.save_pretrained(tmp_path / "peft")
+
+    ours = import_peft(copy.deepcopy(base), tmp_path / "peft")
+    assert any(t.endswith("mlp.experts") for t in ours.targets)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits, want, **TOL)
+
+    export_peft(ours, tmp_path / "ours")
+    back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert back.peft_config["default"].target_parameters
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids, attention_mask=mask).logits, want, **TOL)
+
+
+def test_an_export_peft_cannot_read_is_refused_by_name(tmp_path):
+    model = ht.inject(make_model("qwen3_moe"), experts_lora(dropout=0.1))
+    with pytest.raises(ValueError, match="peft refuses lora_dropout with target_parameters"):
+        export_peft(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("arch", "entry", "message"),
+    [
+        ("qwen3_moe", {"target_parameters": ["experts.nope"]},
+         "target_parameters pattern 'experts.nope' names no expert tensor of this model "
+         r"\(its expert tensors: experts.gate_up_proj, experts.down_proj\)"),
+        ("llama", {"target_parameters": ["experts.down_proj"]}, "it has no fused MoE experts"),
+        ("mixtral", {"targets": ["down_proj"]}, "names fused expert tensors"),
+        ("qwen3_moe", {"targets": ["experts"]}, "to adapt them with LoRA, name the tensors: experts.gate_up_proj"),
+        ("qwen3_moe", {"targets": ["experts.down_proj"], "r": {"start": 2, "max": 4, "grow_by": 1, "every_steps": 5}},
+         "a growing rank .* is not supported on expert tensors"),
+        ("qwen3_moe", {"type": "dora", "targets": ["experts.down_proj"]}, "which this method does not adapt"),
+    ],
+)  # fmt: skip
+def test_targets_that_cannot_adapt_expert_tensors_are_refused_by_name(arch, entry, message):
+    config = {"methods": {"lora": {"type": "lora", "r": 2, **entry}}}
+    with pytest.raises(TargetError, match=message):
+        ht.inject(make_model(arch), config)
+
+
+def test_a_yaml_run_trains_expert_lora_with_an_adapter_and_the_router_loss(project, tmp_path):
+    tokenizer = make_tokenizer()
+    config = MOE_CONFIGS["qwen3_moe"]()
+    config.update(dict(vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+                       output_router_logits=True, router_aux_loss_coef=0.01))  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    path = write_config(project, tmp_path / "moe", max_steps=12)
+    run = yaml.safe_load(path.read_text())
+    run["methods"] = {**experts_lora()["methods"], "adapter": {"type": "adapter", "after": "mlp", "bottleneck_size": 8}}
+    path.write_text(yaml.safe_dump(run))
+    assert main(["train", str(path)]) == 0
+    summary = yaml.safe_load((project / "runs" / "run" / "summary.json").read_text())
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    trained = ht.load(AutoModelForCausalLM.from_pretrained(tmp_path / "moe"), project / "runs" / "run" / "adapters")
+    factors = [b.factors["down_proj"].lora_B for _, _, _, b in trained.branches() if isinstance(b, ExpertLoRABranch)]
+    assert factors and all(f.abs().sum() > 0 for f in factors)  # the expert deltas trained

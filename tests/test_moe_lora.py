@@ -171,3 +171,16 @@ def test_a_yaml_run_trains_expert_lora_with_an_adapter_and_the_router_loss(proje
     trained = ht.load(AutoModelForCausalLM.from_pretrained(tmp_path / "moe"), project / "runs" / "run" / "adapters")
     factors = [b.factors["down_proj"].lora_B for _, _, _, b in trained.branches() if isinstance(b, ExpertLoRABranch)]
     assert factors and all(f.abs().sum() > 0 for f in factors)  # the expert deltas trained
+
+
+def test_set_merging_and_the_rank_search_refuse_expert_lora_by_name():
+    from hybridtune.interop.set_merging import merge_sets
+    from hybridtune.training.rank_search import spectra
+    from hybridtune.training.run_config import ConfigError
+
+    model = ht.inject(make_model("qwen3_moe"), experts_lora())
+    model.add_set("other", ht.HybridConfig(**experts_lora()))
+    with pytest.raises(ValueError, match="entry 'lora' adapts the MoE expert tensors of .*mlp.experts"):
+        merge_sets(model, {"default": 0.5, "other": 0.5}, into="both")
+    with pytest.raises(ConfigError, match="the rank search covers LoRA on linear layers only"):
+        spectra(model)

@@ -39,7 +39,10 @@ def merge_sets(
             raise ValueError(f"set '{name}' has non-LoRA entries ({', '.join(others)}); only LoRA sets can be merged")
         low_rank = low_rank or next((type(c) for c in model.sets[name].methods.values()), None)
         with model.acting_on(name):
-            for _, target, _, branch in model.branches():
+            for entry, target, _, branch in model.branches():
+                if branch.runs_inside:
+                    raise ValueError(f"set '{name}': entry '{entry}' adapts the MoE expert tensors of {target}, "
+                                     "which merge_sets cannot combine; only sets of linear-layer LoRA can be merged")  # fmt: skip
                 parts[target].append((branch, weight))
     if low_rank is None:
         raise ValueError(f"the sets {', '.join(weights)} have no entries to merge")

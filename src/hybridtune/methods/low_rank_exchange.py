@@ -164,6 +164,9 @@ class LowRankExchange:
             if missing:
                 raise ValueError(f"the adapter has no tensor {target}.{missing[0]}")
             ranks[target], alphas[target] = named["lora_A.weight"].shape[0], _peft_alpha(peft_config, target)
+        for pattern in peft_config.get("target_parameters") or []:
+            if not any(name == pattern or name.endswith("." + pattern) for name in ranks):
+                raise ValueError(f"'target_parameters': {pattern!r} names no tensor saved in the adapter")
         return cls.exact(
             ranks,
             alphas,

@@ -143,7 +143,7 @@ def test_an_export_peft_cannot_read_is_refused_by_name(tmp_path):
         ("qwen3_moe", {"targets": ["experts.down_proj"], "r": {"start": 2, "max": 4, "grow_by": 1, "every_steps": 5}},
          "a growing rank .* is not supported on expert tensors"),
         ("qwen3_moe", {"type": "dora", "targets": ["experts.down_proj"]}, "which this method does not adapt"),
-        ("mixtral", {"targets": ["mlp.gate"]}, r"matched model.layers.0.mlp.gate \(MixtralTopKRouter\).* linear layers"),
+        ("mixtral", {"targets": ["mlp.gate"]}, r"model.layers.0.mlp.gate \(MixtralTopKRouter\).* linear layers"),
     ],
 )  # fmt: skip
 def test_targets_that_cannot_adapt_expert_tensors_are_refused_by_name(arch, entry, message):

@@ -41,8 +41,10 @@ def merge_sets(
         with model.acting_on(name):
             for entry, target, _, branch in model.branches():
                 if branch.runs_inside:
-                    raise ValueError(f"set '{name}': entry '{entry}' adapts the MoE expert tensors of {target}, "
-                                     "which merge_sets cannot combine; only sets of linear-layer LoRA can be merged")  # fmt: skip
+                    raise ValueError(
+                        f"set '{name}': entry '{entry}' adapts the MoE expert tensors of {target}, which merge_sets "
+                        "cannot combine; only sets of linear-layer LoRA can be merged"
+                    )
                 parts[target].append((branch, weight))
     if low_rank is None:
         raise ValueError(f"the sets {', '.join(weights)} have no entries to merge")

@@ -48,8 +48,8 @@ def spectra(model: Any) -> list[ModuleSpectrum]:
             continue
         for _, target, _, branch in model.branches(entry):
             if branch.runs_inside:
-                raise ConfigError([f"entry '{entry}' adapts the MoE expert tensors of {target}; the rank search "
-                                   "covers LoRA on linear layers only (give those tensors a rank in rank_pattern)"])  # fmt: skip
+                why = "the rank search covers LoRA on linear layers only (give those tensors a rank in rank_pattern)"
+                raise ConfigError([f"entry '{entry}' adapts the MoE expert tensors of {target}; {why}"])
             delta = branch.delta_weight()
             sigma = torch.linalg.svdvals(delta.float())
             found.append(ModuleSpectrum(entry, target, sum(branch.lora_A.shape[1:]) + branch.lora_B.shape[0],

@@ -181,11 +181,18 @@ class LoRAConfig(LowRankConfig):
     mergeable: ClassVar[bool] = True
     linear_low_rank: ClassVar[bool] = True
     targets: list[str] = Field(
-        default_factory=list,
-        validation_alias=AliasChoices("targets", "target_modules"),
-        json_schema_extra=LINEAR_TARGETS,
+        validation_alias=AliasChoices("targets", "target_modules"), json_schema_extra=LINEAR_TARGETS
     )
     target_parameters: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parameters_alone_are_enough(cls, values):
+        """peft's configs may name expert tensors only (``target_modules`` unset)."""
+        if isinstance(values, dict) and values.get("target_parameters"):
+            if values.get("targets", values.get("target_modules")) is None:
+                values = {k: v for k, v in values.items() if k != "target_modules"} | {"targets": []}
+        return values
 
     @model_validator(mode="after")
     def _something_targeted(self) -> LoRAConfig:

@@ -1,7 +1,7 @@
 """The contract every registered method keeps, run over the registry: a new method file is covered
 by adding it to METHODS (with its example()). Each case is a method on a base: every method on the
 tiny Llama and on the tiny Qwen2-MoE (whose attention and shared expert carry Llama's names, with
-Adapters around its sparse MoE blocks), and LoRA on the fused expert tensors of three MoE families."""
+Adapters around its sparse MoE blocks), and LoRA on the fused expert tensors and routers of three MoE families."""
 
 import itertools
 from typing import NamedTuple
@@ -23,7 +23,8 @@ class Case(NamedTuple):
 
     def config(self):
         if self.experts:
-            return ht.METHODS[self.name](r=4, alpha=8, targets=["q_proj", "experts.gate_up_proj", "experts.down_proj"])
+            targets = ["q_proj", "mlp.gate", "experts.gate_up_proj", "experts.down_proj"]  # the router too
+            return ht.METHODS[self.name](r=4, alpha=8, targets=targets)
         return ht.METHODS[self.name].example()
 
     def __str__(self):

@@ -1,6 +1,6 @@
-"""LoRA on the fused expert tensors of MoE blocks (tiny Qwen3-MoE, Mixtral and Qwen2-MoE): the
-function against the deltas folded into each expert's tensor by hand, the deltas computed for the
-routed (token, expert) pairs only, rank/alpha patterns, dropout, peft's `target_parameters` both
+"""LoRA on the fused expert tensors and the routers of MoE blocks (tiny Qwen3-MoE, Mixtral and
+Qwen2-MoE): the function against the deltas folded into each expert's tensor (and router) by hand,
+the deltas computed for the routed (token, expert) pairs only, rank/alpha patterns, dropout, peft's `target_parameters` both
 ways against peft itself, refusals by name, and a YAML run through the CLI. The contract suite
 (tests/test_method_contract.py) covers identity, save/load, merge, gradients and per-row sets."""
 
@@ -17,6 +17,7 @@ from conftest import MOE_CONFIGS, make_model, make_tokenizer, randomize, write_c
 from hybridtune.cli import main
 from hybridtune.core.errors import TargetError
 from hybridtune.interop.peft_format import export_peft, import_peft
+from hybridtune.methods.lora import RouterLoRABranch
 from hybridtune.methods.lora_experts import ExpertLoRABranch
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -50,8 +51,10 @@ def folded(base, model):
 def test_expert_lora_equals_its_deltas_folded_into_each_experts_tensor(arch):
     ids, mask = ids_and_mask()
     base = make_model(arch)
-    config = experts_lora(rank_pattern={"layers.1.mlp.experts.down_proj": 2}, alpha_pattern={"gate_up_proj": 3.0})
+    config = experts_lora(rank_pattern={"layers.1.mlp.experts.down_proj": 2}, alpha_pattern={"gate_up_proj": 3.0},
+                          targets=["q_proj", "mlp.gate", *EXPERT_TENSORS])  # fmt: skip
     model = randomize(ht.inject(copy.deepcopy(base), config), std=0.3)
+    assert sum(isinstance(b, RouterLoRABranch) for _, _, _, b in model.branches()) == 2
     branches = [b for _, _, _, b in model.branches() if isinstance(b, ExpertLoRABranch)]
     assert len(branches) == 2 and all(list(b.factors) == ["gate_up_proj", "down_proj"] for b in branches)
     assert branches[1].factors["down_proj"].rank == 2 and branches[0].factors["down_proj"].rank == 4
@@ -105,8 +108,9 @@ def test_peft_target_parameters_adapters_import_and_export_exactly(arch, tmp_pat
     ids, mask = ids_and_mask()
     base = make_model(arch)
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
-                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-                             rank_pattern={"layers.1.mlp.experts.down_proj": 2})  # fmt: skip
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"],
+                             rank_pattern={"layers.1.mlp.experts.down_proj": 2},
+                             alpha_pattern={"layers.0.mlp.gate.weight": 2})  # fmt: skip
     theirs = get_peft_model(copy.deepcopy(base), peft_config).eval()
     with torch.no_grad():
         want = theirs(input_ids=ids, attention_mask=mask).logits
@@ -114,7 +118,7 @@ def test_peft_target_parameters_adapters_import_and_export_exactly(arch, tmp_pat
     theirs.save_pretrained(tmp_path / "peft")
 
     ours = import_peft(copy.deepcopy(base), tmp_path / "peft")
-    assert any(t.endswith("mlp.experts") for t in ours.targets)
+    assert any(t.endswith("mlp.experts") for t in ours.targets) and any(t.endswith("mlp.gate") for t in ours.targets)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits, want, **TOL)
 
@@ -143,7 +147,7 @@ def test_an_export_peft_cannot_read_is_refused_by_name(tmp_path):
         ("qwen3_moe", {"targets": ["experts.down_proj"], "r": {"start": 2, "max": 4, "grow_by": 1, "every_steps": 5}},
          "a growing rank .* is not supported on expert tensors"),
         ("qwen3_moe", {"type": "dora", "targets": ["experts.down_proj"]}, "which this method does not adapt"),
-        ("mixtral", {"targets": ["mlp.gate"]}, r"model.layers.0.mlp.gate \(MixtralTopKRouter\).* linear layers"),
+        ("qwen3_moe", {"type": "dora", "targets": ["mlp.gate"]}, r"mlp.gate \(Qwen3MoeTopKRouter\).* linear layers"),
     ],
 )  # fmt: skip
 def test_targets_that_cannot_adapt_expert_tensors_are_refused_by_name(arch, entry, message):
@@ -163,14 +167,16 @@ def test_a_yaml_run_trains_expert_lora_with_an_adapter_and_the_router_loss(proje
     tokenizer.save_pretrained(tmp_path / "moe")
     path = write_config(project, tmp_path / "moe", max_steps=12)
     run = yaml.safe_load(path.read_text())
-    run["methods"] = {**experts_lora()["methods"], "adapter": {"type": "adapter", "after": "mlp", "bottleneck_size": 8}}
+    lora = experts_lora(targets=["q_proj", "mlp.gate", *EXPERT_TENSORS])["methods"]
+    run["methods"] = {**lora, "adapter": {"type": "adapter", "after": "mlp", "bottleneck_size": 8}}
     path.write_text(yaml.safe_dump(run))
     assert main(["train", str(path)]) == 0
     summary = yaml.safe_load((project / "runs" / "run" / "summary.json").read_text())
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
     trained = ht.load(AutoModelForCausalLM.from_pretrained(tmp_path / "moe"), project / "runs" / "run" / "adapters")
     factors = [b.factors["down_proj"].lora_B for _, _, _, b in trained.branches() if isinstance(b, ExpertLoRABranch)]
-    assert factors and all(f.abs().sum() > 0 for f in factors)  # the expert deltas trained
+    routers = [b.lora_B for _, _, _, b in trained.branches() if isinstance(b, RouterLoRABranch)]
+    assert factors and routers and all(f.abs().sum() > 0 for f in factors + routers)  # the deltas trained
 
 
 def test_set_merging_and_the_rank_search_refuse_expert_lora_by_name():
@@ -184,3 +190,11 @@ def test_set_merging_and_the_rank_search_refuse_expert_lora_by_name():
         merge_sets(model, {"default": 0.5, "other": 0.5}, into="both")
     with pytest.raises(ConfigError, match="the rank search covers LoRA on linear layers only"):
         spectra(model)
+
+
+def test_peft_style_configs_may_name_expert_tensors_only():
+    entry = {"type": "lora", "r": 2, "target_modules": None, "target_parameters": ["mlp.experts.down_proj"]}
+    model = ht.inject(make_model("qwen3_moe"), {"methods": {"lora": entry}})
+    assert sorted(model.targets) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    (branch,) = {type(b) for _, _, _, b in model.branches()}
+    assert branch is ExpertLoRABranch

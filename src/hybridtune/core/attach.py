@@ -67,7 +67,8 @@ def _run_inside(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if routing is None or routing.rows is None:
         chosen = [(b, None) for b in live if b.active]
     else:
-        tokens = first_input(args, kwargs).shape[0]
+        hidden = first_input(args, kwargs)
+        tokens = hidden.numel() // hidden.shape[-1]  # an MoE block's modules see its tokens flattened
         chosen = []
         for branch in live:
             rows = routing.rows_for(branch.set_name, routing.batch)

@@ -162,6 +162,62 @@ def check_supported(module: nn.Module, name: str) -> None:
         )
 
 
+def is_router(module: nn.Module) -> bool:
+    """An MoE router as transformers 5 builds them: not a linear layer, but a [num_experts, hidden]
+    ``weight`` it applies as one (``F.linear(hidden, weight)``), then its softmax and top-k."""
+    weight = module._parameters.get("weight")
+    return (
+        not isinstance(module, nn.Linear)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and getattr(module, "num_experts", None) == weight.shape[0]
+    )
+
+
+def reweighted_forward(
+    module: nn.Module, branches: Sequence[tuple[nn.Module, torch.Tensor | None]], *args: Any, **kwargs: Any
+) -> Any:
+    """A router computed with ``weight`` + each branch's ``delta_weight()`` (a router's weight is
+    small: [experts, hidden]), by the router's own forward, so its softmax, top-k, grouping and
+    bias corrections stay the model's. In a mixed batch, the tokens of each set's rows are
+    computed with that set's weight and put back in place of the base routing."""
+    weight = module.weight
+    everywhere = [b for b, rows in branches if rows is None]
+    if everywhere:
+        changed = weight + sum(b.delta_weight().to(weight.dtype) for b in everywhere)
+        return _forward_with_weight(module, changed, args, kwargs)
+    out = type(module).forward(module, *args, **kwargs)
+    hidden = args[0]
+    tokens = hidden.reshape(-1, hidden.shape[-1])
+    for branch, rows in branches:
+        changed = weight + branch.delta_weight().to(weight.dtype)
+        part = _forward_with_weight(module, changed, (tokens[rows], *args[1:]), kwargs)
+        out = _put_rows(out, part, rows, tokens.shape[0])
+    return out
+
+
+def _forward_with_weight(module: nn.Module, weight: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    """The module's own forward with ``weight`` (a tensor that carries the branch's gradient) in
+    place of its parameter for the call. Like torch.func.functional_call, which would re-enter the
+    branch hook through ``module(...)``; a module is called by one thread at a time here."""
+    original = module._parameters.pop("weight")
+    module.__dict__["weight"] = weight
+    try:
+        return type(module).forward(module, *args, **kwargs)
+    finally:
+        del module.__dict__["weight"]
+        module._parameters["weight"] = original
+
+
+def _put_rows(out: Any, part: Any, rows: torch.Tensor, tokens: int) -> Any:
+    """``out`` (a tensor or tuple of per-token tensors) with ``part``'s values at ``rows``."""
+    if isinstance(out, torch.Tensor):
+        if out.shape[0] != tokens:
+            raise NotImplementedError(f"a router output of shape {list(out.shape)} is not one row per token")
+        return out.index_copy(0, rows, part.to(out.dtype))
+    return type(out)(_put_rows(o, p, rows, tokens) for o, p in zip(out, part, strict=True))
+
+
 def describe(module: nn.Module) -> dict[str, Any]:
     """The shapes of an experts module's projections (for a saved set's target fingerprint)."""
     return {name: list(p.shape) for name, p in expert_projections(module).items()}

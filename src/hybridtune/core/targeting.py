@@ -62,6 +62,9 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, Conv1D):
         fan_in, fan_out = full_shape(module.weight)
         return int(fan_in), int(fan_out)
+    if not hasattr(module, "in_features"):  # an MoE router: a [experts, hidden] weight applied as a linear map
+        fan_out, fan_in = full_shape(module.weight)
+        return int(fan_in), int(fan_out)
     return int(module.in_features), int(module.out_features)
 
 

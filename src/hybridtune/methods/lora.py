@@ -17,7 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..core.errors import TargetError
-from ..core.experts import check_supported, is_fused_experts
+from ..core.experts import check_supported, is_fused_experts, is_router, reweighted_forward
 from ..core.targeting import (
     any_experts,
     describe_expert_tensors,
@@ -189,9 +189,9 @@ class LoRAConfig(LowRankConfig):
     @classmethod
     def _parameters_alone_are_enough(cls, values):
         """peft's configs may name expert tensors only (``target_modules`` unset)."""
-        if isinstance(values, dict) and values.get("target_parameters"):
-            if values.get("targets", values.get("target_modules")) is None:
-                values = {k: v for k, v in values.items() if k != "target_modules"} | {"targets": []}
+        named = isinstance(values, dict) and values.get("target_parameters")
+        if named and values.get("targets", values.get("target_modules")) is None:
+            values = {k: v for k, v in values.items() if k != "target_modules"} | {"targets": []}
         return values
 
     @model_validator(mode="after")
@@ -213,9 +213,9 @@ class LoRAConfig(LowRankConfig):
         found = {p for p in self.targets if any(matches(p, f"{n}.{t}") for n, (_, ts) in experts.items() for t in ts)}
         chosen = []
         if self.targets:
-            chosen = select_modules(model, self.targets, entry=entry, accept=is_linear, exclude=self.exclude,
-                                    accepted_what="linear layers (nn.Linear or transformers' Conv1D)",
-                                    selected_elsewhere=found)  # fmt: skip
+            chosen = select_modules(model, self.targets, entry=entry, accept=lambda m: is_linear(m) or is_router(m),
+                                    accepted_what="linear layers (nn.Linear or transformers' Conv1D) or MoE routers",
+                                    exclude=self.exclude, selected_elsewhere=found)  # fmt: skip
         names = [n for n, _ in chosen] + [f"{n}.{p}" for n, (_, ps) in experts.items() for p in ps]
         self._check_patterns(entry, names)
         for name, (module, _) in experts.items():
@@ -223,6 +223,8 @@ class LoRAConfig(LowRankConfig):
         return in_model_order(model, chosen + [(n, m) for n, (m, _) in experts.items()])
 
     def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> Branch:
+        if is_router(module):
+            return RouterLoRABranch(**self.branch_args(name, module))
         if not is_fused_experts(module):
             return LoRABranch(**self.branch_args(name, module))
         chosen = select_expert_tensors(module, self.targets + self.target_parameters, self.exclude, prefix=name)
@@ -361,3 +363,15 @@ class LoRABranch(Branch):
         grows = f", capacity={self.capacity}" if self.capacity != self.rank else ""
         drop = f", dropout={self.input_dropout.p}" if self.input_dropout.p else ""
         return f"rank={self.rank}{grows}, alpha={self.alpha}, scale={self.scale:g}{drop}, transposed={self.transposed}"
+
+
+class RouterLoRABranch(LoRABranch):
+    """LoRA on an MoE router's weight: the router runs with W + s·B A (core/experts.py's
+    reweighted_forward), so the delta acts before its softmax and top-k; otherwise a LoRA branch
+    (merge, save, peft's tensors). Routers are adapted only where a target names them."""
+
+    runs_inside: ClassVar[bool] = True
+    run_target = staticmethod(reweighted_forward)
+
+    def forward(self, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise RuntimeError("a router LoRA branch runs inside its router (run_target), not after it")

@@ -19,7 +19,7 @@ from torch import nn
 from ..core.experts import PROJECTIONS
 from ..core.targeting import linear_features
 from .base import peft_key_problems
-from .lora_experts import expert_from_peft, expert_to_peft
+from .lora_experts import ExpertLoRABranch, expert_from_peft, expert_to_peft
 
 # Every key of peft's LoraConfig and what an import does with it (tests/interop checks each against
 # peft itself). Reproduced: the saved tensors and these keys give exactly peft's function.
@@ -91,10 +91,10 @@ def _peft_alpha(peft_config: dict[str, Any], target: str) -> float:
 
 
 def _peft_expert_tensors(peft_config: dict[str, Any], module: str) -> list[str]:
-    """The expert tensors of ``module`` that peft's ``target_parameters`` adapts (peft's suffix
-    rule), in the order experts modules define them."""
+    """The tensors of ``module`` that peft's ``target_parameters`` adapts (peft's suffix rule): the
+    expert projections in the order experts modules define them, or ``weight`` (a router)."""
     wanted = peft_config.get("target_parameters") or []
-    full = {p: f"{module}.{p}" for p in PROJECTIONS}
+    full = {p: f"{module}.{p}" for p in (*PROJECTIONS, "weight")}
     return [p for p, name in full.items() if any(name == t or name.endswith("." + t) for t in wanted)]
 
 
@@ -155,6 +155,10 @@ class LowRankExchange:
         ranks, alphas = {}, {}
         for target, named in tensors.items():
             experts = _peft_expert_tensors(peft_config, target)
+            if experts == ["weight"]:  # a router's weight: plain LoRA tensors, keyed by the parameter
+                ranks[target] = named["lora_A.weight"].shape[0]
+                alphas[target] = _peft_alpha(peft_config, f"{target}.weight")
+                continue
             if experts:  # per-expert factors: one target per tensor, its rank from peft's config
                 for name in (f"{target}.{p}" for p in experts):
                     ranks[name] = int(_peft_value(peft_config, "rank_pattern", name, peft_config.get("r", 8)))
@@ -164,8 +168,9 @@ class LowRankExchange:
             if missing:
                 raise ValueError(f"the adapter has no tensor {target}.{missing[0]}")
             ranks[target], alphas[target] = named["lora_A.weight"].shape[0], _peft_alpha(peft_config, target)
+        named_tensors = [*ranks, *(f"{t}.weight" for t in ranks)]
         for pattern in peft_config.get("target_parameters") or []:
-            if not any(name == pattern or name.endswith("." + pattern) for name in ranks):
+            if not any(name == pattern or name.endswith("." + pattern) for name in named_tensors):
                 raise ValueError(f"'target_parameters': {pattern!r} names no tensor saved in the adapter")
         return cls.exact(
             ranks,
@@ -175,7 +180,7 @@ class LowRankExchange:
         )
 
     def load_peft(self, branch: nn.Module, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        if branch.runs_inside:
+        if isinstance(branch, ExpertLoRABranch):
             expert_from_peft(branch, tensors)
             return
         a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
@@ -200,19 +205,21 @@ class LowRankExchange:
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         ranks: dict[str, int] = {}
         alphas: dict[str, float] = {}
-        experts: list[str] = []
+        parameters: list[str] = []  # peft's target_parameters: MoE expert tensors and router weights
+        if any(b.runs_inside for bs in per_module.values() for b in bs) and max(c.dropout for c in configs):
+            raise ValueError("peft refuses lora_dropout with target_parameters (MoE expert tensors and routers); "
+                             "export an entry with dropout: 0")  # fmt: skip
         for target, branches in per_module.items():
-            if branches[0].runs_inside:  # per-expert factors: peft's target_parameters
+            if branches[0].runs_inside and not isinstance(branches[0], ExpertLoRABranch):  # a router
+                parameters.append(f"{target}.weight")
+            if isinstance(branches[0], ExpertLoRABranch):  # per-expert factors
                 if len(branches) > 1:
                     raise ValueError(
                         f"several LoRA entries on the expert tensors of {target} cannot be one peft adapter"
                     )
-                if max(c.dropout for c in configs):
-                    raise ValueError("peft refuses lora_dropout with target_parameters (expert tensors); "
-                                     "export an entry with dropout: 0")  # fmt: skip
                 tensors[target] = expert_to_peft(branches[0])
                 for projection, factors in branches[0].factors.items():
-                    experts.append(name := f"{target}.{projection}")
+                    parameters.append(name := f"{target}.{projection}")
                     per_scale = factors.rank**0.5 if use_rslora else factors.rank
                     ranks[name], alphas[name] = factors.rank, float(factors.scale * per_scale)
                 continue
@@ -226,13 +233,15 @@ class LowRankExchange:
             tensors[target] = {"lora_A.weight": a, "lora_B.weight": b}
             if cls.peft_use_dora:
                 tensors[target]["lora_magnitude_vector"] = branches[0].magnitude.detach()
+        for target in (p.removesuffix(".weight") for p in parameters if p.endswith(".weight")):
+            ranks[f"{target}.weight"], alphas[f"{target}.weight"] = ranks.pop(target), alphas.pop(target)
         r, alpha = _most_common(ranks), _most_common(alphas)
         peft_config = {
             "r": r,
             "lora_alpha": alpha,
             "lora_dropout": max(c.dropout for c in configs),
             "target_modules": sorted(t for t, bs in per_module.items() if not bs[0].runs_inside) or None,
-            "target_parameters": experts or None,
+            "target_parameters": parameters or None,
             "rank_pattern": {re.escape(t): v for t, v in ranks.items() if v != r},
             "alpha_pattern": {re.escape(t): v for t, v in alphas.items() if v != alpha},
             "use_rslora": use_rslora,

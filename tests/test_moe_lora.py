@@ -1,8 +1,9 @@
 """LoRA on the fused expert tensors and the routers of MoE blocks (tiny Qwen3-MoE, Mixtral and
 Qwen2-MoE): the function against the deltas folded into each expert's tensor (and router) by hand,
-the deltas computed for the routed (token, expert) pairs only, rank/alpha patterns, dropout, peft's `target_parameters` both
-ways against peft itself, refusals by name, and a YAML run through the CLI. The contract suite
-(tests/test_method_contract.py) covers identity, save/load, merge, gradients and per-row sets."""
+the deltas computed for the routed (token, expert) pairs only, rank/alpha patterns, dropout, peft's
+`target_parameters` both ways against peft itself, refusals by name, and a YAML run through the
+CLI. The contract suite (tests/test_method_contract.py) covers identity, save/load, merge,
+gradients and per-row sets."""
 
 import copy
 

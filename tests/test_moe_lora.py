@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, OlmoeConfig
 
 import hybridtune as ht
 from conftest import MOE_CONFIGS, make_model, make_tokenizer, randomize, write_config
@@ -199,3 +199,40 @@ def test_peft_style_configs_may_name_expert_tensors_only():
     assert sorted(model.targets) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     (branch,) = {type(b) for _, _, _, b in model.branches()}
     assert branch is ExpertLoRABranch
+
+
+_SIZES = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, num_experts_per_tok=2)  # fmt: skip
+MORE_FAMILIES = {  # OLMoE; DeepSeek-V3 (grouped routing, bias-corrected router, shared experts); GPT-OSS
+    # (experts stored transposed, with biases and a clamped gate; its router is mlp.router)
+    "olmoe": (lambda: OlmoeConfig(**_SIZES, num_experts=4, intermediate_size=16), "mlp.gate"),
+    "deepseek_v3": (lambda: DeepseekV3Config(**_SIZES, n_routed_experts=4, moe_intermediate_size=16,
+                                             intermediate_size=64, n_shared_experts=1, first_k_dense_replace=0,
+                                             n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
+                                             qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8), "mlp.gate"),
+    "gpt_oss": (lambda: GptOssConfig(**_SIZES, num_local_experts=4, intermediate_size=16, head_dim=8,
+                                     layer_types=["full_attention"] * 2), "mlp.router"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", sorted(MORE_FAMILIES))
+def test_more_families_compute_live_what_their_merged_tensors_compute(arch):
+    """Live, the experts run hybridtune's own grouped computation; merged, transformers' own
+    forward runs on the merged tensors: equal outputs check the first against the second."""
+    make_config, router = MORE_FAMILIES[arch]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(make_config()).eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+    model = ht.inject(base, experts_lora(targets=[router, *EXPERT_TENSORS]))
+    ids = ids_and_mask()[0]
+    with torch.no_grad():
+        plain = model(ids).logits
+        randomize(model, std=0.3)
+        live = model(ids).logits
+        model.merge()
+        merged = model(ids).logits
+    assert (live - plain).abs().max() > 1e-1
+    torch.testing.assert_close(merged, live, **TOL)

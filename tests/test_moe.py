@@ -21,10 +21,15 @@ HYBRID = {
     "lora": {"type": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
     "adapter": {"type": "adapter", "after": "mlp", "bottleneck_size": 8},
 }
-# LoRA on the expert tensors themselves (tests/test_moe_lora.py), beside an Adapter after each block
+# LoRA on the router and the expert tensors themselves (tests/test_moe_lora.py), beside an Adapter after each block
 EXPERTS_HYBRID = {
     **HYBRID,
-    "lora": {"type": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "experts.gate_up_proj", "experts.down_proj"]},
+    "lora": {
+        "type": "lora",
+        "r": 4,
+        "alpha": 8,
+        "targets": ["q_proj", "mlp.gate", "experts.gate_up_proj", "experts.down_proj"],
+    },
 }
 
 
@@ -108,15 +113,14 @@ def test_validate_prints_the_all_linear_warning_as_one_line(tmp_path, capsys):
     assert "Traceback" not in err and "TargetWarning" not in err
 
 
-def test_the_serving_engine_batches_sets_on_an_moe_base(tmp_path):
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_the_serving_engine_batches_sets_on_an_moe_base(arch, tmp_path):
     from hybridtune.serving import AdaptersDir, Engine, Job
     from hybridtune.serving.sampling import Sampling
 
-    for seed, (name, methods) in enumerate([("one", HYBRID), ("two", EXPERTS_HYBRID)]):
-        randomize(ht.inject(moe_model("qwen2_moe"), {"methods": methods}), std=0.5, seed=seed).save_adapters(
-            tmp_path / name
-        )
-    engine = Engine(moe_model("qwen2_moe"), make_tokenizer(), AdaptersDir(tmp_path), max_batch=4)
+    for seed, (name, methods) in enumerate([("one", HYBRID), ("two", EXPERTS_HYBRID)]):  # per row: one, base, two
+        randomize(ht.inject(moe_model(arch), {"methods": methods}), std=0.5, seed=seed).save_adapters(tmp_path / name)
+    engine = Engine(moe_model(arch), make_tokenizer(), AdaptersDir(tmp_path), max_batch=4)
     try:
         jobs = []
         for i, name in enumerate(["one", None, "two"]):
@@ -127,7 +131,7 @@ def test_the_serving_engine_batches_sets_on_an_moe_base(tmp_path):
             engine.submit(job)
         for job, done in jobs:
             assert done.wait(60)
-            reference = moe_model("qwen2_moe")
+            reference = moe_model(arch)
             if job.adapter:
                 reference = ht.load(reference, tmp_path / job.adapter)
             ids = torch.tensor([job.prompt_ids])

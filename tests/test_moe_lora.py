@@ -178,6 +178,17 @@ def test_a_yaml_run_trains_expert_lora_with_an_adapter_and_the_router_loss(proje
     factors = [b.factors["down_proj"].lora_B for _, _, _, b in trained.branches() if isinstance(b, ExpertLoRABranch)]
     routers = [b.lora_B for _, _, _, b in trained.branches() if isinstance(b, RouterLoRABranch)]
     assert factors and routers and all(f.abs().sum() > 0 for f in factors + routers)  # the deltas trained
+    # `hybridtune merge --keep-adapters`: LoRA (experts, router, attention) folded into a saved base,
+    # the Adapter kept; the result computes what the trained set computes
+    adapters = project / "runs" / "run" / "adapters"
+    assert main(["merge", "--adapters", str(adapters), "--out", str(tmp_path / "merged"), "--keep-adapters"]) == 0
+    merged = ht.load(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "base"), tmp_path / "merged" / "adapters"
+    )
+    assert set(merged.hybrid_config.methods) == {"adapter"}
+    ids = ids_and_mask()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trained(ids).logits, **TOL)
 
 
 def test_set_merging_and_the_rank_search_refuse_expert_lora_by_name():

@@ -157,9 +157,10 @@ def test_targets_that_cannot_adapt_expert_tensors_are_refused_by_name(arch, entr
         ht.inject(make_model(arch), config)
 
 
-def test_a_yaml_run_trains_expert_lora_with_an_adapter_and_the_router_loss(project, tmp_path):
+@pytest.mark.parametrize("arch", sorted(MOE_CONFIGS))
+def test_a_yaml_run_trains_expert_lora_with_an_adapter_and_the_router_loss(arch, project, tmp_path):
     tokenizer = make_tokenizer()
-    config = MOE_CONFIGS["qwen3_moe"]()
+    config = MOE_CONFIGS[arch]()
     config.update(dict(vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
                        output_router_logits=True, router_aux_loss_coef=0.01))  # fmt: skip

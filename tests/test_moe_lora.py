@@ -149,6 +149,8 @@ def test_an_export_peft_cannot_read_is_refused_by_name(tmp_path):
          "a growing rank .* is not supported on expert tensors"),
         ("qwen3_moe", {"type": "dora", "targets": ["experts.down_proj"]}, "which this method does not adapt"),
         ("qwen3_moe", {"type": "dora", "targets": ["mlp.gate"]}, r"mlp.gate \(Qwen3MoeTopKRouter\).* linear layers"),
+        ("mixtral", {"targets": ["q_proj", "mlp.gate"], "dropout": 0.1},
+         "dropout 0.1 cannot apply to the router model.layers.0.mlp.gate"),
     ],
 )  # fmt: skip
 def test_targets_that_cannot_adapt_expert_tensors_are_refused_by_name(arch, entry, message):
@@ -248,3 +250,76 @@ def test_more_families_compute_live_what_their_merged_tensors_compute(arch):
         merged = model(ids).logits
     assert (live - plain).abs().max() > 1e-1
     torch.testing.assert_close(merged, live, **TOL)
+
+
+def test_exclude_and_dense_patterns_keep_their_meaning_on_moe_models():
+    config = experts_lora(targets=EXPERT_TENSORS, exclude=["model.layers.0.mlp.experts"])
+    model = ht.inject(make_model("qwen3_moe"), config)
+    assert sorted(model.targets) == ["model.layers.1.mlp.experts"]
+    # a dense-model regex that selects linear layers selects no expert tensor (Qwen2-MoE's shared expert)
+    model = ht.inject(make_model("qwen2_moe"), experts_lora(targets=[r".*\.(q_proj|down_proj)"]))
+    assert not any(t.endswith("mlp.experts") for t in model.targets)
+    assert any(t.endswith("shared_expert.down_proj") for t in model.targets)
+
+
+def test_experts_modules_outside_transformers_experts_interface_are_refused_by_name():
+    base = make_model("qwen3_moe")
+    del base.model.layers[1].mlp.experts.has_gate  # as a custom experts class without the decorator
+    with pytest.raises(TargetError, match=r"layers.1.mlp.experts \(Qwen3MoeExperts\) is not an experts module of"):
+        ht.inject(base, experts_lora())
+
+
+def test_entries_of_one_set_act_together_in_a_routed_batch():
+    two = {"methods": {n: {"type": "lora", "r": 2, "targets": ["mlp.gate", "experts.down_proj"]} for n in "ab"}}
+    model = randomize(ht.inject(make_model("mixtral"), two), std=0.5)
+    ids = ids_and_mask(rows=2)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, adapter_sets=["default", "default"]).logits, model(ids).logits, **TOL)
+
+
+def test_bf16_identity_at_init_is_bit_exact():
+    base = make_model("qwen3_moe").to(torch.bfloat16)
+    ids = ids_and_mask()[0]
+    with torch.no_grad():
+        expected = base(ids).logits
+        got = ht.inject(base, experts_lora(targets=["mlp.gate", *EXPERT_TENSORS]))(ids).logits
+    assert torch.equal(got, expected)
+
+
+def test_accelerate_hooks_on_the_experts_keep_running():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Counting(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
+
+    base = make_model("qwen3_moe")
+    add_hook_to_module(base.model.layers[0].mlp.experts, Counting())
+    model = randomize(ht.inject(base, experts_lora()))
+    ids = ids_and_mask()[0]
+    with torch.no_grad():
+        live = model(ids).logits
+        assert Counting.calls == 1 and (live - make_model("qwen3_moe")(ids).logits).abs().max() > 1e-2
+        model.delete_entry("lora")
+        torch.testing.assert_close(model(ids).logits, make_model("qwen3_moe")(ids).logits, **TOL)
+    assert Counting.calls == 2
+
+
+def test_gpt_oss_transposed_experts_and_two_entries_on_one_module_export_to_peft(tmp_path):
+    make_config, router = MORE_FAMILIES["gpt_oss"]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(make_config()).eval()
+    methods = {"up": {"type": "lora", "r": 4, "alpha": 8, "targets": [router, "experts.gate_up_proj"]},
+               "down": {"type": "lora", "r": 2, "alpha": 2, "targets": ["experts.down_proj"]}}  # fmt: skip
+    ours = randomize(ht.inject(copy.deepcopy(base), {"methods": methods}), std=0.3)
+    ids = ids_and_mask()[0]
+    export_peft(ours, tmp_path / "peft")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        want = ours(ids).logits
+        assert (want - base(ids).logits).abs().max() > 1e-1
+        torch.testing.assert_close(theirs(ids).logits, want, **TOL)
+        torch.testing.assert_close(import_peft(copy.deepcopy(base), tmp_path / "peft")(ids).logits, want, **TOL)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import types
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -79,6 +80,23 @@ def _run_inside(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(chosen[0][0]).run_target(module, chosen, *args, **kwargs)
 
 
+def _install_inside(module: nn.Module) -> None:
+    """Make ``_run_inside`` the module's forward. accelerate (device_map, offloading) keeps the
+    forward it wraps in ``_old_forward``: there it is replaced, so its hooks keep running."""
+    runner = functools.partial(_run_inside, module)
+    if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
+        module._old_forward = runner
+    else:
+        module.forward = runner
+
+
+def _remove_inside(module: nn.Module) -> None:
+    if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
+        module._old_forward = types.MethodType(type(module).forward, module)
+    elif isinstance(module.__dict__.get("forward"), functools.partial):
+        del module.__dict__["forward"]
+
+
 def branch_key(set_name: str, entry: str) -> str:
     """Key of a branch in its target's ModuleDict: the entry name, qualified for non-default sets."""
     return entry if set_name == DEFAULT_SET else f"{set_name}:{entry}"
@@ -100,7 +118,7 @@ def attach(module: nn.Module, key: str, branch: Branch) -> None:
         runners = {type(b).run_target for b in branches.values() if b.runs_inside}
         if runners - {type(branch).run_target}:
             raise ValueError(f"module already has branches computed by another run_target than '{key}'")
-        module.forward = functools.partial(_run_inside, module)
+        _install_inside(module)
     elif _run_branches not in module._forward_hooks.values():
         module.register_forward_hook(_run_branches, with_kwargs=True)
     branches[key] = branch
@@ -143,7 +161,7 @@ def detach(module: nn.Module, key: str) -> None:
     if not any(b.modifies_input for b in branches.values()):
         _remove_hook(module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs, _run_pre_branches)
     if not any(b.runs_inside for b in branches.values()):
-        module.__dict__.pop("forward", None)
+        _remove_inside(module)
     if not any(not b.runs_inside for b in branches.values()):
         _remove_hook(module._forward_hooks, module._forward_hooks_with_kwargs, _run_branches)
     if len(branches) == 0:

@@ -16,12 +16,15 @@ the sorted pairs ``x`` (or None when it does not adapt that projection).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import TargetError
 
 PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 """The expert tensors a branch can adapt, in the order the experts apply them."""
@@ -54,8 +57,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     torch's grouped matmul where its kernel takes the shapes (both matrix sides a multiple of 16
     bytes, which a LoRA factor of rank 2 is not), otherwise one matmul per expert."""
     weight_in_out = weight if transposed else weight.transpose(-2, -1)
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        x = x.to(weight.dtype)
+    x = x.to(weight.dtype)  # as transformers' grouped experts do, under autocast too
     if _grouped_kernel_takes(x, weight_in_out):
         return _GROUPED_MM(x, weight_in_out, offs=offsets)
     out, start = [], 0
@@ -76,7 +78,8 @@ def _grouped_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.bfloat16):
         return False
     size = x.element_size()
-    return all((dim * size) % 16 == 0 for dim in weight.shape[1:])
+    aligned = x.device.type != "cpu" or (x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+    return aligned and all((dim * size) % 16 == 0 for dim in weight.shape[1:])
 
 
 def _bias(module: nn.Module, name: str, expert_ids: torch.Tensor) -> torch.Tensor | None:
@@ -131,10 +134,12 @@ def experts_forward(
     out = project("down_proj", inner)
     if getattr(module, "has_post_expert_norm", False):
         out = module.post_expert_norm(out)
-    weighted = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
-    final = torch.zeros(tokens, weighted.shape[-1], dtype=weighted.dtype, device=weighted.device)
-    final = final.index_add(0, token_of_pair, weighted)
-    return final.to(hidden_states.dtype)
+    # the routing weights and the sum over each token's experts exactly as transformers' grouped
+    # experts apply them (same dtypes, same order), so a zero delta gives its output bit for bit
+    weighted = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device=order.device)
+    return weighted[back].view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
 def _pairs_of(token_rows: torch.Tensor, token_of_pair: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -149,16 +154,19 @@ def tokens_of_rows(rows: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
     block flattens [batch, seq, hidden] to [tokens, hidden] before its experts)."""
     per_row, rest = divmod(tokens, batch)
     if rest:
-        raise ValueError(f"adapter_sets routes {batch} rows, but an experts module saw {tokens} tokens")
+        raise ValueError(f"adapter_sets routes {batch} rows, but a module of an MoE block saw {tokens} tokens")
     return (rows[:, None] * per_row + torch.arange(per_row, device=rows.device)).reshape(-1)
 
 
 def check_supported(module: nn.Module, name: str) -> None:
-    """Refuse, by name, an experts module whose computation this file does not reproduce."""
-    if not callable(getattr(module, "_apply_gate", None)) and hasattr(module, "gate_up_proj"):
-        raise ValueError(
-            f"{name} ({type(module).__name__}) has no _apply_gate: hybridtune reproduces the experts modules of "
-            "transformers' experts interface (transformers >= 5), and this one is not one of them"
+    """Refuse, by name, an experts module whose computation this file does not reproduce: only
+    those of transformers' experts interface (``use_experts_implementation``), whose layout flags
+    (has_gate, is_transposed, has_bias) say how to compute them."""
+    described = all(hasattr(module, a) for a in ("has_gate", "is_transposed", "has_bias", "_apply_gate"))
+    if not described:
+        raise TargetError(
+            f"{name} ({type(module).__name__}) is not an experts module of transformers' experts interface, whose "
+            "computation hybridtune reproduces with per-expert deltas; adapt its block with an Adapter (after: mlp)"
         )
 
 
@@ -182,31 +190,33 @@ def reweighted_forward(
     bias corrections stay the model's. In a mixed batch, the tokens of each set's rows are
     computed with that set's weight and put back in place of the base routing."""
     weight = module.weight
-    everywhere = [b for b, rows in branches if rows is None]
-    if everywhere:
-        changed = weight + sum(b.delta_weight().to(weight.dtype) for b in everywhere)
+    per_set: dict[str, tuple[torch.Tensor | None, list[nn.Module]]] = {}
+    for branch, rows in branches:  # the entries of one set act together on its rows
+        per_set.setdefault(branch.set_name, (rows, []))[1].append(branch)
+    if len(per_set) == 1 and next(iter(per_set.values()))[0] is None:
+        changed = weight + sum(b.delta_weight().to(weight.dtype) for b in branches_of(per_set))
         return _forward_with_weight(module, changed, args, kwargs)
     out = type(module).forward(module, *args, **kwargs)
     hidden = args[0]
     tokens = hidden.reshape(-1, hidden.shape[-1])
-    for branch, rows in branches:
-        changed = weight + branch.delta_weight().to(weight.dtype)
+    for rows, members in per_set.values():
+        changed = weight + sum(b.delta_weight().to(weight.dtype) for b in members)
         part = _forward_with_weight(module, changed, (tokens[rows], *args[1:]), kwargs)
         out = _put_rows(out, part, rows, tokens.shape[0])
     return out
 
 
+def branches_of(per_set: dict[str, tuple[Any, list[nn.Module]]]) -> list[nn.Module]:
+    return [b for _, members in per_set.values() for b in members]
+
+
 def _forward_with_weight(module: nn.Module, weight: torch.Tensor, args: tuple, kwargs: dict) -> Any:
     """The module's own forward with ``weight`` (a tensor that carries the branch's gradient) in
-    place of its parameter for the call. Like torch.func.functional_call, which would re-enter the
-    branch hook through ``module(...)``; a module is called by one thread at a time here."""
-    original = module._parameters.pop("weight")
-    module.__dict__["weight"] = weight
-    try:
-        return type(module).forward(module, *args, **kwargs)
-    finally:
-        del module.__dict__["weight"]
-        module._parameters["weight"] = original
+    place of its parameter, run on a shallow copy of the module, so the module itself never
+    changes (a concurrent call, or a state_dict() taken meanwhile, sees its own weight)."""
+    view = copy.copy(module)
+    view._parameters = {**module._parameters, "weight": weight}
+    return type(module).forward(view, *args, **kwargs)
 
 
 def _put_rows(out: Any, part: Any, rows: torch.Tensor, tokens: int) -> Any:

@@ -10,9 +10,10 @@ A pattern is either
   a TargetWarning says which and how much of the model they hold.
 
 Methods that adapt the fused expert tensors of MoE blocks (``select_expert_tensors``) match the
-same patterns against parameter names (``model.layers.0.mlp.experts.gate_up_proj``); a plain
-pattern must then name the module too (``experts.gate_up_proj``), so a dense-model pattern such as
-``down_proj`` keeps selecting the linear layers it always selected.
+same patterns against parameter names (``model.layers.0.mlp.experts.gate_up_proj``), but only
+patterns that select no linear layer of the model, and plain ones only when they name the module
+too (``experts.gate_up_proj``): a dense-model pattern such as ``down_proj`` or
+``.*\\.(q_proj|down_proj)`` keeps selecting exactly the linear layers it always selected.
 """
 
 from __future__ import annotations
@@ -139,14 +140,16 @@ def _selects_tensor(pattern: str, full_name: str) -> bool:
 
 
 def select_expert_tensors(
-    model: nn.Module, patterns: list[str], exclude: list[str], prefix: str = ""
+    model: nn.Module, patterns: list[str], exclude: list[str]
 ) -> dict[str, tuple[nn.Module, list[str]]]:
     """The fused expert tensors ``patterns`` name: {experts module name: (module, [projection])},
-    in model order (``prefix``: the name of ``model`` itself, when it is a part of the model)."""
+    in model order (see the module docstring for which patterns name them)."""
     chosen: dict[str, tuple[nn.Module, list[str]]] = {}
-    for name, module in named_base_modules(model):
-        name = f"{prefix}.{name}" if prefix and name else (prefix or name)
-        if not is_fused_experts(module):
+    modules = list(named_base_modules(model))
+    linear = [n for n, m in modules if is_linear(m)]
+    patterns = [p for p in patterns if not any(matches(p, n) for n in linear)]
+    for name, module in modules:
+        if not is_fused_experts(module) or any(matches(x, name) for x in exclude):
             continue
         for projection in expert_projections(module):
             full = f"{name}.{projection}"

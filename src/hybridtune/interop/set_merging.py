@@ -40,7 +40,7 @@ def merge_sets(
         low_rank = low_rank or next((type(c) for c in model.sets[name].methods.values()), None)
         with model.acting_on(name):
             for entry, target, _, branch in model.branches():
-                if branch.runs_inside:
+                if branch.per_expert:
                     raise ValueError(
                         f"set '{name}': entry '{entry}' adapts the MoE expert tensors of {target}, which merge_sets "
                         "cannot combine; only sets of linear-layer LoRA can be merged"

@@ -127,6 +127,7 @@ class Branch(nn.Module):
     # shared by every such branch of the module (core/experts.py's experts_forward).
     runs_inside: ClassVar[bool] = False
     run_target: ClassVar[Any] = None
+    per_expert: ClassVar[bool] = False  # True: factors per expert of an MoE block, not one matrix per target
 
     def __init__(self) -> None:
         super().__init__()

@@ -220,6 +220,11 @@ class LoRAConfig(LowRankConfig):
         self._check_patterns(entry, names)
         for name, (module, _) in experts.items():
             check_supported(module, name)
+        routers = [n for n, m in chosen if is_router(m)]
+        if routers and self.dropout:
+            raise TargetError(f"entry '{entry}': dropout {self.dropout} cannot apply to the router {routers[0]} (its "
+                              "LoRA acts through the router's weight, and peft refuses it too); put the router in an "
+                              "entry of its own with dropout: 0")  # fmt: skip
         return in_model_order(model, chosen + [(n, m) for n, (m, _) in experts.items()])
 
     def build_branch(self, entry: str, name: str, module: nn.Module, model: nn.Module) -> Branch:
@@ -227,7 +232,7 @@ class LoRAConfig(LowRankConfig):
             return RouterLoRABranch(**self.branch_args(name, module))
         if not is_fused_experts(module):
             return LoRABranch(**self.branch_args(name, module))
-        chosen = select_expert_tensors(module, self.targets + self.target_parameters, self.exclude, prefix=name)
+        chosen = select_expert_tensors(model, self.targets + self.target_parameters, self.exclude)
         ranks = {}
         for projection in chosen[name][1]:
             full = f"{name}.{projection}"

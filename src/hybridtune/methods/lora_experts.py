@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..core.experts import expert_projections, experts_forward, grouped_linear, projection_features
+from ..core.experts import PROJECTIONS, expert_projections, experts_forward, grouped_linear, projection_features
 from .base import Branch, param_like
 from .dropout import SharedDropout
 
@@ -46,6 +46,7 @@ class ExpertLoRABranch(Branch):
 
     runs_inside: ClassVar[bool] = True
     run_target = staticmethod(experts_forward)
+    per_expert: ClassVar[bool] = True
 
     def __init__(self, module: nn.Module, ranks: dict[str, tuple[int, float, float]], dropout: SharedDropout) -> None:
         """``ranks``: projection name -> (rank, alpha, scale)."""
@@ -115,11 +116,20 @@ def peft_prefixes(projections: list[str]) -> dict[str, str]:
     return {p: "base_layer." * (len(projections) - 1 - i) for i, p in enumerate(projections)}
 
 
-def expert_to_peft(branch: ExpertLoRABranch) -> dict[str, torch.Tensor]:
-    """One experts module's tensors in peft's layout."""
+def expert_to_peft(branches: list[ExpertLoRABranch]) -> dict[str, torch.Tensor]:
+    """One experts module's tensors in peft's layout; several entries may share the module when
+    each adapts other tensors (peft then holds them as one adapter)."""
+    by_name: dict[str, ExpertFactors] = {}
+    for branch in branches:
+        for name, factors in branch.factors.items():
+            if name in by_name:
+                raise ValueError(f"two LoRA entries adapt the expert tensor {name} of one module; one peft "
+                                 "adapter holds one LoRA per tensor")  # fmt: skip
+            by_name[name] = factors
+    ordered = [p for p in PROJECTIONS if p in by_name]
     tensors = {}
-    for name, prefix in peft_prefixes(list(branch.factors)).items():
-        factors = branch.factors[name]
+    for name, prefix in peft_prefixes(ordered).items():
+        factors = by_name[name]
         a, b = factors.lora_A.detach(), factors.lora_B.detach()
         experts, rank, fan_in = a.shape
         tensors[f"{prefix}lora_A.weight"] = a.reshape(experts * rank, fan_in)

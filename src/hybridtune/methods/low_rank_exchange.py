@@ -19,7 +19,7 @@ from torch import nn
 from ..core.experts import PROJECTIONS
 from ..core.targeting import linear_features
 from .base import peft_key_problems
-from .lora_experts import ExpertLoRABranch, expert_from_peft, expert_to_peft
+from .lora_experts import expert_from_peft, expert_to_peft
 
 # Every key of peft's LoraConfig and what an import does with it (tests/interop checks each against
 # peft itself). Reproduced: the saved tensors and these keys give exactly peft's function.
@@ -180,7 +180,7 @@ class LowRankExchange:
         )
 
     def load_peft(self, branch: nn.Module, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        if isinstance(branch, ExpertLoRABranch):
+        if branch.per_expert:
             expert_from_peft(branch, tensors)
             return
         a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
@@ -210,15 +210,11 @@ class LowRankExchange:
             raise ValueError("peft refuses lora_dropout with target_parameters (MoE expert tensors and routers); "
                              "export an entry with dropout: 0")  # fmt: skip
         for target, branches in per_module.items():
-            if branches[0].runs_inside and not isinstance(branches[0], ExpertLoRABranch):  # a router
+            if branches[0].runs_inside and not branches[0].per_expert:  # a router
                 parameters.append(f"{target}.weight")
-            if isinstance(branches[0], ExpertLoRABranch):  # per-expert factors
-                if len(branches) > 1:
-                    raise ValueError(
-                        f"several LoRA entries on the expert tensors of {target} cannot be one peft adapter"
-                    )
-                tensors[target] = expert_to_peft(branches[0])
-                for projection, factors in branches[0].factors.items():
+            if branches[0].per_expert:  # per-expert factors
+                tensors[target] = expert_to_peft(branches)
+                for projection, factors in ((p, f) for b in branches for p, f in b.factors.items()):
                     parameters.append(name := f"{target}.{projection}")
                     per_scale = factors.rank**0.5 if use_rslora else factors.rank
                     ranks[name], alphas[name] = factors.rank, float(factors.scale * per_scale)

@@ -47,7 +47,7 @@ def spectra(model: Any) -> list[ModuleSpectrum]:
         if not cfg.linear_low_rank:
             continue
         for _, target, _, branch in model.branches(entry):
-            if branch.runs_inside:
+            if branch.per_expert:
                 why = "the rank search covers LoRA on linear layers only (give those tensors a rank in rank_pattern)"
                 raise ConfigError([f"entry '{entry}' adapts the MoE expert tensors of {target}; {why}"])
             delta = branch.delta_weight()

@@ -350,3 +350,44 @@ def test_an_extreme_seed_or_a_tiny_temperature_is_served(engine, solo):
         seeded, events = job("alpha", prompt, 4, Sampling(temperature=1.0, seed=seed))
         engine.submit(seeded)
         assert events.wait().of("end") == [("length", 4)]
+
+
+def test_short_prompts_waiting_beside_long_ones_are_prefilled_first(engine, solo):
+    """Grouped with a 64-token prompt, a 4-token one would wait for the long prefill (the budget is
+    spent on its padding); grouped by length, the short ones answer first and the long ones after."""
+    jobs = [job(None, prompt_of(9, 64), 2), job(None, prompt_of(8, 40), 2)]
+    jobs += [job("alpha", prompt_of(10 + i, 4), 2) for i in range(2)]
+    with engine._wake:  # all four wait together
+        for j, _ in jobs:
+            engine._waiting.append(j)
+        engine._wake.notify()
+    for (j, events), name in zip(jobs, [None, None, "alpha", "alpha"], strict=True):
+        events.wait()
+        assert j.generated == solo(name, j.prompt_ids, 2)
+    long_ready = jobs[0][1].items[0][0]
+    assert all(events.items[-1][0] < long_ready for _, events in jobs[2:]), "a short prompt waited for a long one"
+
+
+def test_prefill_groups_are_of_similar_lengths_and_nothing_starves():
+    from types import SimpleNamespace
+
+    from hybridtune.serving.admission import MAX_SKIPS, choose_prefill
+
+    def waiting(*lengths):
+        return [SimpleNamespace(prompt_ids=[0] * n, echo_logprobs=False, cancelled=False, skipped=0) for n in lengths]
+
+    queue = waiting(300, 5, 6, 200)
+    assert [len(j.prompt_ids) for j in choose_prefill(queue, room=4, chunk=64)] == [5, 6]
+    assert [j.skipped for j in queue] == [1, 0, 0, 1]
+    assert [len(j.prompt_ids) for j in choose_prefill(queue[:1] + queue[3:], room=4, chunk=64)] == [200, 300]
+    queue = waiting(300) + waiting(*[5] * 8)  # a stream of short prompts passes a long one MAX_SKIPS times at most
+    for _ in range(MAX_SKIPS):
+        taken = choose_prefill(queue, room=2, chunk=64)
+        assert all(len(j.prompt_ids) == 5 for j in taken)
+        queue = [j for j in queue if j not in taken]
+    assert len(choose_prefill(queue, room=2, chunk=64)[0].prompt_ids) == 300
+    echo = waiting(5, 5)
+    echo[0].echo_logprobs = True
+    assert choose_prefill(echo, room=4, chunk=64) == [echo[0]]  # prompt logprobs: prefilled alone
+    small = waiting(3, 9, 14)  # within one prefill step, padding costs nothing
+    assert len(choose_prefill(small, room=4, chunk=64)) == 3

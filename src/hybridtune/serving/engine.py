@@ -33,6 +33,7 @@ from ..core.adapter_io import saved_config
 from ..core.kv_cache import cache_keyword, returned_cache
 from ..core.model import HybridModel, add_saved_set
 from .adapters_dir import AdaptersDir, BrokenAdapter, UnknownAdapter
+from .admission import choose_prefill
 from .ragged_cache import RaggedCache, splicable
 from .sampling import Sampling, TokenLogprob, next_tokens, prompt_logprobs
 
@@ -60,6 +61,7 @@ class Job:
     sent: int = 0  # characters of ``text`` already sent
     unsent_logprobs: list[tuple[TokenLogprob, int, int]] = field(default_factory=list)  # (report, text start, end)
     done: bool = False
+    skipped: int = 0  # prefills that went ahead of it (serving/admission.py)
     next_token: int | None = None  # sampled, not yet in the cache
     generator: torch.Generator | None = None
 
@@ -156,21 +158,13 @@ class Engine:
                 self._live, self._cache, self._prefill = [], None, None
 
     def _take(self) -> list[Job]:
-        """Waiting jobs to prefill now: none while a prefill runs or the batch is full (or, for a
-        model whose cache cannot be spliced, while any row is live); a job that reports prompt
-        logprobs is prefilled alone (its logits are kept for every position)."""
+        """Waiting jobs to prefill now (serving/admission.py): none while a prefill runs or the
+        batch is full (or, for a model whose cache cannot be spliced, while any row is live)."""
         if self._prefill is not None or (self._live and not self._splicable):
             return []
-        room = self.max_batch - len(self._live)
-        taken: list[Job] = []
-        while self._waiting and len(taken) < room:
-            job = self._waiting[0]
-            if job.cancelled:
-                self._waiting.popleft()
-                continue
-            if taken and (job.echo_logprobs or taken[0].echo_logprobs):
-                break
-            taken.append(self._waiting.popleft())
+        taken = choose_prefill(self._waiting, self.max_batch - len(self._live), self.prefill_chunk)
+        if taken or any(job.cancelled for job in self._waiting):
+            self._waiting = deque(j for j in self._waiting if not j.cancelled and all(j is not t for t in taken))
         return taken
 
     def _start_prefill(self, candidates: list[Job]) -> None:

@@ -1,0 +1,160 @@
+"""One LLaMA-Factory training YAML run by LLaMA-Factory and by hybridtune, on token-identical data.
+
+python bench/vs_llamafactory.py --lf-python VENV/bin/python [--rounds 2] [--steps 10]
+
+LLaMA-Factory pins its own transformers/peft/TRL, so it runs from its own venv (``--lf-python``;
+`pip install torch==2.13.0 && pip install -c <(echo torch==2.13.0) llamafactory`; the registry's
+torchaudio wheels are CUDA builds that do not load beside the CPU torch, and LLaMA-Factory imports
+torchaudio at start-up for audio inputs, so that venv gets a stand-in module, see ``stub_torchaudio``).
+
+The YAML: SmolLM2-135M-Instruct (the embedded model, as a transformers directory), LoRA r8 on all
+linear layers, the quickstart's sentiment data as an alpaca dataset (dataset_info.json), LLaMA-Factory's
+``empty`` template, cutoff 128, batch 8, ``--steps`` steps, with and without gradient checkpointing
+(LLaMA-Factory's default is on). hybridtune runs the YAML that ``hybridtune convert`` writes from it,
+with ``data.template`` a Jinja file that renders as LLaMA-Factory's ``empty`` does; the first training
+example's token ids are compared with the ones LLaMA-Factory logs (they must be equal). Time: each
+trainer's own training time (LLaMA-Factory's ``train_runtime``, hybridtune's ``train_seconds``);
+memory: the peak resident set of each run's process. The tools alternate within each round.
+Writes bench/results/vs_llamafactory.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).parent
+EMPTY_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"  # LLaMA-Factory's `empty`
+REGIMES = {"checkpointing": {}, "no checkpointing": {"disable_gradient_checkpointing": True}}
+
+
+def stub_torchaudio(python: str) -> None:
+    """A stand-in torchaudio in the LLaMA-Factory venv when the real one cannot load there."""
+    if subprocess.run([python, "-c", "import torchaudio"], capture_output=True).returncode == 0:
+        return
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    package = Path(site) / "torchaudio"
+    shutil.rmtree(package, ignore_errors=True)
+    package.mkdir()
+    stub = '"""Stand-in (bench/vs_llamafactory.py): text training only."""\n__version__ = "0+stub"\n'
+    (package / "__init__.py").write_text(stub)
+
+
+def run(command: list[str], cwd: Path) -> tuple[str, float]:
+    """(output, peak resident set in MB) of one training process."""
+    with open(cwd / "log.txt", "w") as log:
+        process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ,
+                                   "PYTHONPATH": str(HERE.parent / "src")})  # fmt: skip
+        _, status, usage = os.wait4(process.pid, 0)
+    output = (cwd / "log.txt").read_text()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{command[0]} failed:\n{output[-3000:]}")
+    return output, usage.ru_maxrss / 1024
+
+
+def first_example_ids(log: str) -> list[int]:
+    """The token ids of the first training example, as LLaMA-Factory logs them."""
+    return ast.literal_eval(log.split("input_ids:\n", 1)[1].split("\n", 1)[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lf-python", required=True, help="python of a venv with llamafactory installed")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "vs_llamafactory.md")
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    from hybridtune.core.base_models import resolve_model
+    from hybridtune.training.data import encode
+
+    stub_torchaudio(args.lf_python)
+    lf_cli = str(Path(args.lf_python).parent / "llamafactory-cli")
+    model = resolve_model("smollm2-135m")
+    work = Path(tempfile.mkdtemp(prefix="vs-llamafactory-"))
+    (work / "data").mkdir()
+    shutil.copy(HERE.parent / "examples" / "sentiment" / "train.jsonl", work / "data" / "train.jsonl")
+    (work / "data" / "dataset_info.json").write_text(json.dumps({"sentiment": {"file_name": "train.jsonl"}}))
+    (work / "empty.jinja").write_text(EMPTY_TEMPLATE)
+    rows = [json.loads(line) for line in (work / "data" / "train.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = EMPTY_TEMPLATE
+    first = rows[0]
+    ours_first = encode(tokenizer, [{"role": "user", "content": f"{first['instruction']}\n{first['input']}"},
+                                    {"role": "assistant", "content": first["output"]}], 128).input_ids  # fmt: skip
+    mean_tokens = statistics.mean(
+        len(tokenizer(f"{r['instruction']}\n{r['input']}{r['output']}", add_special_tokens=False)["input_ids"])
+        for r in rows
+    )
+    results: dict[tuple[str, str], dict[str, list[float]]] = {}
+    identical = None
+    for round_ in range(args.rounds):
+        for regime, extra in REGIMES.items():
+            tools = ["llamafactory", "hybridtune"] if round_ % 2 == 0 else ["hybridtune", "llamafactory"]
+            for tool in tools:
+                where = work / f"{tool}-{regime.replace(' ', '-')}-{round_}"
+                where.mkdir()
+                config = {"model_name_or_path": model, "stage": "sft", "do_train": True, "finetuning_type": "lora",
+                          "lora_target": "all", "lora_rank": 8, "lora_alpha": 16, "dataset": "sentiment",
+                          "dataset_dir": str(work / "data"), "template": "empty", "cutoff_len": 128,
+                          "per_device_train_batch_size": 8, "max_steps": args.steps, "learning_rate": 1e-3,
+                          "logging_steps": 1, "output_dir": str(where / "out"), "overwrite_output_dir": True,
+                          "report_to": "none", "bf16": False, "dataloader_num_workers": 0, **extra}  # fmt: skip
+                (where / "lf.yaml").write_text(yaml.safe_dump(config))
+                if tool == "llamafactory":
+                    log, peak = run([lf_cli, "train", "lf.yaml"], where)
+                    seconds = json.loads((where / "out" / "all_results.json").read_text())["train_runtime"]
+                    identical = first_example_ids(log) == ours_first if identical is None else identical
+                else:
+                    hybridtune = [sys.executable, "-m", "hybridtune"]
+                    subprocess.run([*hybridtune, "convert", "lf.yaml", "--out", "ht.yaml"], cwd=where, check=True,
+                                   capture_output=True)  # fmt: skip
+                    converted = yaml.safe_load((where / "ht.yaml").read_text())
+                    converted["data"]["template"] = str(work / "empty.jinja")
+                    (where / "ht.yaml").write_text(yaml.safe_dump(converted))
+                    _, peak = run([*hybridtune, "train", "ht.yaml"], where)
+                    seconds = json.loads((where / "out" / "summary.json").read_text())["train_seconds"]
+                entry = results.setdefault((regime, tool), {"seconds": [], "peak": []})
+                entry["seconds"].append(seconds)
+                entry["peak"].append(peak)
+                print(f"round {round_ + 1} {regime} {tool}: {seconds:.1f} s, peak {peak:.0f} MB", flush=True)
+    lines = [
+        "# LLaMA-Factory's YAML, run by LLaMA-Factory and by hybridtune",
+        "",
+        f"`python bench/vs_llamafactory.py --rounds {args.rounds} --steps {args.steps}` on {platform.machine()} "
+        f"({os.cpu_count()} cores). SmolLM2-135M-Instruct fp32, LoRA r8 on all linear layers, the sentiment "
+        f"data with LLaMA-Factory's `empty` template (mean {mean_tokens:.1f} tokens per example, batch 8, cutoff "
+        f"128), {args.steps} steps. First training example token-identical: {'yes' if identical else 'NO'}. "
+        "Time: the trainers' own training time (median over rounds); memory: the process's peak resident set.",
+        "",
+        "| regime | LLaMA-Factory s/step | hybridtune s/step | hybridtune / LLaMA-Factory | LLaMA-Factory peak MB "
+        "| hybridtune peak MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for regime in REGIMES:
+        theirs, ours = results[(regime, "llamafactory")], results[(regime, "hybridtune")]
+        ratio = statistics.median(o / t for o, t in zip(ours["seconds"], theirs["seconds"], strict=True))
+        lines.append(f"| {regime} | {statistics.median(theirs['seconds']) / args.steps:.2f} | "
+                     f"{statistics.median(ours['seconds']) / args.steps:.2f} | {ratio:.2f} | "
+                     f"{max(theirs['peak']):.0f} | {max(ours['peak']):.0f} |")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -333,7 +333,7 @@ class Engine:
                 continue
             job.generated.append(token)
             start = len(job.text)
-            job.text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
+            job.text = self._decoded(job)
             if report is not None:
                 job.unsent_logprobs.append((report, start, len(job.text)))
             cut = min((job.text.find(s) for s in job.stop if s in job.text), default=-1)
@@ -344,6 +344,17 @@ class Engine:
                 self._close(job, "length")
             else:
                 self._flush(job, final=False)
+
+    def _decoded(self, job: Job) -> str:
+        """The text of the tokens generated so far, decoded after the prompt's last token: a
+        SentencePiece tokenizer strips the space of a text's first word (``▁world`` alone is
+        "world"), which a reply that continues its prompt keeps (as vLLM's does)."""
+        context = job.prompt_ids[-1:]
+        before = self.tokenizer.decode(context, skip_special_tokens=True)
+        full = self.tokenizer.decode(context + job.generated, skip_special_tokens=True)
+        if full.startswith(before):
+            return full[len(before) :]
+        return self.tokenizer.decode(job.generated, skip_special_tokens=True)
 
     def _cut(self, job: Job, cut: int) -> None:
         """End the text before a stop string; logprobs of tokens that start inside it are not sent."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .sampling import TokenLogprob
+from .token_text import TokenText
 
 
 @dataclass
@@ -28,12 +29,10 @@ class Replies:
     def __init__(self, tokenizer: Any, kind: str, ident: str, created: int, model: str, top: int | None) -> None:
         self.tokenizer, self.kind, self.ident, self.created, self.model, self.top = (
             tokenizer, kind, ident, created, model, top)  # fmt: skip
-        self._pieces: dict[int, str] = {}
+        self.text = TokenText(tokenizer)
 
     def piece(self, token: int) -> str:
-        if token not in self._pieces:
-            self._pieces[token] = self.tokenizer.decode([token])
-        return self._pieces[token]
+        return self.text.text_of(token)
 
     # ---- logprobs -----------------------------------------------------------------------------
     def logprobs(self, items: list[TokenLogprob], offset: int = 0) -> dict[str, Any] | None:
@@ -43,22 +42,16 @@ class Replies:
             return None
         if self.kind == "chat":
             return {"content": [self._chat_item(i) for i in items], "refusal": None}
-        tokens, offsets = [], []
-        for item in items:
-            offsets.append(offset)
-            tokens.append(self.piece(item.token))
-            offset += len(tokens[-1])
         return {
-            "tokens": tokens,
+            "tokens": [self.piece(i.token) for i in items],
             "token_logprobs": [i.logprob for i in items],
             "top_logprobs": [None if i.logprob is None else {self.piece(t): lp for t, lp in i.top} for i in items],
-            "text_offset": offsets,
+            "text_offset": self.text.offsets([i.token for i in items], offset),
         }
 
     def _chat_item(self, item: TokenLogprob) -> dict[str, Any]:
         def one(token: int, logprob: float) -> dict[str, Any]:
-            text = self.piece(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"token": self.piece(token), "logprob": logprob, "bytes": list(self.text.bytes_of(token))}
 
         return {**one(item.token, item.logprob), "top_logprobs": [one(t, lp) for t, lp in item.top]}
 

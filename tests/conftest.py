@@ -152,6 +152,19 @@ def save_tiny_lm(directory, seed: int = 0, chat_template: bool = True, tied: boo
     return directory
 
 
+def save_tiny_moe(directory, arch: str = "qwen3_moe", **overrides):
+    """A tiny MoE model of MOE_CONFIGS + the test tokenizer, saved as a transformers directory."""
+    tokenizer = make_tokenizer()
+    config = MOE_CONFIGS[arch]()
+    config.update(dict(vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+                       **overrides))  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory):
     return save_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 import hybridtune as ht
-from conftest import quiet, write_config
+from conftest import quiet, save_tiny_moe, write_config
 from hybridtune.core.base_models import load_base
 from hybridtune.training.recipe import train
 from hybridtune.training.run_config import ConfigError, load_run_config
@@ -566,3 +566,28 @@ def test_deepspeed_config_takes_the_yaml_values_and_names_conflicts(project, tin
     run.deepspeed = {"zero_optimization": {"stage": 0}}
     with pytest.raises(ConfigError, match="ZeRO stage 0 in bf16 keeps its fp32 master weights where they cannot"):
         filled(run, processes=1)
+
+
+def test_deepspeed_zero3_trains_expert_and_router_lora_like_one_process(project, tmp_path):
+    """LoRA on an MoE model's router and fused expert tensors under ZeRO-3 with every weight
+    partitioned: the targets are found by their full shapes, the factors (read by the experts'
+    own forward, never called) are gathered with their target, and training equals one process."""
+    pytest.importorskip("deepspeed")
+    moe = save_tiny_moe(tmp_path / "moe")
+
+    def moe_run(name, deepspeed=None, **changes):
+        path = config(project, moe, name, **changes)
+        raw = yaml.safe_load(path.read_text())
+        targets = ["q_proj", "mlp.gate", "experts.gate_up_proj", "experts.down_proj"]
+        raw["methods"] = {"lora": {"type": "lora", "r": 4, "alpha": 8, "targets": targets}}
+        if deepspeed is not None:
+            raw["deepspeed"] = deepspeed
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    single = train(load_run_config(moe_run("single-moe.yaml", batch_size=8)), log=quiet)
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    torchrun("-m", "hybridtune", "train", str(moe_run("zero3-moe.yaml", zero3, batch_size=4)), cwd=project)
+    run = project / "runs" / "zero3-moe"
+    assert_same_weights(single.adapters_dir, run / "adapters")
+    assert_loads_like(moe, run / "adapters", single.adapters_dir)

@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, OlmoeConfig
 
 import hybridtune as ht
-from conftest import MOE_CONFIGS, make_model, make_tokenizer, randomize, write_config
+from conftest import MOE_CONFIGS, make_model, randomize, save_tiny_moe, write_config
 from hybridtune.cli import main
 from hybridtune.core.errors import TargetError
 from hybridtune.interop.peft_format import export_peft, import_peft
@@ -161,14 +161,7 @@ def test_targets_that_cannot_adapt_expert_tensors_are_refused_by_name(arch, entr
 
 @pytest.mark.parametrize("arch", sorted(MOE_CONFIGS))
 def test_a_yaml_run_trains_expert_lora_with_an_adapter_and_the_router_loss(arch, project, tmp_path):
-    tokenizer = make_tokenizer()
-    config = MOE_CONFIGS[arch]()
-    config.update(dict(vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-                       output_router_logits=True, router_aux_loss_coef=0.01))  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
-    tokenizer.save_pretrained(tmp_path / "moe")
+    save_tiny_moe(tmp_path / "moe", arch, output_router_logits=True, router_aux_loss_coef=0.01)
     path = write_config(project, tmp_path / "moe", max_steps=12)
     run = yaml.safe_load(path.read_text())
     lora = experts_lora(targets=["q_proj", "mlp.gate", *EXPERT_TENSORS])["methods"]

@@ -191,7 +191,7 @@ def iter_branches(model: nn.Module) -> Iterator[Attached]:
 
 def describe_target(module: nn.Module) -> dict[str, Any]:
     weight = getattr(module, "weight", None)
-    if weight is None and is_fused_experts(module):
+    if weight is None and is_fused_experts(module):  # its tensors' full shapes
         return {"class": type(module).__name__, "shape": describe_experts(module)}
     return {
         "class": type(module).__name__,

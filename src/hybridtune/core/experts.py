@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TargetError
+from .partitioned import full_shape
 
 PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 """The expert tensors a branch can adapt, in the order the experts apply them."""
@@ -34,19 +35,20 @@ def is_fused_experts(module: nn.Module) -> bool:
     """An experts module as transformers 5 builds them: 3-D projection tensors and a num_experts."""
     if not isinstance(getattr(module, "num_experts", None), int):
         return False
-    return any(isinstance(p, torch.Tensor) and p.dim() == 3 for p in expert_projections(module).values())
+    return bool(expert_projections(module))
 
 
 def expert_projections(module: nn.Module) -> dict[str, nn.Parameter]:
     """The module's 3-D projection tensors by name (``gate_up_proj``/``up_proj``, ``down_proj``), in
     the order the module defines them (peft nests its wrappers of one module in that order)."""
-    return {n: p for n, p in module.named_parameters(recurse=False) if n in PROJECTIONS and p.dim() == 3}
+    own = module.named_parameters(recurse=False)
+    return {n: p for n, p in own if n in PROJECTIONS and len(full_shape(p)) == 3}  # ZeRO-3: the full shape
 
 
 def projection_features(module: nn.Module, name: str) -> tuple[int, int, int]:
     """(experts, in_features, out_features) of one projection; transposed experts (GPT-OSS) store
     [experts, in, out], the others [experts, out, in]."""
-    experts, first, second = getattr(module, name).shape
+    experts, first, second = full_shape(getattr(module, name))
     return (experts, first, second) if getattr(module, "is_transposed", False) else (experts, second, first)
 
 
@@ -177,8 +179,8 @@ def is_router(module: nn.Module) -> bool:
     return (
         not isinstance(module, nn.Linear)
         and isinstance(weight, torch.Tensor)
-        and weight.dim() == 2
-        and getattr(module, "num_experts", None) == weight.shape[0]
+        and len(full_shape(weight)) == 2
+        and getattr(module, "num_experts", None) == full_shape(weight)[0]
     )
 
 
@@ -230,4 +232,4 @@ def _put_rows(out: Any, part: Any, rows: torch.Tensor, tokens: int) -> Any:
 
 def describe(module: nn.Module) -> dict[str, Any]:
     """The shapes of an experts module's projections (for a saved set's target fingerprint)."""
-    return {name: list(p.shape) for name, p in expert_projections(module).items()}
+    return {name: list(full_shape(p)) for name, p in expert_projections(module).items()}

@@ -364,13 +364,16 @@ def zero3_input_branches(model: HybridModel) -> None:
     """ZeRO-3 gathers a module's own weights in a forward pre-hook added when the engine is made,
     which runs after the branches' input hooks (prompt, prefix, IA3 on FFN inputs) and does not
     cover their weights. So: their weights become the target's external parameters (gathered
-    with it, and kept gathered: they are small), and the input hook moves after DeepSpeed's."""
+    with it, and kept gathered: they are small), and the input hook moves after DeepSpeed's. The
+    same for branches that run inside their target (MoE experts and routers): the target's own
+    forward reads their weights without calling them."""
     import deepspeed
 
     for *_, target, branch in iter_branches(model):
-        if branch.modifies_input:
+        if branch.modifies_input or branch.runs_inside:
             for param in branch.parameters():
                 deepspeed.zero.register_external_parameter(target, param)
+        if branch.modifies_input:
             move_input_hook_last(target)
 
 

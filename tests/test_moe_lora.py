@@ -249,10 +249,13 @@ def test_exclude_and_dense_patterns_keep_their_meaning_on_moe_models():
     config = experts_lora(targets=EXPERT_TENSORS, exclude=["model.layers.0.mlp.experts"])
     model = ht.inject(make_model("qwen3_moe"), config)
     assert sorted(model.targets) == ["model.layers.1.mlp.experts"]
-    # a dense-model regex that selects linear layers selects no expert tensor (Qwen2-MoE's shared expert)
-    model = ht.inject(make_model("qwen2_moe"), experts_lora(targets=[r".*\.(q_proj|down_proj)"]))
-    assert not any(t.endswith("mlp.experts") for t in model.targets)
-    assert any(t.endswith("shared_expert.down_proj") for t in model.targets)
+    # a pattern that selects linear layers (Qwen2-MoE's shared expert) and expert tensors at once is
+    # refused; target_parameters name tensors only
+    both = r"pattern '\.\*expert\.\*' selects linear layers \(.*shared_expert.*\) and fused expert tensors"
+    with pytest.raises(TargetError, match=both):
+        ht.inject(make_model("qwen2_moe"), experts_lora(targets=[".*expert.*"]))
+    model = ht.inject(make_model("qwen2_moe"), experts_lora(targets=["q_proj"], target_parameters=[".*down_proj"]))
+    assert sorted(t for t in model.targets if "mlp" in t) == [f"model.layers.{i}.mlp.experts" for i in (0, 1)]
 
 
 def test_experts_modules_outside_transformers_experts_interface_are_refused_by_name():

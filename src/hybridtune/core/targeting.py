@@ -10,10 +10,10 @@ A pattern is either
   a TargetWarning says which and how much of the model they hold.
 
 Methods that adapt the fused expert tensors of MoE blocks (``select_expert_tensors``) match the
-same patterns against parameter names (``model.layers.0.mlp.experts.gate_up_proj``), but only
-patterns that select no linear layer of the model, and plain ones only when they name the module
-too (``experts.gate_up_proj``): a dense-model pattern such as ``down_proj`` or
-``.*\\.(q_proj|down_proj)`` keeps selecting exactly the linear layers it always selected.
+same patterns against parameter names (``model.layers.0.mlp.experts.gate_up_proj``); a plain
+pattern only when it names the module too (``experts.gate_up_proj``), so ``down_proj`` keeps
+selecting the linear layers it selects on a dense model, and a pattern that would select linear
+layers and expert tensors at once is refused, asking for one pattern each.
 """
 
 from __future__ import annotations
@@ -140,20 +140,32 @@ def _selects_tensor(pattern: str, full_name: str) -> bool:
 
 
 def select_expert_tensors(
-    model: nn.Module, patterns: list[str], exclude: list[str]
+    model: nn.Module, patterns: list[str], exclude: list[str], parameters: list[str] = (), entry: str = ""
 ) -> dict[str, tuple[nn.Module, list[str]]]:
-    """The fused expert tensors ``patterns`` name: {experts module name: (module, [projection])},
-    in model order (see the module docstring for which patterns name them)."""
-    chosen: dict[str, tuple[nn.Module, list[str]]] = {}
+    """The fused expert tensors that ``patterns`` (module-or-tensor patterns, see the module
+    docstring) and ``parameters`` (patterns that name tensors only, peft's ``target_parameters``)
+    name: {experts module name: (module, [projection])}, in model order. A pattern that selects
+    linear layers and expert tensors at once is refused: which one was meant is not clear."""
     modules = list(named_base_modules(model))
-    linear = [n for n, m in modules if is_linear(m)]
-    patterns = [p for p in patterns if not any(matches(p, n) for n in linear)]
-    for name, module in modules:
-        if not is_fused_experts(module) or any(matches(x, name) for x in exclude):
+    tensors = [f"{name}.{p}" for name, m in modules if is_fused_experts(m) for p in expert_projections(m)
+               if not any(matches(x, name) or matches(x, f"{name}.{p}") for x in exclude)]  # fmt: skip
+    chosen_patterns = list(parameters)
+    for pattern in patterns:
+        tensor = next((t for t in tensors if _selects_tensor(pattern, t)), None)
+        if tensor is None:
             continue
-        for projection in expert_projections(module):
+        linear = next((n for n, m in modules if is_linear(m) and matches(pattern, n)), None)
+        if linear is not None:
+            raise TargetError(
+                f"entry '{entry}': pattern '{pattern}' selects linear layers ({linear}) and fused expert tensors "
+                f"({tensor}); split it into a pattern for each (expert tensors may go in target_parameters)"
+            )
+        chosen_patterns.append(pattern)
+    chosen: dict[str, tuple[nn.Module, list[str]]] = {}
+    for name, module in modules:
+        for projection in expert_projections(module) if is_fused_experts(module) else ():
             full = f"{name}.{projection}"
-            if any(_selects_tensor(p, full) for p in patterns) and not any(matches(x, full) for x in exclude):
+            if full in tensors and any(matches(p, full) for p in chosen_patterns):
                 chosen.setdefault(name, (module, []))[1].append(projection)
     return chosen
 

@@ -201,7 +201,7 @@ class LoRAConfig(LowRankConfig):
         return self
 
     def select_targets(self, model: nn.Module, entry: str) -> list[tuple[str, nn.Module]]:
-        experts = select_expert_tensors(model, self.targets + self.target_parameters, self.exclude)
+        experts = select_expert_tensors(model, self.targets, self.exclude, self.target_parameters, entry)
         for pattern in self.target_parameters:
             if not any(matches(pattern, f"{n}.{p}") for n, (_, names) in experts.items() for p in names):
                 known = describe_expert_tensors(model) if any_experts(model) else "none: it has no fused MoE experts"
@@ -232,7 +232,7 @@ class LoRAConfig(LowRankConfig):
             return RouterLoRABranch(**self.branch_args(name, module))
         if not is_fused_experts(module):
             return LoRABranch(**self.branch_args(name, module))
-        chosen = select_expert_tensors(model, self.targets + self.target_parameters, self.exclude)
+        chosen = select_expert_tensors(model, self.targets, self.exclude, self.target_parameters, entry)
         ranks = {}
         for projection in chosen[name][1]:
             full = f"{name}.{projection}"

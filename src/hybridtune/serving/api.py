@@ -159,6 +159,7 @@ def create_app(engine: Engine, *, base_name: str, api_key: str | None = None, li
             engine.submit(job)
         replies = Replies(engine.tokenizer, kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                           int(time.time()), params.model, params.top())  # fmt: skip
+        replies.echoed = echo is not None and params.top() is not None
         prompt_tokens = sum(len(p) for p in prompts)
         choices = [Choice(i, text=echo[i // params.n] if echo else "") for i in range(len(jobs))]
         watcher = asyncio.create_task(_watch(request, engine, jobs, events))
@@ -289,7 +290,7 @@ async def _stream(engine: Engine, jobs: list[Job], events: asyncio.Queue, early:
                 break
             if kind == "prompt":
                 text = choices[index].text
-                yield replies.chunk(index, text, None, list(data[0]), usage=usage)
+                yield replies.chunk(index, text, None, list(data[0]), usage=usage, starts_text=True)
             elif kind == "text":
                 yield replies.chunk(index, data[0], None, data[1], offset=sent[index], usage=usage)
                 sent[index] += len(data[0])

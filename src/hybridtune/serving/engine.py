@@ -334,6 +334,9 @@ class Engine:
             job.generated.append(token)
             start = len(job.text)
             job.text = self._decoded(job)
+            if len(job.text) < start:  # a character completed: its bytes' U+FFFDs became one character
+                start = len(job.text)
+                job.unsent_logprobs = [(r, min(s, start), min(e, start)) for r, s, e in job.unsent_logprobs]
             if report is not None:
                 job.unsent_logprobs.append((report, start, len(job.text)))
             cut = min((job.text.find(s) for s in job.stop if s in job.text), default=-1)
@@ -370,7 +373,7 @@ class Engine:
             end = max(job.sent, end - hold)
             while end > job.sent and job.text[end - 1] == "\ufffd":
                 end -= 1
-        ready = [item for item in job.unsent_logprobs if final or item[2] <= end]
+        ready = list(itertools.takewhile(lambda item: final or item[2] <= end, job.unsent_logprobs))
         if end > job.sent or ready:
             job.send("text", job.text[job.sent : end], [item[0] for item in ready])
             job.sent = end

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .sampling import TokenLogprob
-from .token_text import TokenText
+from .token_text import token_text
 
 
 @dataclass
@@ -29,15 +29,17 @@ class Replies:
     def __init__(self, tokenizer: Any, kind: str, ident: str, created: int, model: str, top: int | None) -> None:
         self.tokenizer, self.kind, self.ident, self.created, self.model, self.top = (
             tokenizer, kind, ident, created, model, top)  # fmt: skip
-        self.text = TokenText(tokenizer)
+        self.text = token_text(tokenizer)
+        self.echoed = False  # completions with echo and logprobs: the logprobs begin with the prompt's
 
     def piece(self, token: int) -> str:
         return self.text.text_of(token)
 
     # ---- logprobs -----------------------------------------------------------------------------
-    def logprobs(self, items: list[TokenLogprob], offset: int = 0) -> dict[str, Any] | None:
+    def logprobs(self, items: list[TokenLogprob], offset: int = 0, starts_text: bool = False) -> dict[str, Any] | None:
         """The logprobs object for ``items`` (None when the request asked for none); completions'
-        ``text_offset`` counts from ``offset``, the characters of the choice's text before them."""
+        ``text_offset`` counts from ``offset``, the characters of the choice's text before them
+        (``starts_text``: the items are the echoed prompt's, from the start of the text)."""
         if self.top is None:
             return None
         if self.kind == "chat":
@@ -46,7 +48,7 @@ class Replies:
             "tokens": [self.piece(i.token) for i in items],
             "token_logprobs": [i.logprob for i in items],
             "top_logprobs": [None if i.logprob is None else {self.piece(t): lp for t, lp in i.top} for i in items],
-            "text_offset": self.text.offsets([i.token for i in items], offset),
+            "text_offset": self.text.offsets([i.token for i in items], offset, starts_text),
         }
 
     def _chat_item(self, item: TokenLogprob) -> dict[str, Any]:
@@ -60,7 +62,7 @@ class Replies:
         out = []
         for choice in sorted(choices, key=lambda c: c.index):
             body: dict[str, Any] = {"index": choice.index, "finish_reason": choice.finish_reason,
-                                    "logprobs": self.logprobs(choice.logprobs)}  # fmt: skip
+                                    "logprobs": self.logprobs(choice.logprobs, starts_text=self.echoed)}  # fmt: skip
             if self.kind == "chat":
                 body["message"] = {"role": "assistant", "content": choice.text, "refusal": None}
             else:
@@ -77,8 +79,8 @@ class Replies:
                 "total_tokens": prompt_tokens + completion}  # fmt: skip
 
     # ---- streamed chunks ----------------------------------------------------------------------
-    def chunk(self, index: int, delta: str | None, reason: str | None, items: list[TokenLogprob] | None = None,
-              *, first: bool = False, offset: int = 0, usage: bool = False) -> str:  # fmt: skip
+    def chunk(self, index: int, delta: str | None, reason: str | None, items: list[TokenLogprob] | None = None, *,
+              first: bool = False, offset: int = 0, usage: bool = False, starts_text: bool = False) -> str:  # fmt: skip
         if self.kind == "chat":
             body: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if delta is not None:
@@ -86,7 +88,7 @@ class Replies:
             choice: dict[str, Any] = {"index": index, "delta": body}
         else:
             choice = {"index": index, "text": delta or ""}
-        choice["logprobs"] = self.logprobs(items, offset) if items else None
+        choice["logprobs"] = self.logprobs(items, offset, starts_text) if items else None
         choice["finish_reason"] = reason
         payload: dict[str, Any] = {"id": self.ident, "object": self._chunk_object(), "created": self.created,
                                    "model": self.model, "choices": [choice]}  # fmt: skip

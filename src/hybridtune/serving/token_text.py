@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import weakref
 from functools import cache
 from typing import Any
 
@@ -34,17 +35,29 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 def _decoder_kinds(tokenizer: Any) -> set[str]:
-    """The ``type`` of the fast tokenizer's decoder and of every decoder nested in it."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    """The ``type`` of the fast tokenizer's decoder and of every decoder nested in it (the
+    decoder's own JSON, not the whole tokenizer's, which holds the vocabulary and merges)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
         return set()
     kinds: set[str] = set()
-    stack = [json.loads(backend.to_str()).get("decoder") or {}]
+    stack = [json.loads(decoder.__getstate__())]
     while stack:
         node = stack.pop()
         kinds.add(node.get("type", ""))
         stack += node.get("decoders") or []
     return kinds
+
+
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def token_text(tokenizer: Any) -> TokenText:
+    """The TokenText of ``tokenizer``, made once and kept while the tokenizer lives."""
+    found = _SHARED.get(tokenizer)
+    if found is None:
+        found = _SHARED[tokenizer] = TokenText(tokenizer)
+    return found
 
 
 class TokenText:
@@ -56,6 +69,7 @@ class TokenText:
         self.byte_level = "ByteLevel" in kinds
         self.sentencepiece = bool(kinds & {"Metaspace", "ByteFallback"})
         self._special = set(tokenizer.all_special_ids)
+        self._added = {i: t.content for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()}
         self._bytes: dict[int, bytes] = {}
 
     def bytes_of(self, token: int) -> bytes:
@@ -64,6 +78,8 @@ class TokenText:
         return self._bytes[token]
 
     def _read(self, token: int) -> bytes:
+        if token in self._added:  # added tokens are stored as their text, not in the byte alphabet
+            return self._added[token].encode()
         piece = self.tokenizer.convert_ids_to_tokens(token)
         if isinstance(piece, str) and token not in self._special:
             alphabet = _byte_level_alphabet()
@@ -82,12 +98,16 @@ class TokenText:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
-    def offsets(self, tokens: list[int], start: int = 0) -> list[int]:
+    def offsets(self, tokens: list[int], start: int = 0, starts_text: bool = False) -> list[int]:
         """Where each token starts in the text they decode to, counted in characters from ``start``
-        (a token that ends inside a character starts where that character does)."""
+        (a token that ends inside a character starts where that character does). ``starts_text``:
+        the tokens begin the text, whose decode drops the space a SentencePiece first word carries."""
+        if starts_text and tokens:
+            own = self.text_of(tokens[0])
+            start -= max(0, len(own) - len(self.tokenizer.decode(tokens[:1]))) if not own.startswith("bytes:") else 0
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         out = []
         for token in tokens:
-            out.append(start)
+            out.append(max(start, 0))
             start += len(decoder.decode(self.bytes_of(token)))
         return out

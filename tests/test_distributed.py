@@ -38,9 +38,11 @@ def config(project, tiny_lm_dir, name, **changes):
 
 
 def torchrun(*args, cwd, launcher=("torch.distributed.run", "--standalone", "--nproc_per_node", "2")):
+    """Run under two processes; the timeout only guards against a hang (the first DeepSpeed run in a
+    fresh venv also JIT-builds DeepSpeed's shared-memory op, which on 2 busy cores takes minutes)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run([sys.executable, "-m", *launcher, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+                          timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout
 

@@ -107,8 +107,7 @@ def experts_forward(
     expert_ids, order = torch.sort(top_k_index.reshape(-1))
     token_of_pair = order // top_k
     x = hidden_states[token_of_pair]
-    counts = torch.bincount(expert_ids, minlength=module.num_experts)
-    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    offsets = _offsets(expert_ids, module.num_experts)
     pair_rows = [(b, None if rows is None else _pairs_of(rows, token_of_pair, tokens)) for b, rows in branches]
 
     def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
@@ -123,8 +122,7 @@ def experts_forward(
                     out = out + delta.to(out.dtype)
             elif pairs.numel():
                 sub_ids = expert_ids[pairs]
-                sub_offsets = torch.cumsum(torch.bincount(sub_ids, minlength=module.num_experts), 0).to(torch.int32)
-                delta = branch.expert_delta(name, inputs[pairs], sub_ids, sub_offsets)
+                delta = branch.expert_delta(name, inputs[pairs], sub_ids, _offsets(sub_ids, module.num_experts))
                 if delta is not None:
                     out = out.index_add(0, pairs, delta.to(out.dtype))
         return out
@@ -142,6 +140,11 @@ def experts_forward(
     back = torch.empty_like(order)
     back[order] = torch.arange(order.numel(), device=order.device)
     return weighted[back].view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def _offsets(sorted_ids: torch.Tensor, experts: int) -> torch.Tensor:
+    """Cumulative rows per expert of rows sorted by expert (grouped matmul's ``offs``)."""
+    return torch.cumsum(torch.bincount(sorted_ids, minlength=experts), 0).to(torch.int32)
 
 
 def _pairs_of(token_rows: torch.Tensor, token_of_pair: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -195,8 +198,9 @@ def reweighted_forward(
     per_set: dict[str, tuple[torch.Tensor | None, list[nn.Module]]] = {}
     for branch, rows in branches:  # the entries of one set act together on its rows
         per_set.setdefault(branch.set_name, (rows, []))[1].append(branch)
-    if len(per_set) == 1 and next(iter(per_set.values()))[0] is None:
-        changed = weight + sum(b.delta_weight().to(weight.dtype) for b in branches_of(per_set))
+    (first_rows, first_members), *_ = per_set.values()
+    if len(per_set) == 1 and first_rows is None:  # no routing: the active set on every token
+        changed = weight + sum(b.delta_weight().to(weight.dtype) for b in first_members)
         return _forward_with_weight(module, changed, args, kwargs)
     out = type(module).forward(module, *args, **kwargs)
     hidden = args[0]
@@ -206,10 +210,6 @@ def reweighted_forward(
         part = _forward_with_weight(module, changed, (tokens[rows], *args[1:]), kwargs)
         out = _put_rows(out, part, rows, tokens.shape[0])
     return out
-
-
-def branches_of(per_set: dict[str, tuple[Any, list[nn.Module]]]) -> list[nn.Module]:
-    return [b for _, members in per_set.values() for b in members]
 
 
 def _forward_with_weight(module: nn.Module, weight: torch.Tensor, args: tuple, kwargs: dict) -> Any:

@@ -139,19 +139,33 @@ def _selects_tensor(pattern: str, full_name: str) -> bool:
     return matches(pattern, full_name)
 
 
+def named_projections(
+    name: str, module: nn.Module, patterns: list[str], exclude: list[str], parameters: list[str] = ()
+) -> list[str]:
+    """The projections of experts module ``name`` that ``patterns`` (module-or-tensor patterns,
+    see the module docstring) or ``parameters`` (tensor patterns, peft's ``target_parameters``)
+    name, minus ``exclude`` (tensor or module names)."""
+    if not is_fused_experts(module) or any(matches(x, name) for x in exclude):
+        return []
+    named = []
+    for projection in expert_projections(module):
+        full = f"{name}.{projection}"
+        if any(matches(x, full) for x in exclude):
+            continue
+        if any(_selects_tensor(p, full) for p in patterns) or any(matches(p, full) for p in parameters):
+            named.append(projection)
+    return named
+
+
 def select_expert_tensors(
     model: nn.Module, patterns: list[str], exclude: list[str], parameters: list[str] = (), entry: str = ""
 ) -> dict[str, tuple[nn.Module, list[str]]]:
-    """The fused expert tensors that ``patterns`` (module-or-tensor patterns, see the module
-    docstring) and ``parameters`` (patterns that name tensors only, peft's ``target_parameters``)
-    name: {experts module name: (module, [projection])}, in model order. A pattern that selects
-    linear layers and expert tensors at once is refused: which one was meant is not clear."""
+    """The fused expert tensors named (``named_projections``): {experts module name: (module,
+    [projection])}, in model order. A pattern that selects linear layers and expert tensors at once
+    is refused: which one was meant is not clear."""
     modules = list(named_base_modules(model))
-    tensors = [f"{name}.{p}" for name, m in modules if is_fused_experts(m) for p in expert_projections(m)
-               if not any(matches(x, name) or matches(x, f"{name}.{p}") for x in exclude)]  # fmt: skip
-    chosen_patterns = list(parameters)
     for pattern in patterns:
-        tensor = next((t for t in tensors if _selects_tensor(pattern, t)), None)
+        tensor = next((f"{n}.{p}" for n, m in modules for p in named_projections(n, m, [pattern], exclude)), None)
         if tensor is None:
             continue
         linear = next((n for n, m in modules if is_linear(m) and matches(pattern, n)), None)
@@ -160,14 +174,8 @@ def select_expert_tensors(
                 f"entry '{entry}': pattern '{pattern}' selects linear layers ({linear}) and fused expert tensors "
                 f"({tensor}); split it into a pattern for each (expert tensors may go in target_parameters)"
             )
-        chosen_patterns.append(pattern)
-    chosen: dict[str, tuple[nn.Module, list[str]]] = {}
-    for name, module in modules:
-        for projection in expert_projections(module) if is_fused_experts(module) else ():
-            full = f"{name}.{projection}"
-            if full in tensors and any(matches(p, full) for p in chosen_patterns):
-                chosen.setdefault(name, (module, []))[1].append(projection)
-    return chosen
+    chosen = {n: (m, named_projections(n, m, patterns, exclude, parameters)) for n, m in modules}
+    return {n: found for n, found in chosen.items() if found[1]}
 
 
 def any_experts(model: nn.Module) -> bool:

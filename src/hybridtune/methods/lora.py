@@ -26,6 +26,7 @@ from ..core.targeting import (
     is_linear,
     linear_features,
     matches,
+    named_projections,
     select_expert_tensors,
     select_modules,
 )
@@ -232,9 +233,8 @@ class LoRAConfig(LowRankConfig):
             return RouterLoRABranch(**self.branch_args(name, module))
         if not is_fused_experts(module):
             return LoRABranch(**self.branch_args(name, module))
-        chosen = select_expert_tensors(model, self.targets, self.exclude, self.target_parameters, entry)
-        ranks = {}
-        for projection in chosen[name][1]:
+        ranks = {}  # select_targets refused ambiguous patterns: the module's own names decide
+        for projection in named_projections(name, module, self.targets, self.exclude, self.target_parameters):
             full = f"{name}.{projection}"
             rank, alpha = self.rank_for(full), self.alpha_for(full)
             ranks[projection] = (rank, alpha, self.scale_for(rank, alpha))

@@ -210,8 +210,10 @@ class LowRankExchange:
             raise ValueError("peft refuses lora_dropout with target_parameters (MoE expert tensors and routers); "
                              "export an entry with dropout: 0")  # fmt: skip
         for target, branches in per_module.items():
-            if branches[0].runs_inside and not branches[0].per_expert:  # a router
-                parameters.append(f"{target}.weight")
+            key = target  # a router's LoRA is peft's on its parameter: named, and keyed, by it
+            if branches[0].runs_inside and not branches[0].per_expert:
+                key = f"{target}.weight"
+                parameters.append(key)
             if branches[0].per_expert:  # per-expert factors
                 tensors[target] = expert_to_peft(branches)
                 for projection, factors in ((p, f) for b in branches for p, f in b.factors.items()):
@@ -221,16 +223,14 @@ class LowRankExchange:
                 continue
             if stacked:
                 a, b = stack_deltas([(branch, 1.0) for branch in branches])
-                ranks[target], alphas[target] = a.shape[0], float(a.shape[0])
+                ranks[key], alphas[key] = a.shape[0], float(a.shape[0])
             else:
                 (branch,) = branches
                 a, b = branch.A.detach(), branch.B.detach()
-                ranks[target], alphas[target] = branch.rank, peft_alpha_for(branch, use_rslora)
+                ranks[key], alphas[key] = branch.rank, peft_alpha_for(branch, use_rslora)
             tensors[target] = {"lora_A.weight": a, "lora_B.weight": b}
             if cls.peft_use_dora:
                 tensors[target]["lora_magnitude_vector"] = branches[0].magnitude.detach()
-        for target in (p.removesuffix(".weight") for p in parameters if p.endswith(".weight")):
-            ranks[f"{target}.weight"], alphas[f"{target}.weight"] = ranks.pop(target), alphas.pop(target)
         r, alpha = _most_common(ranks), _most_common(alphas)
         peft_config = {
             "r": r,

@@ -69,10 +69,7 @@ def test_a_character_split_over_byte_pieces_streams_each_token_once():
     sent = []
     job = Job(None, tokenizer("the", add_special_tokens=False)["input_ids"], 10, Sampling(temperature=0, logprobs=0),
               [], lambda kind, *data: sent.append((kind, *data)))  # fmt: skip
-    engine = SimpleNamespace(tokenizer=tokenizer, eos=set(), _decoded=lambda j: Engine._decoded(engine, j),
-                             _flush=lambda j, final: Engine._flush(engine, j, final),
-                             _close=lambda j, reason: Engine._close(engine, j, reason),
-                             _cut=lambda j, cut: Engine._cut(engine, j, cut))  # fmt: skip
+    engine = SimpleNamespace(tokenizer=tokenizer, eos=set(), _close=lambda j, reason: Engine._close(engine, j, reason))
     dash = tokenizer("▁quick —", add_special_tokens=False)["input_ids"]
     assert len([i for i in dash if tokenizer.convert_ids_to_tokens(i).startswith("<0x")]) == 3
     for token in dash:

@@ -39,8 +39,10 @@ def _run_branches(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> 
     batch = (output if isinstance(output, torch.Tensor) else output[0]).shape[0]
     for branch in module._modules[BRANCH_ATTR].values():
         rows = None if branch.runs_inside else routing.rows_for(branch.set_name, batch)
-        if rows is not None:
-            output = branch.routed(args, kwargs, output, rows)
+        if rows is None:
+            continue
+        # every row is the branch's (rows are unique): its plain forward, without gathering rows
+        output = branch(args, kwargs, output) if rows.numel() == batch else branch.routed(args, kwargs, output, rows)
     return output
 
 
@@ -53,9 +55,10 @@ def _run_pre_branches(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
             if branch.active:
                 args, kwargs = branch.pre(args, kwargs)
             continue
-        rows = routing.rows_for(branch.set_name, first_input(args, kwargs).shape[0])
+        batch = first_input(args, kwargs).shape[0]
+        rows = routing.rows_for(branch.set_name, batch)
         if rows is not None:
-            args, kwargs = branch.routed_pre(args, kwargs, rows)
+            args, kwargs = branch.pre(args, kwargs) if rows.numel() == batch else branch.routed_pre(args, kwargs, rows)
     return args, kwargs
 
 

@@ -43,6 +43,5 @@ class ParallelAdapterBranch(AdapterBranch):
 
     def routed(self, args: tuple, kwargs: dict, output: Any, rows: torch.Tensor) -> Any:
         delta = self.bottleneck(first_input(args, kwargs).index_select(0, rows))
-        return map_hidden(
-            output, lambda h: h.index_add(0, rows, delta.to(h.dtype)), f"parallel adapter at '{self.target}'"
-        )
+        add = lambda h: h.index_put((rows,), delta.to(h.dtype), accumulate=True)  # noqa: E731  (rows are unique)
+        return map_hidden(output, add, f"parallel adapter at '{self.target}'")

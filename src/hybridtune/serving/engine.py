@@ -23,7 +23,6 @@ import itertools
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,38 +31,17 @@ import torch
 from ..core.adapter_io import saved_config
 from ..core.kv_cache import cache_keyword, returned_cache
 from ..core.model import HybridModel, add_saved_set
+from . import decode_linear
 from .adapters_dir import AdaptersDir, BrokenAdapter, UnknownAdapter
 from .admission import choose_prefill
+from .job import Job, deliver
+from .prefix_cache import PrefixCache, seed_prefill, store_prefixes
 from .ragged_cache import RaggedCache, splicable
 from .sampling import Sampling, TokenLogprob, next_tokens, prompt_logprobs
 
 log = logging.getLogger("hybridtune.serve")
 
 __all__ = ["Engine", "Job", "Sampling"]
-
-
-@dataclass(eq=False)
-class Job:
-    """One completion. ``send(kind, *data)`` is called from the worker with: ``ready`` (admitted,
-    its set loaded), ``prompt`` (echoed prompt logprobs), ``text`` (a delta and its tokens'
-    logprobs), ``end`` (finish reason, completion tokens) or ``error`` (an exception)."""
-
-    adapter: str | None  # set name in the adapters directory; None: the base model
-    prompt_ids: list[int]
-    max_tokens: int
-    sampling: Sampling
-    stop: list[str]
-    send: Callable[..., None]
-    echo_logprobs: bool = False  # also report the prompt tokens' logprobs
-    cancelled: bool = False  # set by the server when the client went away
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0  # characters of ``text`` already sent
-    unsent_logprobs: list[tuple[TokenLogprob, int, int]] = field(default_factory=list)  # (report, text start, end)
-    done: bool = False
-    skipped: int = 0  # prefills that went ahead of it (serving/admission.py)
-    next_token: int | None = None  # sampled, not yet in the cache
-    generator: torch.Generator | None = None
 
 
 @dataclass
@@ -87,6 +65,7 @@ class Engine:
         max_loaded: int = 4,
         max_batch: int = 8,
         prefill_chunk: int = 512,
+        prefix_cache_mb: float = 256,
     ) -> None:
         self.base, self.tokenizer, self.adapters = base, tokenizer, adapters
         self.model: torch.nn.Module = base  # becomes a HybridModel when the first set loads
@@ -101,11 +80,13 @@ class Engine:
         self._cache: RaggedCache | None = None
         self._prefill: _Prefill | None = None
         self._splicable: bool | None = None  # known after the first prefill
+        self.prefixes = PrefixCache(int(prefix_cache_mb * 2**20))
         eos = getattr(base.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.device = next(base.parameters()).device
         self._cache_keyword = cache_keyword(base)
         self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.stats["weight_first_layers"] = decode_linear.install(base, most_rows=min(self.max_batch, 32))
         self._thread = threading.Thread(target=self._run, name="hybridtune-engine", daemon=True)
         self._thread.start()
 
@@ -114,7 +95,7 @@ class Engine:
 
     def counters(self) -> dict[str, int]:
         """What /health reports: counters, and the rows running and waiting now."""
-        return {**self.stats, "live": len(self._live), "waiting": len(self._waiting)}
+        return {**self.stats, **self.prefixes.stats, "live": len(self._live), "waiting": len(self._waiting)}
 
     def submit(self, job: Job) -> None:
         with self._wake:
@@ -130,6 +111,8 @@ class Engine:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            decode_linear.uninstall(self.base)
 
     # ---- the step loop ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -154,7 +137,7 @@ class Engine:
                 for job in touched:
                     if not job.done:
                         job.done = True
-                        _send(job, "error", exc)
+                        deliver(job, "error", exc)
                 self._live, self._cache, self._prefill = [], None, None
 
     def _take(self) -> list[Job]:
@@ -162,7 +145,7 @@ class Engine:
         batch is full (or, for a model whose cache cannot be spliced, while any row is live)."""
         if self._prefill is not None or (self._live and not self._splicable):
             return []
-        taken = choose_prefill(self._waiting, self.max_batch - len(self._live), self.prefill_chunk)
+        taken = choose_prefill(self._waiting, self.max_batch - len(self._live), self.prefill_chunk, self._to_compute)
         if taken or any(job.cancelled for job in self._waiting):
             self._waiting = deque(j for j in self._waiting if not j.cancelled and all(j is not t for t in taken))
         return taken
@@ -191,7 +174,10 @@ class Engine:
             mask[row, width - len(job.prompt_ids) :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        self._prefill = _Prefill(jobs, ids, mask, positions, cache=None)
+        start, cache = 0, None
+        if self._splicable and not jobs[0].echo_logprobs:  # echo needs every prompt position's logits
+            start, cache = seed_prefill(self.prefixes, self._sets_of(jobs), [j.prompt_ids for j in jobs], width)
+        self._prefill = _Prefill(jobs, ids, mask, positions, cache=cache, done=start)
         self.stats["prefills"] += 1
         self.stats["requests"] += len(jobs)
 
@@ -235,6 +221,9 @@ class Engine:
         self._advance(jobs, logits[open_rows, -1])
         if self._splicable is None:
             self._splicable = splicable(prefill.cache)
+        if self._splicable:
+            store_prefixes(self.prefixes, self._sets_of(prefill.jobs), [j.prompt_ids for j in prefill.jobs], width,
+                           prefill.cache)  # fmt: skip
         joined = RaggedCache(prefill.cache, prefill.mask)
         if self._splicable:
             joined.keep(open_rows)
@@ -279,6 +268,17 @@ class Engine:
             self._cache.keep(keep)
             self._live = [self._live[i] for i in keep]
 
+    def _to_compute(self, job: Job) -> int:
+        """The prompt tokens a job leaves to prefill: less the prefix held for its set (if loaded)."""
+        internal = self.loaded.get(job.adapter) if job.adapter else None
+        if job.echo_logprobs or (job.adapter and internal is None) or not self._splicable:
+            return len(job.prompt_ids)
+        return len(job.prompt_ids) - self.prefixes.longest(internal, job.prompt_ids, use=False)[0]
+
+    def _sets_of(self, jobs: list[Job]) -> list[str | None]:
+        """Each job's internal set name (None: the base model)."""
+        return [self.loaded.get(j.adapter) if j.adapter else None for j in jobs]
+
     def _forward(self, jobs: list[Job], ids, mask, positions, cache, every_position: bool = False):
         """One model call over ``jobs``'s rows; returns (logits, the cache it filled)."""
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
@@ -286,7 +286,7 @@ class Engine:
         if self._keeps_logits:
             kwargs["logits_to_keep"] = 0 if every_position else 1
         if isinstance(self.model, HybridModel):
-            kwargs["adapter_sets"] = [self.loaded.get(j.adapter) if j.adapter else None for j in jobs]
+            kwargs["adapter_sets"] = self._sets_of(jobs)
         output = self.model(**kwargs)
         return output.logits, returned_cache(output)
 
@@ -317,7 +317,9 @@ class Engine:
             if len(self.loaded) <= self.max_loaded:
                 break
             if name not in keep:
-                self.model.delete_set(self.loaded.pop(name))
+                internal = self.loaded.pop(name)
+                self.model.delete_set(internal)
+                self.prefixes.drop_set(internal)
                 log.info("unloaded adapter set %r (least recently used)", name)
 
     # ---- per-row progress ---------------------------------------------------------------------
@@ -333,7 +335,7 @@ class Engine:
                 continue
             job.generated.append(token)
             start = len(job.text)
-            job.text = self._decoded(job)
+            job.text = job.decoded(self.tokenizer)
             if len(job.text) < start:  # a character completed: its bytes' U+FFFDs became one character
                 start = len(job.text)
                 job.unsent_logprobs = [(r, min(s, start), min(e, start)) for r, s, e in job.unsent_logprobs]
@@ -341,53 +343,14 @@ class Engine:
                 job.unsent_logprobs.append((report, start, len(job.text)))
             cut = min((job.text.find(s) for s in job.stop if s in job.text), default=-1)
             if cut >= 0:
-                self._cut(job, cut)
+                job.cut(cut)
                 self._close(job, "stop")
             elif len(job.generated) >= job.max_tokens:
                 self._close(job, "length")
             else:
-                self._flush(job, final=False)
-
-    def _decoded(self, job: Job) -> str:
-        """The text of the tokens generated so far, decoded after the prompt's last token: a
-        SentencePiece tokenizer strips the space of a text's first word (``▁world`` alone is
-        "world"), which a reply that continues its prompt keeps (as vLLM's does)."""
-        context = job.prompt_ids[-1:]
-        before = self.tokenizer.decode(context, skip_special_tokens=True)
-        full = self.tokenizer.decode(context + job.generated, skip_special_tokens=True)
-        if full.startswith(before):
-            return full[len(before) :]
-        return self.tokenizer.decode(job.generated, skip_special_tokens=True)
-
-    def _cut(self, job: Job, cut: int) -> None:
-        """End the text before a stop string; logprobs of tokens that start inside it are not sent."""
-        job.text = job.text[:cut]
-        job.unsent_logprobs = [item for item in job.unsent_logprobs if item[1] < cut]
-
-    def _flush(self, job: Job, final: bool) -> None:
-        """Send the text not sent yet, with the logprobs of the tokens it completes; mid-stream,
-        hold back what may still become a stop string or is an incomplete multi-byte character."""
-        end = len(job.text)
-        if not final:
-            hold = max((len(s) - 1 for s in job.stop), default=0)
-            end = max(job.sent, end - hold)
-            while end > job.sent and job.text[end - 1] == "\ufffd":
-                end -= 1
-        ready = list(itertools.takewhile(lambda item: final or item[2] <= end, job.unsent_logprobs))
-        if end > job.sent or ready:
-            job.send("text", job.text[job.sent : end], [item[0] for item in ready])
-            job.sent = end
-            job.unsent_logprobs = job.unsent_logprobs[len(ready) :]
+                job.flush(final=False)
 
     def _close(self, job: Job, reason: str) -> None:
-        self._flush(job, final=True)
+        job.flush(final=True)
         job.done = True
         job.send("end", reason, len(job.generated))
-
-
-def _send(job: Job, *event: Any) -> None:
-    """An event for a job whose request may be gone (its event loop closed): never fatal to the worker."""
-    try:
-        job.send(*event)
-    except Exception:
-        log.exception("could not deliver a job's %s event", event[0])

@@ -1,0 +1,93 @@
+"""Linear layers computed weight-first for the few rows of a decoding step, where that is faster.
+
+A decoding step multiplies one row per live request by every weight of the model. ``F.linear``
+asks the BLAS for ``x · Wᵀ``; for a handful of rows MKL's sgemm on some CPUs is far slower at that
+than at the same product taken weight-first, ``(W · xᵀ)ᵀ``: on this project's 2-core CI machine
+(AMD EPYC, MKL's AVX2 path) 1.4-2x on SmolLM2's layers and 3x on its LM head for 2-16 rows
+(bench/decode_linear.py). Whether it pays is a property of the CPU and its BLAS, so ``install``
+measures both products on the model's own weights first and changes nothing where weight-first
+is not clearly faster.
+
+Only plain ``nn.Linear`` layers of a CPU float32 model change, and only for 2..``most_rows``
+rows; prefill chunks and everything else run ``F.linear`` as before. Results agree with
+``F.linear`` to fp32 rounding (a different summation order, as any change of batch size gives),
+not bit for bit. Branches' hooks run as before: only the layer's own product changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["install", "uninstall", "weight_first_pays"]
+
+MIN_GAIN = 1.15  # weight-first must be this much faster to be used (the choice is measured once)
+
+
+def _forward(module: nn.Linear, x: torch.Tensor, most_rows: int) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    if not 2 <= rows <= most_rows:
+        return F.linear(x, module.weight, module.bias)
+    flat = x.reshape(rows, x.shape[-1])
+    if module.bias is None:
+        out = torch.mm(module.weight, flat.t())
+    else:
+        out = torch.addmm(module.bias.unsqueeze(1), module.weight, flat.t())
+    # contiguous: attention kernels take a slower path on transposed q/k/v
+    return out.t().contiguous().view(*x.shape[:-1], module.out_features)
+
+
+def _eligible(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
+            and m.weight.dtype == torch.float32]  # fmt: skip
+
+
+def weight_first_pays(weight: torch.Tensor, rows: int, repeats: int = 20) -> bool:
+    """Whether ``(W · xᵀ)ᵀ`` beats ``F.linear`` by ``MIN_GAIN`` for ``rows`` rows on this CPU
+    (best of interleaved repeats, so a noisy machine hits both alike)."""
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    best = {"linear": float("inf"), "weight_first": float("inf")}
+    products = {"linear": lambda: F.linear(x, weight), "weight_first": lambda: torch.mm(weight, x.t()).t().contiguous()}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, product in products.items():
+                start = time.perf_counter()
+                product()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best["linear"] > MIN_GAIN * best["weight_first"]
+
+
+def install(model: nn.Module, most_rows: int, measure: bool = True) -> int:
+    """Make the model's plain CPU float32 linear layers take the weight-first product for 2 to
+    ``most_rows`` rows. With ``measure``, only where that measured faster here (on the model's
+    largest weight at ``most_rows`` rows). Returns how many layers changed."""
+    layers = _eligible(model)
+    if most_rows < 2 or not layers:
+        return 0
+    if measure and not weight_first_pays(max((m.weight for m in layers), key=torch.Tensor.numel), most_rows):
+        return 0
+    for module in layers:
+        runner = functools.partial(_forward, module, most_rows=most_rows)
+        if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):  # accelerate's hooks keep running
+            module._old_forward = runner
+        else:
+            module.forward = runner
+    return len(layers)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Give every linear layer ``install`` changed its own forward back."""
+    for module in model.modules():
+        if type(module) is not nn.Linear:
+            continue
+        for attribute in ("forward", "_old_forward"):
+            runner = module.__dict__.get(attribute)
+            if isinstance(runner, functools.partial) and runner.func is _forward:
+                if attribute == "forward":
+                    del module.__dict__["forward"]
+                else:
+                    module._old_forward = nn.Linear.forward.__get__(module)

@@ -1,0 +1,100 @@
+"""Weight-first linear layers for decoding steps (serving/decode_linear.py): the same products as
+``F.linear`` to fp32 rounding, only for the rows they are meant for, removable, and the engine's
+replies with them equal each set's replies computed alone."""
+
+import pytest
+import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
+from torch import nn
+from torch.nn import functional as F
+
+from hybridtune.core.base_models import load_base
+from hybridtune.core.kv_cache import cache_keyword, returned_cache
+from hybridtune.serving import AdaptersDir, Engine, decode_linear
+from test_serve_engine import job, prompt_of, sets_dir, solo  # noqa: F401  (fixtures used below)
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32 rounding of a 64-256 term sum
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 4), (2, 1, 4), (3, 5, 4), (40, 4)])
+def test_products_equal_f_linear_and_other_row_counts_are_untouched(shape, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 6, bias=bias)
+    x = torch.randn(*shape[:-1], 4) * 3
+    expected = F.linear(x, layer.weight, layer.bias)
+    assert decode_linear.install(layer, most_rows=16, measure=False) == 1
+    out = layer(x)
+    assert out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, **TOL)
+    rows = x.numel() // 4
+    if not 2 <= rows <= 16:  # one row, or a prefill chunk: F.linear itself, bit for bit
+        assert torch.equal(out, expected)
+    decode_linear.uninstall(layer)
+    assert "forward" not in layer.__dict__
+
+
+def test_a_decoding_step_equals_the_plain_model_and_only_plain_cpu_fp32_layers_change(tiny_lm_dir):
+    model, _ = load_base(str(tiny_lm_dir))
+    model.eval()
+    ids = torch.randint(3, 97, (4, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        prefill = model(input_ids=ids[:, :-1], use_cache=True)
+        keyword = cache_keyword(model)
+        plain = model(input_ids=ids[:, -1:], **{keyword: returned_cache(prefill)}, use_cache=True).logits
+        linears = sum(type(m) is nn.Linear for m in model.modules())
+        assert decode_linear.install(model, most_rows=8, measure=False) == linears
+        prefill_again = model(input_ids=ids[:, :-1], use_cache=True)
+        assert torch.equal(prefill_again.logits, prefill.logits)  # 32 rows > 8: untouched
+        step = model(input_ids=ids[:, -1:], **{keyword: returned_cache(prefill_again)}, use_cache=True).logits
+    torch.testing.assert_close(step, plain, **TOL)
+    decode_linear.uninstall(model)
+    assert not any("forward" in m.__dict__ for m in model.modules() if type(m) is nn.Linear)
+    assert decode_linear.install(model.to(torch.bfloat16), most_rows=8, measure=False) == 0
+
+
+def test_accelerate_hooks_keep_running():
+    calls = []
+
+    class Count(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(1)
+            return args, kwargs
+
+    layer = nn.Linear(4, 6)
+    add_hook_to_module(layer, Count())
+    x = torch.randn(3, 4)
+    expected = F.linear(x, layer.weight, layer.bias)
+    decode_linear.install(layer, most_rows=8, measure=False)
+    torch.testing.assert_close(layer(x), expected, **TOL)
+    assert calls == [1]
+    decode_linear.uninstall(layer)
+    assert torch.equal(layer(x), expected) and calls == [1, 1]
+
+
+def test_the_measurement_decides_and_a_losing_layout_changes_nothing(monkeypatch):
+    layer = nn.Linear(64, 64)
+    monkeypatch.setattr(decode_linear, "weight_first_pays", lambda weight, rows: False)
+    assert decode_linear.install(layer, most_rows=8) == 0 and "forward" not in layer.__dict__
+    monkeypatch.setattr(decode_linear, "weight_first_pays", lambda weight, rows: True)
+    assert decode_linear.install(layer, most_rows=8) == 1
+
+
+def test_engine_replies_with_weight_first_layers_equal_each_set_alone(sets_dir, tiny_lm_dir, solo, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(decode_linear, "weight_first_pays", lambda weight, rows: True)
+    base, tokenizer = load_base(str(tiny_lm_dir))
+    base.generation_config.eos_token_id = None
+    tokenizer.eos_token_id = None
+    engine = Engine(base.eval(), tokenizer, AdaptersDir(sets_dir), max_batch=4)
+    try:
+        assert engine.stats["weight_first_layers"] > 0
+        jobs = [job(name, prompt_of(20 + i, 3 + i), 8) for i, name in enumerate(["alpha", None, "hybrid", "alpha"])]
+        for j, _ in jobs:
+            engine.submit(j)
+        for (j, events), name in zip(jobs, ["alpha", None, "hybrid", "alpha"], strict=True):
+            events.wait()
+            assert j.generated == solo(name, j.prompt_ids, 8)
+        assert engine.stats["largest_batch"] >= 2
+    finally:
+        engine.close()
+    assert not any("forward" in m.__dict__ for m in base.modules() if type(m) is nn.Linear)

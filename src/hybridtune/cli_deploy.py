@@ -140,6 +140,9 @@ def serve(
     prefill_chunk: Annotated[
         int, typer.Option(help="Prompt tokens prefilled per step, so long prompts don't stall the others.")
     ] = 512,
+    prefix_cache_mb: Annotated[
+        float, typer.Option(help="Memory for reused prompt prefixes (keys/values per adapter set); 0 turns it off.")
+    ] = 256,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 4096,
     max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1_000_000,
@@ -152,9 +155,11 @@ def serve(
     base = base or EMBEDDED_NAME
     if not adapters_dir.is_dir():
         fail(f"--adapters-dir '{adapters_dir}' is not a directory")
+    if prefix_cache_mb < 0:
+        fail(f"--prefix-cache-mb must be >= 0 (0 turns it off), got {prefix_cache_mb:g}")
     limits = Limits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_request_bytes=max_request_bytes)
     api = build_app(base, adapters_dir, api_key=api_key, max_loaded=max_loaded, max_batch=max_batch, limits=limits,
-                    prefill_chunk=prefill_chunk)  # fmt: skip
+                    prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb)  # fmt: skip
     typer.echo(f"serving {base} and the adapter sets in {adapters_dir} on http://{host}:{port}/v1")
     uvicorn.run(api, host=host, port=port, log_level="warning")
 

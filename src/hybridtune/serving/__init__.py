@@ -19,6 +19,7 @@ def build_app(
     max_loaded: int = 4,
     max_batch: int = 8,
     prefill_chunk: int = 512,
+    prefix_cache_mb: float = 256,
     limits: Limits | None = None,
     device: str | None = None,
     base_name: str | None = None,
@@ -32,5 +33,5 @@ def build_app(
     model, tokenizer = load_base(base)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     engine = Engine(model, tokenizer, AdaptersDir(adapters_dir), max_loaded=max_loaded, max_batch=max_batch,
-                    prefill_chunk=prefill_chunk)  # fmt: skip
+                    prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb)  # fmt: skip
     return create_app(engine, base_name=base_name or Path(base).name, api_key=api_key, limits=limits)

@@ -80,14 +80,14 @@ def test_the_measurement_decides_and_a_losing_layout_changes_nothing(monkeypatch
     assert decode_linear.install(layer, most_rows=8) == 1
 
 
-def test_engine_replies_with_weight_first_layers_equal_each_set_alone(sets_dir, tiny_lm_dir, solo, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(decode_linear, "weight_first_pays", lambda weight, rows: True)
+def test_engine_replies_with_weight_first_layers_equal_each_set_alone(sets_dir, tiny_lm_dir, solo):  # noqa: F811
     base, tokenizer = load_base(str(tiny_lm_dir))
     base.generation_config.eos_token_id = None
     tokenizer.eos_token_id = None
-    engine = Engine(base.eval(), tokenizer, AdaptersDir(sets_dir), max_batch=4)
+    engine = Engine(base.eval(), tokenizer, AdaptersDir(sets_dir), max_batch=4, max_loaded=1, weight_first=True)
+    linears = [m for m in base.modules() if type(m) is nn.Linear]
     try:
-        assert engine.stats["weight_first_layers"] > 0
+        assert engine.stats["weight_first_layers"] == len(linears)
         jobs = [job(name, prompt_of(20 + i, 3 + i), 8) for i, name in enumerate(["alpha", None, "hybrid", "alpha"])]
         for j, _ in jobs:
             engine.submit(j)
@@ -95,6 +95,20 @@ def test_engine_replies_with_weight_first_layers_equal_each_set_alone(sets_dir, 
             events.wait()
             assert j.generated == solo(name, j.prompt_ids, 8)
         assert engine.stats["largest_batch"] >= 2
+        # one set loaded at a time: sets were unloaded (their branches detached) along the way,
+        # and every layer still takes the weight-first product
+        assert all(decode_linear._ours(m.__dict__.get("forward")) for m in linears)
     finally:
         engine.close()
     assert not any("forward" in m.__dict__ for m in base.modules() if type(m) is nn.Linear)
+
+
+def test_a_layer_whose_forward_was_replaced_is_left_alone_and_detaching_branches_keeps_ours():
+    from hybridtune.core import attach
+
+    replaced, plain = nn.Linear(4, 6), nn.Linear(4, 6)
+    own = replaced.forward = lambda x: x  # e.g. another library's runner
+    assert decode_linear.install(nn.ModuleList([replaced, plain]), most_rows=8, measure=False) == 1
+    assert replaced.forward is own
+    attach._remove_inside(plain)  # what detaching the last branch of a target does
+    assert decode_linear._ours(plain.__dict__.get("forward"))

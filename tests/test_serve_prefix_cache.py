@@ -18,7 +18,7 @@ def layers_for(ids, layers=2, heads=1, dim=2):
 
 def test_prefixes_are_whole_blocks_per_set_and_never_the_last_token():
     cache = PrefixCache(budget_bytes=10**6)
-    prompt = list(range(2 * BLOCK + 1))  # 33 tokens: two whole blocks before the last token
+    prompt = list(range(2 * BLOCK + 1))  # two whole blocks before the last token
     cache.store("a", prompt, layers_for(prompt))
     length, entry = cache.longest("a", [*prompt, 99, 98])
     assert length == 2 * BLOCK and torch.equal(entry.layers[1][0][0, :, 0], torch.arange(2 * BLOCK) + 1.0)
@@ -51,6 +51,9 @@ def test_the_budget_evicts_the_least_recently_used_and_shared_blocks_stay_reacha
     cache.store("a", longer, layers_for(longer))  # covers the shorter entry, which goes
     assert list(cache._entries) == [("a", tuple(longer[: 3 * BLOCK]))]
     assert PrefixCache(budget_bytes=0).longest("a", first) == (0, None)
+    cache.budget = cache.held + 1  # an entry too large for the budget is not held, and costs nothing
+    cache.store("a", longer + [2] * BLOCK, layers_for(longer + [2] * BLOCK))
+    assert list(cache._entries) == [("a", tuple(longer[: 3 * BLOCK]))]
 
 
 def test_replies_reusing_a_prefix_equal_each_set_alone(sets_dir, tiny_lm_dir, solo):  # noqa: F811

@@ -94,9 +94,14 @@ def _install_inside(module: nn.Module) -> None:
 
 
 def _remove_inside(module: nn.Module) -> None:
-    if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
+    """Undo ``_install_inside`` (only its runner: another instance forward stays)."""
+    accelerated = hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
+    runner = module.__dict__.get("_old_forward" if accelerated else "forward")
+    if not (isinstance(runner, functools.partial) and runner.func is _run_inside):
+        return
+    if accelerated:
         module._old_forward = types.MethodType(type(module).forward, module)
-    elif isinstance(module.__dict__.get("forward"), functools.partial):
+    else:
         del module.__dict__["forward"]
 
 

@@ -8,8 +8,9 @@ than at the same product taken weight-first, ``(W · xᵀ)ᵀ``: on this project
 measures both products on the model's own weights first and changes nothing where weight-first
 is not clearly faster.
 
-Only plain ``nn.Linear`` layers of a CPU float32 model change, and only for 2..``most_rows``
-rows; prefill chunks and everything else run ``F.linear`` as before. Results agree with
+Only plain ``nn.Linear`` layers of a CPU float32 model change (not one whose forward something
+else replaced already), and only for inputs of 2..``most_rows`` token rows (a decoding step, or a
+prefill chunk that short); one row and longer chunks run ``F.linear`` as before. Results agree with
 ``F.linear`` to fp32 rounding (a different summation order, as any change of batch size gives),
 not bit for bit. Branches' hooks run as before: only the layer's own product changes.
 """
@@ -41,9 +42,18 @@ def _forward(module: nn.Linear, x: torch.Tensor, most_rows: int) -> torch.Tensor
     return out.t().contiguous().view(*x.shape[:-1], module.out_features)
 
 
+def _ours(runner: object) -> bool:
+    return isinstance(runner, functools.partial) and runner.func is _forward
+
+
 def _eligible(model: nn.Module) -> list[nn.Linear]:
+    def free(m: nn.Module) -> bool:
+        runner = m.__dict__.get("_old_forward" if hasattr(m, "_hf_hook") else "forward")
+        return runner is None or _ours(runner) or (hasattr(m, "_hf_hook") and getattr(runner, "__func__", None)
+                                                   is nn.Linear.forward)  # fmt: skip
+
     return [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
-            and m.weight.dtype == torch.float32]  # fmt: skip
+            and m.weight.dtype == torch.float32 and free(m)]  # fmt: skip
 
 
 def weight_first_pays(weight: torch.Tensor, rows: int, repeats: int = 20) -> bool:
@@ -86,7 +96,7 @@ def uninstall(model: nn.Module) -> None:
             continue
         for attribute in ("forward", "_old_forward"):
             runner = module.__dict__.get(attribute)
-            if isinstance(runner, functools.partial) and runner.func is _forward:
+            if _ours(runner):
                 if attribute == "forward":
                     del module.__dict__["forward"]
                 else:

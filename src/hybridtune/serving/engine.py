@@ -66,7 +66,10 @@ class Engine:
         max_batch: int = 8,
         prefill_chunk: int = 512,
         prefix_cache_mb: float = 256,
+        weight_first: bool | None = None,
     ) -> None:
+        """``weight_first``: decoding steps' linear products weight-first (serving/decode_linear.py)
+        always (True), never (False), or where measured faster here (None)."""
         self.base, self.tokenizer, self.adapters = base, tokenizer, adapters
         self.model: torch.nn.Module = base  # becomes a HybridModel when the first set loads
         self.max_loaded, self.max_batch, self.prefill_chunk = max(1, max_loaded), max(1, max_batch), prefill_chunk
@@ -86,7 +89,11 @@ class Engine:
         self.device = next(base.parameters()).device
         self._cache_keyword = cache_keyword(base)
         self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
-        self.stats["weight_first_layers"] = decode_linear.install(base, most_rows=min(self.max_batch, 32))
+        self.stats["weight_first_layers"] = (
+            0
+            if weight_first is False
+            else decode_linear.install(base, most_rows=min(self.max_batch, 32), measure=weight_first is None)
+        )
         self._thread = threading.Thread(target=self._run, name="hybridtune-engine", daemon=True)
         self._thread.start()
 

@@ -69,18 +69,24 @@ class PrefixCache:
                 return length, entry
         return 0, None
 
+    def use(self, entry: _Entry) -> None:
+        """Make ``entry`` the most recently used."""
+        self._entries.move_to_end(entry.key)
+
     def store(self, set_name: str | None, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Hold the keys/values ``layers`` ([heads, length, dim] each) of ``ids``'s first
         ``reusable(ids)`` tokens, unless a held entry already covers them."""
         length = self.reusable(ids)
         if not length or self.longest(set_name, ids, use=False)[0] >= length:
             return
+        size = sum((k[:, :length].numel() * k.element_size() + v[:, :length].numel() * v.element_size())
+                   for k, v in layers)  # fmt: skip
+        if size > self.budget:
+            return
         key = (set_name, tuple(ids[:length]))
         for shorter in [k for k in self._entries if k[0] == set_name and key[1][: len(k[1])] == k[1]]:
             self._remove(shorter)  # the new entry covers everything it did
         entry = _Entry(key, [(k[:, :length].clone(), v[:, :length].clone()) for k, v in layers])
-        if entry.nbytes > self.budget:
-            return
         self._entries[key] = entry
         self.held += entry.nbytes
         for block in self._block_keys(set_name, key[1], length):
@@ -110,11 +116,14 @@ def seed_prefill(
     each row's reused prefix up to that column: (0, None) when no row reuses anything. Rows start
     at one column, so a row reuses at most what the others let it (its prefix may be cut)."""
     starts = [width - len(prompt) for prompt in prompts]
-    found = [prefixes.longest(s, prompt) for s, prompt in zip(sets, prompts, strict=True)]
+    found = [prefixes.longest(s, prompt, use=False) for s, prompt in zip(sets, prompts, strict=True)]
     column = min(start + length for start, (length, _) in zip(starts, found, strict=True))
     reused = [max(0, column - start) for start in starts]
     if not any(reused):
         return 0, None
+    for (_, entry), n in zip(found, reused, strict=True):
+        if n:
+            prefixes.use(entry)
     template = next(entry for (_, entry), n in zip(found, reused, strict=True) if n).layers
     layers = []
     for layer, (keys_like, values_like) in enumerate(template):

@@ -73,6 +73,12 @@ class SpareLayer(DynamicLayer):
         self._show(length + new)
         return self.keys, self.values
 
+    def _not_here(self, *args, **kwargs):
+        raise NotImplementedError("a serving batch's cache changes through RaggedCache (join/keep) only")
+
+    # transformers' own row and length edits would leave the buffers behind the views
+    crop = batch_select_indices = batch_repeat_interleave = reorder_cache = reset = offload = prefetch = _not_here
+
     def select(self, index: torch.Tensor, first: int) -> None:
         """Keep rows ``index`` and positions from ``first`` on (the room stays)."""
         length = self.keys.shape[2]

@@ -72,12 +72,20 @@ def test_accelerate_hooks_keep_running():
     assert torch.equal(layer(x), expected) and calls == [1, 1]
 
 
-def test_the_measurement_decides_and_a_losing_layout_changes_nothing(monkeypatch):
-    layer = nn.Linear(64, 64)
+def test_the_measurement_decides_per_weight_shape(monkeypatch):
+    layers = nn.ModuleList([nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(64, 64)])
     monkeypatch.setattr(decode_linear, "weight_first_pays", lambda weight, rows: False)
-    assert decode_linear.install(layer, most_rows=8) == 0 and "forward" not in layer.__dict__
-    monkeypatch.setattr(decode_linear, "weight_first_pays", lambda weight, rows: True)
-    assert decode_linear.install(layer, most_rows=8) == 1
+    assert decode_linear.install(layers, most_rows=8) == 0 and not any("forward" in m.__dict__ for m in layers)
+    measured = []
+
+    def square_only(weight, rows):
+        measured.append((tuple(weight.shape), rows))
+        return weight.shape[0] == weight.shape[1]
+
+    monkeypatch.setattr(decode_linear, "weight_first_pays", square_only)
+    assert decode_linear.install(layers, most_rows=8) == 2
+    assert sorted(measured) == [((32, 64), 8), ((64, 64), 8)]  # once per shape
+    assert ["forward" in m.__dict__ for m in layers] == [True, False, True]
 
 
 def test_engine_replies_with_weight_first_layers_equal_each_set_alone(sets_dir, tiny_lm_dir, solo):  # noqa: F811

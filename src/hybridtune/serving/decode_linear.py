@@ -3,10 +3,10 @@
 A decoding step multiplies one row per live request by every weight of the model. ``F.linear``
 asks the BLAS for ``x · Wᵀ``; for a handful of rows MKL's sgemm on some CPUs is far slower at that
 than at the same product taken weight-first, ``(W · xᵀ)ᵀ``: on this project's 2-core CI machine
-(AMD EPYC, MKL's AVX2 path) 1.4-2x on SmolLM2's layers and 3x on its LM head for 2-16 rows
-(bench/decode_linear.py). Whether it pays is a property of the CPU and its BLAS, so ``install``
-measures both products on the model's own weights first and changes nothing where weight-first
-is not clearly faster.
+(AMD EPYC, MKL's AVX2 path) 1.4-2x on SmolLM2's layers and 3x on its LM head for 2-16 rows.
+Whether it pays is a property of the CPU, its BLAS and the weight's shape, so ``install``
+measures both products once per weight shape of the model and changes only the layers whose shape
+is clearly faster weight-first.
 
 Only plain ``nn.Linear`` layers of a CPU float32 model change (not one whose forward something
 else replaced already), and only for inputs of 2..``most_rows`` token rows (a decoding step, or a
@@ -73,13 +73,13 @@ def weight_first_pays(weight: torch.Tensor, rows: int, repeats: int = 20) -> boo
 
 def install(model: nn.Module, most_rows: int, measure: bool = True) -> int:
     """Make the model's plain CPU float32 linear layers take the weight-first product for 2 to
-    ``most_rows`` rows. With ``measure``, only where that measured faster here (on the model's
-    largest weight at ``most_rows`` rows). Returns how many layers changed."""
-    layers = _eligible(model)
-    if most_rows < 2 or not layers:
-        return 0
-    if measure and not weight_first_pays(max((m.weight for m in layers), key=torch.Tensor.numel), most_rows):
-        return 0
+    ``most_rows`` rows. With ``measure``, only layers whose weight shape measured faster that way
+    here (at ``most_rows`` rows). Returns how many layers changed."""
+    layers = _eligible(model) if most_rows >= 2 else []
+    if measure:
+        shapes = {tuple(m.weight.shape): m.weight for m in layers}
+        pays = {shape: weight_first_pays(weight, most_rows) for shape, weight in shapes.items()}
+        layers = [m for m in layers if pays[tuple(m.weight.shape)]]
     for module in layers:
         runner = functools.partial(_forward, module, most_rows=most_rows)
         if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):  # accelerate's hooks keep running

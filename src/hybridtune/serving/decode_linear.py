@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 __all__ = ["install", "uninstall", "weight_first_pays"]
 
-MIN_GAIN = 1.15  # weight-first must be this much faster to be used (the choice is measured once)
+MIN_GAIN = 1.1  # weight-first must be this much faster to be used (the choice is measured once)
 
 
 def _forward(module: nn.Linear, x: torch.Tensor, most_rows: int) -> torch.Tensor:
@@ -56,18 +56,31 @@ def _eligible(model: nn.Module) -> list[nn.Linear]:
             and m.weight.dtype == torch.float32 and free(m)]  # fmt: skip
 
 
-def weight_first_pays(weight: torch.Tensor, rows: int, repeats: int = 20) -> bool:
-    """Whether ``(W · xᵀ)ᵀ`` beats ``F.linear`` by ``MIN_GAIN`` for ``rows`` rows on this CPU
-    (best of interleaved repeats, so a noisy machine hits both alike)."""
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-    best = {"linear": float("inf"), "weight_first": float("inf")}
-    products = {"linear": lambda: F.linear(x, weight), "weight_first": lambda: torch.mm(weight, x.t()).t().contiguous()}
+COLD_BYTES = 64 * 2**20  # more than a CPU's last-level cache: weights are measured as a step reads them
+
+
+def weight_first_pays(weight: torch.Tensor, rows: int, repeats: int = 5) -> bool:
+    """Whether ``(W · xᵀ)ᵀ`` beats ``F.linear`` by ``MIN_GAIN`` on this CPU over a decoding step's
+    row counts (2, the middle and ``rows``: a batch's rows come and go). A step streams every
+    weight from memory once, so each product runs over copies of ``weight`` that together exceed
+    the cache (one weight repeated stays in cache and favours ``F.linear``); each layout's best of
+    interleaved repeats, so a noisy machine hits both alike."""
+    copies = [weight] + [weight.clone() for _ in range(min(63, COLD_BYTES // max(1, weight.nbytes)))]
+    best = {"linear": 0.0, "weight_first": 0.0}
     with torch.inference_mode():
-        for _ in range(repeats):
-            for name, product in products.items():
-                start = time.perf_counter()
-                product()
-                best[name] = min(best[name], time.perf_counter() - start)
+        for count in sorted({2, (2 + rows) // 2, rows}):
+            x = torch.randn(count, weight.shape[1], dtype=weight.dtype)
+            products = {"linear": lambda w, x=x: F.linear(x, w),
+                        "weight_first": lambda w, x=x: torch.mm(w, x.t()).t().contiguous()}  # fmt: skip
+            times = {name: float("inf") for name in products}
+            for _ in range(repeats):
+                for name, product in products.items():
+                    start = time.perf_counter()
+                    for w in copies:
+                        product(w)
+                    times[name] = min(times[name], time.perf_counter() - start)
+            for name in best:
+                best[name] += times[name]
     return best["linear"] > MIN_GAIN * best["weight_first"]
 
 

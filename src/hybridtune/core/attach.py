@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import types
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -22,6 +21,7 @@ from ..methods.base import first_input
 from .config import HybridConfig
 from .experts import describe as describe_experts
 from .experts import is_fused_experts, tokens_of_rows
+from .forward_slot import replace_forward, replaced_forward, restore_forward
 from .partitioned import full_shape
 from .routing import current as current_routing
 from .targeting import BRANCH_ATTR
@@ -84,25 +84,15 @@ def _run_inside(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def _install_inside(module: nn.Module) -> None:
-    """Make ``_run_inside`` the module's forward. accelerate (device_map, offloading) keeps the
-    forward it wraps in ``_old_forward``: there it is replaced, so its hooks keep running."""
-    runner = functools.partial(_run_inside, module)
-    if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
-        module._old_forward = runner
-    else:
-        module.forward = runner
+    """Make ``_run_inside`` the module's forward (core/forward_slot.py: accelerate's hooks stay)."""
+    replace_forward(module, functools.partial(_run_inside, module))
 
 
 def _remove_inside(module: nn.Module) -> None:
     """Undo ``_install_inside`` (only its runner: another instance forward stays)."""
-    accelerated = hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
-    runner = module.__dict__.get("_old_forward" if accelerated else "forward")
-    if not (isinstance(runner, functools.partial) and runner.func is _run_inside):
-        return
-    if accelerated:
-        module._old_forward = types.MethodType(type(module).forward, module)
-    else:
-        del module.__dict__["forward"]
+    runner = replaced_forward(module)
+    if isinstance(runner, functools.partial) and runner.func is _run_inside:
+        restore_forward(module)
 
 
 def branch_key(set_name: str, entry: str) -> str:

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..core.forward_slot import replace_forward, replaced_forward, restore_forward
+
 __all__ = ["install", "uninstall", "weight_first_pays"]
 
 MIN_GAIN = 1.1  # weight-first must be this much faster to be used (the choice is measured once)
@@ -47,10 +49,9 @@ def _ours(runner: object) -> bool:
 
 
 def _eligible(model: nn.Module) -> list[nn.Linear]:
-    def free(m: nn.Module) -> bool:
-        runner = m.__dict__.get("_old_forward" if hasattr(m, "_hf_hook") else "forward")
-        return runner is None or _ours(runner) or (hasattr(m, "_hf_hook") and getattr(runner, "__func__", None)
-                                                   is nn.Linear.forward)  # fmt: skip
+    def free(module: nn.Module) -> bool:  # its class's forward runs, or ours
+        runner = replaced_forward(module)
+        return runner is None or _ours(runner)
 
     return [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
             and m.weight.dtype == torch.float32 and free(m)]  # fmt: skip
@@ -93,24 +94,13 @@ def install(model: nn.Module, most_rows: int, measure: bool = True) -> int:
         shapes = {tuple(m.weight.shape): m.weight for m in layers}
         pays = {shape: weight_first_pays(weight, most_rows) for shape, weight in shapes.items()}
         layers = [m for m in layers if pays[tuple(m.weight.shape)]]
-    for module in layers:
-        runner = functools.partial(_forward, module, most_rows=most_rows)
-        if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):  # accelerate's hooks keep running
-            module._old_forward = runner
-        else:
-            module.forward = runner
+    for module in layers:  # accelerate's hooks keep running (core/forward_slot.py)
+        replace_forward(module, functools.partial(_forward, module, most_rows=most_rows))
     return len(layers)
 
 
 def uninstall(model: nn.Module) -> None:
     """Give every linear layer ``install`` changed its own forward back."""
     for module in model.modules():
-        if type(module) is not nn.Linear:
-            continue
-        for attribute in ("forward", "_old_forward"):
-            runner = module.__dict__.get(attribute)
-            if _ours(runner):
-                if attribute == "forward":
-                    del module.__dict__["forward"]
-                else:
-                    module._old_forward = nn.Linear.forward.__get__(module)
+        if type(module) is nn.Linear and _ours(replaced_forward(module)):
+            restore_forward(module)

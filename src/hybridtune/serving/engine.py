@@ -277,14 +277,17 @@ class Engine:
 
     def _to_compute(self, job: Job) -> int:
         """The prompt tokens a job leaves to prefill: less the prefix held for its set (if loaded)."""
-        internal = self.loaded.get(job.adapter) if job.adapter else None
+        internal = self._set_of(job)
         if job.echo_logprobs or (job.adapter and internal is None) or not self._splicable:
             return len(job.prompt_ids)
         return len(job.prompt_ids) - self.prefixes.longest(internal, job.prompt_ids, use=False)[0]
 
+    def _set_of(self, job: Job) -> str | None:
+        """The job's internal set name (None: the base model, or its set is not loaded)."""
+        return self.loaded.get(job.adapter) if job.adapter else None
+
     def _sets_of(self, jobs: list[Job]) -> list[str | None]:
-        """Each job's internal set name (None: the base model)."""
-        return [self.loaded.get(j.adapter) if j.adapter else None for j in jobs]
+        return [self._set_of(j) for j in jobs]
 
     def _forward(self, jobs: list[Job], ids, mask, positions, cache, every_position: bool = False):
         """One model call over ``jobs``'s rows; returns (logits, the cache it filled)."""

@@ -29,7 +29,11 @@ class _Entry:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+        return _nbytes(self.layers)
+
+
+def _nbytes(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(k.nbytes + v.nbytes for k, v in layers)
 
 
 class PrefixCache:
@@ -79,14 +83,13 @@ class PrefixCache:
         length = self.reusable(ids)
         if not length or self.longest(set_name, ids, use=False)[0] >= length:
             return
-        size = sum((k[:, :length].numel() * k.element_size() + v[:, :length].numel() * v.element_size())
-                   for k, v in layers)  # fmt: skip
-        if size > self.budget:
+        prefix = [(k[:, :length], v[:, :length]) for k, v in layers]
+        if _nbytes(prefix) > self.budget:  # before it evicts anything
             return
         key = (set_name, tuple(ids[:length]))
         for shorter in [k for k in self._entries if k[0] == set_name and key[1][: len(k[1])] == k[1]]:
             self._remove(shorter)  # the new entry covers everything it did
-        entry = _Entry(key, [(k[:, :length].clone(), v[:, :length].clone()) for k, v in layers])
+        entry = _Entry(key, [(k.clone(), v.clone()) for k, v in prefix])
         self._entries[key] = entry
         self.held += entry.nbytes
         for block in self._block_keys(set_name, key[1], length):

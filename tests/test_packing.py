@@ -2,11 +2,13 @@
 (positions restart per example, so transformers builds a block-diagonal causal mask). The loss and
 the logits equal the padded batch's, example by example, to fp32 rounding."""
 
+import itertools
+
 import pytest
 import torch
 
 from conftest import make_model, make_tokenizer
-from hybridtune.training.data import IGNORE_INDEX, collate, encode, pack
+from hybridtune.training.data import IGNORE_INDEX, Encoded, collate, encode, pack
 from hybridtune.training.steps import model_inputs
 
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -83,3 +85,26 @@ def test_a_run_near_the_machines_memory_is_told_what_lowers_it():
     assert "is 90% of this machine's" in note and "training.gradient_checkpointing: true" in note
     (note,) = memory_notes(0.9 * total, cpu, TrainingConfig(gradient_checkpointing=True))
     assert "gradient_checkpointing" not in note and "grad_accum" in note
+
+
+def test_rows_are_filled_best_fit_per_task_with_every_example_once():
+    """Each row takes the longest remaining example that fits: lengths 6, 5, 4, 5 in rows of 10
+    make two full rows (filling in reading order made three: 6 | 5 4 | 5)."""
+
+    def item(n: int, first: int, task: int | None = None) -> Encoded:
+        return Encoded(list(range(first, first + n)), list(range(first, first + n)), task_id=task)
+
+    items = [item(6, 100), item(5, 200), item(4, 300), item(5, 400), item(3, 500, task=1), item(9, 600, task=1)]
+    rows = pack(items, max_length=10)
+    assert [[ids[0] for ids in _examples(r)] for r in rows] == [[100, 300], [200, 400], [600], [500]]
+    assert [r.task_id for r in rows] == [None, None, 1, 1]  # tasks never share a row
+    assert sorted(t for r in rows for t in r.input_ids) == sorted(t for e in items for t in e.input_ids)
+    assert all(len(r.input_ids) <= 10 for r in rows)
+    (alone,) = pack([item(12, 0)], max_length=10)  # longer than a row (not from encode): a row of its own
+    assert alone.input_ids == list(range(12))
+
+
+def _examples(row: Encoded) -> list[list[int]]:
+    """A packed row's examples, split where positions restart."""
+    starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.input_ids)]
+    return [row.input_ids[a:b] for a, b in itertools.pairwise(starts)]

@@ -7,6 +7,7 @@ prompt tokens are exactly what inference feeds the model.
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from dataclasses import dataclass
@@ -159,22 +160,42 @@ def pack(encoded: list[Encoded], max_length: int) -> list[Encoded]:
     examples of the same task share a row). Each example's positions start at 0, which makes
     transformers attend within each example only (a block-diagonal causal mask, see ``collate``),
     and each example's first token is never a target, so a packed row trains exactly what its
-    examples padded one per row would."""
-    blocks: list[Encoded] = []
-    current = Encoded([], [], position_ids=[])
-    for item in sorted(encoded, key=lambda e: -1 if e.task_id is None else e.task_id):
-        if current.input_ids and (
-            len(current.input_ids) + len(item.input_ids) > max_length or item.task_id != current.task_id
-        ):
-            blocks.append(current)
-            current = Encoded([], [], task_id=item.task_id, position_ids=[])
-        current.task_id = item.task_id
-        current.input_ids += item.input_ids
-        current.labels += [IGNORE_INDEX, *item.labels[1:]]
-        current.position_ids += list(range(len(item.input_ids)))
-    if current.input_ids:
-        blocks.append(current)
-    return blocks
+    examples padded one per row would.
+
+    Rows are filled best-fit, as LLaMA-Factory fills its packed rows: each row takes the longest
+    remaining example that fits its room until none does, so rows come out nearly full and a
+    batch of them holds little padding (filling in reading order left a row short whenever the
+    next example did not fit). Within a row, examples keep their reading order; training shuffles
+    the rows every epoch."""
+    rows: list[Encoded] = []
+    tasks = sorted({e.task_id for e in encoded}, key=lambda t: -1 if t is None else t)
+    for task in tasks:
+        # (length, reading index), ascending: the longest example that fits is found by bisection
+        waiting = sorted((len(e.input_ids), i) for i, e in enumerate(encoded) if e.task_id == task)
+        lengths = [n for n, _ in waiting]
+        while waiting:
+            room, members = max_length, []
+            while lengths:
+                k = bisect.bisect_right(lengths, room) - 1
+                if k < 0:
+                    break
+                room -= lengths.pop(k)
+                members.append(waiting.pop(k)[1])
+            if not members:  # longer than a row (encode truncates, so only a caller's own data)
+                lengths.pop()
+                members.append(waiting.pop()[1])
+            rows.append(_joined([encoded[i] for i in sorted(members)], task))
+    return rows
+
+
+def _joined(items: list[Encoded], task: int | None) -> Encoded:
+    """One packed row of ``items``; each example's first token is not a target."""
+    row = Encoded([], [], task_id=task, position_ids=[])
+    for item in items:
+        row.input_ids += item.input_ids
+        row.labels += [IGNORE_INDEX, *item.labels[1:]]
+        row.position_ids += list(range(len(item.input_ids)))  # type: ignore[operator]
+    return row
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

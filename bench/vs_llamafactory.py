@@ -35,8 +35,13 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).parent
+PACKED = "neat packing (1 epoch)"
 EMPTY_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"  # LLaMA-Factory's `empty`
-REGIMES = {"checkpointing": {}, "no checkpointing": {"disable_gradient_checkpointing": True}}
+REGIMES = {"checkpointing": {}, "no checkpointing": {"disable_gradient_checkpointing": True},
+           # one epoch of packed rows, each example attending to itself (LLaMA-Factory's neat_packing,
+           # hybridtune's data.packing): both train every token of the split once, so the split's
+           # tokens over the training time is each one's real-token throughput
+           PACKED: {"neat_packing": True, "max_steps": -1, "num_train_epochs": 1.0}}  # fmt: skip
 
 
 def stub_torchaudio(python: str) -> None:
@@ -64,6 +69,11 @@ def run(command: list[str], cwd: Path) -> tuple[str, float]:
     return output, usage.ru_maxrss / 1024
 
 
+def packed_rows(log: str) -> int:
+    """How many (packed) rows LLaMA-Factory trains on, from the Trainer's log."""
+    return int(log.split("Num examples = ", 1)[1].split()[0].replace(",", ""))
+
+
 def first_example_ids(log: str) -> list[int]:
     """The token ids of the first training example, as LLaMA-Factory logs them."""
     return ast.literal_eval(log.split("input_ids:\n", 1)[1].split("\n", 1)[0])
@@ -75,11 +85,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "vs_llamafactory.md")
+    parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated, of: " + ", ".join(REGIMES))
     args = parser.parse_args()
+    regimes = {name: REGIMES[name] for name in args.regimes.split(",")}
     from transformers import AutoTokenizer
 
     from hybridtune.core.base_models import resolve_model
-    from hybridtune.training.data import encode
+    from hybridtune.training.data import encode, pack
 
     stub_torchaudio(args.lf_python)
     lf_cli = str(Path(args.lf_python).parent / "llamafactory-cli")
@@ -95,6 +107,10 @@ def main() -> None:
     first = rows[0]
     ours_first = encode(tokenizer, [{"role": "user", "content": f"{first['instruction']}\n{first['input']}"},
                                     {"role": "assistant", "content": first["output"]}], 128).input_ids  # fmt: skip
+    encoded = [encode(tokenizer, [{"role": "user", "content": f"{r['instruction']}\n{r['input']}"},
+                                  {"role": "assistant", "content": r["output"]}], 128) for r in rows]  # fmt: skip
+    split_tokens = sum(len(e.input_ids) for e in encoded)
+    our_rows, their_rows = len(pack(encoded, 128)), 0
     mean_tokens = statistics.mean(
         len(tokenizer(f"{r['instruction']}\n{r['input']}{r['output']}", add_special_tokens=False)["input_ids"])
         for r in rows
@@ -102,7 +118,7 @@ def main() -> None:
     results: dict[tuple[str, str], dict[str, list[float]]] = {}
     identical = None
     for round_ in range(args.rounds):
-        for regime, extra in REGIMES.items():
+        for regime, extra in regimes.items():
             tools = ["llamafactory", "hybridtune"] if round_ % 2 == 0 else ["hybridtune", "llamafactory"]
             for tool in tools:
                 where = work / f"{tool}-{regime.replace(' ', '-')}-{round_}"
@@ -118,6 +134,7 @@ def main() -> None:
                     log, peak = run([lf_cli, "train", "lf.yaml"], where)
                     seconds = json.loads((where / "out" / "all_results.json").read_text())["train_runtime"]
                     identical = first_example_ids(log) == ours_first if identical is None else identical
+                    their_rows = packed_rows(log) if regime == PACKED else their_rows
                 else:
                     hybridtune = [sys.executable, "-m", "hybridtune"]
                     subprocess.run([*hybridtune, "convert", "lf.yaml", "--out", "ht.yaml"], cwd=where, check=True,
@@ -144,12 +161,30 @@ def main() -> None:
         "| hybridtune peak MB |",
         "|---|---|---|---|---|---|",
     ]
-    for regime in REGIMES:
+    for regime in regimes:
         theirs, ours = results[(regime, "llamafactory")], results[(regime, "hybridtune")]
         ratio = statistics.median(o / t for o, t in zip(ours["seconds"], theirs["seconds"], strict=True))
+        if regime == PACKED:
+            continue
         lines.append(f"| {regime} | {statistics.median(theirs['seconds']) / args.steps:.2f} | "
                      f"{statistics.median(ours['seconds']) / args.steps:.2f} | {ratio:.2f} | "
                      f"{max(theirs['peak']):.0f} | {max(ours['peak']):.0f} |")  # fmt: skip
+    if PACKED in regimes:
+        theirs, ours = results[(PACKED, "llamafactory")], results[(PACKED, "hybridtune")]
+        ratio = statistics.median(t / o for o, t in zip(ours["seconds"], theirs["seconds"], strict=True))
+        lines += [
+            "",
+            f"{PACKED}: both train the split's {split_tokens:,} tokens once, in packed rows of up to 128 tokens "
+            f"(LLaMA-Factory: {their_rows} rows, hybridtune: {our_rows}); real tokens/s = the split's tokens / the "
+            "training time (no token of padding counts).",
+            "",
+            "| LLaMA-Factory real tokens/s | hybridtune real tokens/s | hybridtune / LLaMA-Factory | "
+            "LLaMA-Factory peak MB | hybridtune peak MB |",
+            "|---|---|---|---|---|",
+            f"| {split_tokens / statistics.median(theirs['seconds']):.0f} | "
+            f"{split_tokens / statistics.median(ours['seconds']):.0f} | {ratio:.2f} | {max(theirs['peak']):.0f} | "
+            f"{max(ours['peak']):.0f} |",
+        ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

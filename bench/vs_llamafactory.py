@@ -133,8 +133,10 @@ def main() -> None:
                 if tool == "llamafactory":
                     log, peak = run([lf_cli, "train", "lf.yaml"], where)
                     seconds = json.loads((where / "out" / "all_results.json").read_text())["train_runtime"]
-                    identical = first_example_ids(log) == ours_first if identical is None else identical
-                    their_rows = packed_rows(log) if regime == PACKED else their_rows
+                    if regime == PACKED:  # it logs its first packed row, several examples long
+                        their_rows = packed_rows(log)
+                    elif identical is None:
+                        identical = first_example_ids(log) == ours_first
                 else:
                     hybridtune = [sys.executable, "-m", "hybridtune"]
                     subprocess.run([*hybridtune, "convert", "lf.yaml", "--out", "ht.yaml"], cwd=where, check=True,
@@ -154,7 +156,8 @@ def main() -> None:
         f"`python bench/vs_llamafactory.py --rounds {args.rounds} --steps {args.steps}` on {platform.machine()} "
         f"({os.cpu_count()} cores). SmolLM2-135M-Instruct fp32, LoRA r8 on all linear layers, the sentiment "
         f"data with LLaMA-Factory's `empty` template (mean {mean_tokens:.1f} tokens per example, batch 8, cutoff "
-        f"128), {args.steps} steps. First training example token-identical: {'yes' if identical else 'NO'}. "
+        f"128), {args.steps} steps. First training example token-identical: "
+        f"{'not compared (packed rows only)' if identical is None else 'yes' if identical else 'NO'}. "
         "Time: the trainers' own training time (median over rounds); memory: the process's peak resident set.",
         "",
         "| regime | LLaMA-Factory s/step | hybridtune s/step | hybridtune / LLaMA-Factory | LLaMA-Factory peak MB "

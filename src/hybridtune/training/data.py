@@ -170,22 +170,31 @@ def pack(encoded: list[Encoded], max_length: int) -> list[Encoded]:
     rows: list[Encoded] = []
     tasks = sorted({e.task_id for e in encoded}, key=lambda t: -1 if t is None else t)
     for task in tasks:
-        # (length, reading index), ascending: the longest example that fits is found by bisection
-        waiting = sorted((len(e.input_ids), i) for i, e in enumerate(encoded) if e.task_id == task)
-        lengths = [n for n, _ in waiting]
-        while waiting:
+        # the task's examples by length (each length's in reading order), and the lengths present,
+        # ascending: the longest that fits is found by bisection over at most max_length lengths
+        by_length: dict[int, list[int]] = {}
+        for i, e in enumerate(encoded):
+            if e.task_id == task:
+                by_length.setdefault(len(e.input_ids), []).append(i)
+        lengths = sorted(by_length)
+        while lengths:
             room, members = max_length, []
-            while lengths:
-                k = bisect.bisect_right(lengths, room) - 1
-                if k < 0:
-                    break
-                room -= lengths.pop(k)
-                members.append(waiting.pop(k)[1])
+            while lengths and (k := bisect.bisect_right(lengths, room) - 1) >= 0:
+                members.append(_take(by_length, lengths, k))
+                room -= len(encoded[members[-1]].input_ids)
             if not members:  # longer than a row (encode truncates, so only a caller's own data)
-                lengths.pop()
-                members.append(waiting.pop()[1])
+                members.append(_take(by_length, lengths, len(lengths) - 1))
             rows.append(_joined([encoded[i] for i in sorted(members)], task))
     return rows
+
+
+def _take(by_length: dict[int, list[int]], lengths: list[int], k: int) -> int:
+    """The last example of length ``lengths[k]`` (dropping the length when none is left)."""
+    same = by_length[lengths[k]]
+    index = same.pop()
+    if not same:
+        del lengths[k]
+    return index
 
 
 def _joined(items: list[Encoded], task: int | None) -> Encoded:

@@ -6,8 +6,8 @@ python bench/packing.py [--steps 4] [--rounds 2]
 For each example config (the quickstart and the multitask example, plus an alpaca-like set made
 here: alpaca's format with a wide spread of lengths, see ``alpaca_like``) the training split is
 prepared twice, padded (one example per row) and packed (examples concatenated into rows of up to
-``data.max_length`` with per-example positions), batched as the run batches it (``batch_size`` rows,
-in order), and trained for ``--steps`` optimizer steps each on the config's model, the two regimes
+``data.max_length`` with per-example positions), batched as the run batches it (``batch_size`` rows
+in its first epoch's shuffled order), and trained for ``--steps`` optimizer steps each on the config's model, the two regimes
 interleaved in rounds. Writes bench/results/packing.md.
 """
 
@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -35,8 +36,7 @@ WORDS = ["the", "film", "story", "light", "river", "city", "music", "night", "wo
 def alpaca_like(root: Path, records: int = 240, seed: int = 0) -> Path:
     """A config over synthetic alpaca records whose lengths spread as instruction data's do (a
     long-tailed output length: a median near 55 words, some past the row length), trained with
-    the quickstart's methods. Their words are filler: a step's cost depends on token counts only,
-    and no instruction set is available offline."""
+    the quickstart's methods. Their words are filler: a step's cost depends on token counts only."""
     rng = random.Random(seed)
 
     def text(words: int) -> str:
@@ -65,6 +65,7 @@ def batches(config_path: Path, packing: bool):
     from hybridtune.training.data import collate
     from hybridtune.training.data_prep import prepare_data
     from hybridtune.training.run_config import load_run_config
+    from hybridtune.training.steps import EpochSampler
 
     os.chdir(config_path.parent)  # the configs name their data files relative to themselves
     config = load_run_config(config_path)
@@ -72,7 +73,9 @@ def batches(config_path: Path, packing: bool):
     _, tokenizer = load_base(config.model)
     prepared = prepare_data(config, tokenizer)
     size = config.training.batch_size
-    rows = prepared.train
+    # in the order of the run's first epoch (training/recipe.py's loader for stage 0, epoch 0)
+    order = list(EpochSampler(len(prepared.train), config.training.seed * 1_000_003))
+    rows = [prepared.train[i] for i in order]
     return config, [collate(rows[i : i + size], tokenizer.pad_token_id) for i in range(0, len(rows), size)]
 
 
@@ -113,7 +116,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     rows = []
-    configs = {**CONFIGS, "alpaca-like": alpaca_like(Path(tempfile.mkdtemp(prefix="alpaca-like-")))}
+    made = Path(tempfile.mkdtemp(prefix="alpaca-like-"))
+    configs = {**CONFIGS, "alpaca-like": alpaca_like(made)}
     for name, path in configs.items():
         regimes = {packing: batches(path, packing) for packing in (False, True)}
         speeds: dict[bool, list[float]] = {False: [], True: []}
@@ -129,7 +133,8 @@ def main() -> None:
         "# Padded and packed batches",
         "",
         f"`python bench/packing.py --steps {args.steps} --rounds {args.rounds}`: {platform.machine()} CPU; each "
-        "example config's training split, batched as its run batches it, trained a few optimizer steps per "
+        "example config's training split, batched as its run batches it (its first epoch's shuffled order), "
+        "trained a few optimizer steps per "
         "regime with the config's methods, regimes interleaved; real tokens exclude padding (median over rounds).",
         "",
         "| set | model | regime | padding (of batch tokens) | real tokens in the split | batches | real tokens/s |",
@@ -137,6 +142,7 @@ def main() -> None:
     ]
     for name, model, regime, fraction, real, count, speed in rows:
         lines.append(f"| {name} | {model} | {regime} | {100 * fraction:.1f}% | {real:,} | {count} | {speed:,.0f} |")
+    shutil.rmtree(made, ignore_errors=True)
     text = "\n".join(lines) + "\n"
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "packing.md").write_text(text)

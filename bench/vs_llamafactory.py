@@ -1,6 +1,6 @@
 """One LLaMA-Factory training YAML run by LLaMA-Factory and by hybridtune, on token-identical data.
 
-python bench/vs_llamafactory.py --lf-python VENV/bin/python [--rounds 2] [--steps 10]
+python bench/vs_llamafactory.py --lf-python VENV/bin/python [--rounds 2] [--steps 10] [--regimes a,b]
 
 LLaMA-Factory pins its own transformers/peft/TRL, so it runs from its own venv (``--lf-python``;
 `pip install torch==2.13.0 && pip install -c <(echo torch==2.13.0) llamafactory`; the registry's
@@ -15,7 +15,12 @@ with ``data.template`` a Jinja file that renders as LLaMA-Factory's ``empty`` do
 example's token ids are compared with the ones LLaMA-Factory logs (they must be equal). Time: each
 trainer's own training time (LLaMA-Factory's ``train_runtime``, hybridtune's ``train_seconds``);
 memory: the peak resident set of each run's process. The tools alternate within each round.
-Writes bench/results/vs_llamafactory.md.
+
+The ``neat packing (1 epoch)`` regime trains the same YAML with ``neat_packing: true`` for one
+epoch (no ``max_steps``): both pack the split into rows and train every token once, so the split's
+tokens over the training time is each one's real-token throughput; LLaMA-Factory's first packed
+row (which it logs) is checked to be the split's examples, token for token. Writes
+bench/results/vs_llamafactory.md (``--out``).
 """
 
 from __future__ import annotations
@@ -74,6 +79,18 @@ def packed_rows(log: str) -> int:
     return int(log.split("Num examples = ", 1)[1].split()[0].replace(",", ""))
 
 
+def made_of(row: list[int], examples: list[list[int]], pads: set[int]) -> bool:
+    """Whether ``row`` is whole examples of ``examples`` one after another, then padding (one of
+    ``pads``: LLaMA-Factory pads with the end-of-text token where a tokenizer has no pad token)."""
+    start = 0
+    while start < len(row):
+        fits = [e for e in examples if row[start : start + len(e)] == e]
+        if not fits:
+            return start > 0 and len(set(row[start:])) == 1 and row[start] in pads
+        start += max(len(e) for e in fits)
+    return True
+
+
 def first_example_ids(log: str) -> list[int]:
     """The token ids of the first training example, as LLaMA-Factory logs them."""
     return ast.literal_eval(log.split("input_ids:\n", 1)[1].split("\n", 1)[0])
@@ -87,7 +104,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "vs_llamafactory.md")
     parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated, of: " + ", ".join(REGIMES))
     args = parser.parse_args()
-    regimes = {name: REGIMES[name] for name in args.regimes.split(",")}
+    names = [name.strip() for name in args.regimes.split(",")]
+    if unknown := [name for name in names if name not in REGIMES]:
+        parser.error(f"--regimes: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(REGIMES)}")
+    regimes = {name: REGIMES[name] for name in names}
     from transformers import AutoTokenizer
 
     from hybridtune.core.base_models import resolve_model
@@ -116,7 +136,7 @@ def main() -> None:
         for r in rows
     )
     results: dict[tuple[str, str], dict[str, list[float]]] = {}
-    identical = None
+    identical = row_identical = None
     for round_ in range(args.rounds):
         for regime, extra in regimes.items():
             tools = ["llamafactory", "hybridtune"] if round_ % 2 == 0 else ["hybridtune", "llamafactory"]
@@ -135,6 +155,8 @@ def main() -> None:
                     seconds = json.loads((where / "out" / "all_results.json").read_text())["train_runtime"]
                     if regime == PACKED:  # it logs its first packed row, several examples long
                         their_rows = packed_rows(log)
+                        pads = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+                        row_identical = made_of(first_example_ids(log), [e.input_ids for e in encoded], pads)
                     elif identical is None:
                         identical = first_example_ids(log) == ours_first
                 else:
@@ -150,25 +172,24 @@ def main() -> None:
                 entry["seconds"].append(seconds)
                 entry["peak"].append(peak)
                 print(f"round {round_ + 1} {regime} {tool}: {seconds:.1f} s, peak {peak:.0f} MB", flush=True)
-    lines = [
-        "# LLaMA-Factory's YAML, run by LLaMA-Factory and by hybridtune",
-        "",
-        f"`python bench/vs_llamafactory.py --rounds {args.rounds} --steps {args.steps}` on {platform.machine()} "
-        f"({os.cpu_count()} cores). SmolLM2-135M-Instruct fp32, LoRA r8 on all linear layers, the sentiment "
-        f"data with LLaMA-Factory's `empty` template (mean {mean_tokens:.1f} tokens per example, batch 8, cutoff "
-        f"128), {args.steps} steps. First training example token-identical: "
-        f"{'not compared (packed rows only)' if identical is None else 'yes' if identical else 'NO'}. "
-        "Time: the trainers' own training time (median over rounds); memory: the process's peak resident set.",
-        "",
-        "| regime | LLaMA-Factory s/step | hybridtune s/step | hybridtune / LLaMA-Factory | LLaMA-Factory peak MB "
-        "| hybridtune peak MB |",
-        "|---|---|---|---|---|---|",
-    ]
-    for regime in regimes:
+    lines = ["# LLaMA-Factory's YAML, run by LLaMA-Factory and by hybridtune", ""]
+    steps = [regime for regime in regimes if regime != PACKED]
+    if steps:
+        lines += [
+            f"`python bench/vs_llamafactory.py --rounds {args.rounds} --steps {args.steps} --regimes "
+            f'"{",".join(steps)}"` on {platform.machine()} ({os.cpu_count()} cores). SmolLM2-135M-Instruct fp32, '
+            f"LoRA r8 on all linear layers, the sentiment data with LLaMA-Factory's `empty` template (mean "
+            f"{mean_tokens:.1f} tokens per example, batch 8, cutoff 128), {args.steps} steps. First training example "
+            f"token-identical: {'yes' if identical else 'NO'}. Time: the trainers' own training time (median over "
+            "rounds); memory: the process's peak resident set.",
+            "",
+            "| regime | LLaMA-Factory s/step | hybridtune s/step | hybridtune / LLaMA-Factory | LLaMA-Factory peak MB "
+            "| hybridtune peak MB |",
+            "|---|---|---|---|---|---|",
+        ]
+    for regime in steps:
         theirs, ours = results[(regime, "llamafactory")], results[(regime, "hybridtune")]
         ratio = statistics.median(o / t for o, t in zip(ours["seconds"], theirs["seconds"], strict=True))
-        if regime == PACKED:
-            continue
         lines.append(f"| {regime} | {statistics.median(theirs['seconds']) / args.steps:.2f} | "
                      f"{statistics.median(ours['seconds']) / args.steps:.2f} | {ratio:.2f} | "
                      f"{max(theirs['peak']):.0f} | {max(ours['peak']):.0f} |")  # fmt: skip
@@ -176,10 +197,16 @@ def main() -> None:
         theirs, ours = results[(PACKED, "llamafactory")], results[(PACKED, "hybridtune")]
         ratio = statistics.median(t / o for o, t in zip(ours["seconds"], theirs["seconds"], strict=True))
         lines += [
+            *([""] if steps else []),
+            "## Neat packing, one epoch",
             "",
-            f"{PACKED}: both train the split's {split_tokens:,} tokens once, in packed rows of up to 128 tokens "
-            f"(LLaMA-Factory: {their_rows} rows, hybridtune: {our_rows}); real tokens/s = the split's tokens / the "
-            "training time (no token of padding counts).",
+            f'`python bench/vs_llamafactory.py --rounds {args.rounds} --regimes "{PACKED}"`: the same YAML with '
+            "`neat_packing: true` and one epoch instead of `max_steps` (gradient checkpointing on, LLaMA-Factory's "
+            f"default, which the converted YAML keeps). Both train the split's {split_tokens:,} tokens once, in packed "
+            f"rows of up to 128 tokens, each example attending to itself (LLaMA-Factory: {their_rows} rows, "
+            f"hybridtune: {our_rows}). LLaMA-Factory's first packed row is the split's examples token for token: "
+            f"{'yes' if row_identical else 'NO'}. Real tokens/s = the split's tokens / the training time (median over "
+            "rounds), so no padding token counts.",
             "",
             "| LLaMA-Factory real tokens/s | hybridtune real tokens/s | hybridtune / LLaMA-Factory | "
             "LLaMA-Factory peak MB | hybridtune peak MB |",

@@ -51,8 +51,8 @@ def test_packed_rows_pad_as_one_more_example_and_keep_the_mask_for_counting():
     assert batch["labels"][1, -tail:].eq(IGNORE_INDEX).all()
     assert int(batch["attention_mask"].sum()) == sum(len(e.input_ids) for e in items)  # real tokens
     assert "attention_mask" not in model_inputs(batch) and "attention_mask" in model_inputs(collate(items, 0))
-    starts = [0, len(items[0].input_ids)]
-    assert all(rows[0].labels[s] == IGNORE_INDEX for s in starts)  # no example predicts the next one's start
+    starts = [i for i, p in enumerate(rows[0].position_ids) if p == 0]
+    assert len(starts) == 2 and all(rows[0].labels[s] == IGNORE_INDEX for s in starts)  # none predicts the next
 
 
 def test_packing_is_refused_for_entries_that_add_tokens_per_row(project, tiny_lm_dir):
@@ -102,6 +102,30 @@ def test_rows_are_filled_best_fit_per_task_with_every_example_once():
     assert all(len(r.input_ids) <= 10 for r in rows)
     (alone,) = pack([item(12, 0)], max_length=10)  # longer than a row (not from encode): a row of its own
     assert alone.input_ids == list(range(12))
+
+
+def _examples(row: Encoded) -> list[list[int]]:
+    """A packed row's examples, split where positions restart."""
+    starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.input_ids)]
+    return [row.input_ids[a:b] for a, b in itertools.pairwise(starts)]
+
+
+def test_best_fit_holds_for_many_examples():
+    """Every example once, unchanged, in rows within the limit; each row starts from the longest
+    example left and is closed only when no example left fits; the same rows every time."""
+    lengths = torch.randint(1, 200, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    items = [Encoded([i] * n, [i] * n) for i, n in enumerate(lengths)]
+    rows = pack(items, max_length=256)
+    assert [e.input_ids for e in items] == [[i] * n for i, n in enumerate(lengths)]  # inputs untouched
+    assert sorted(t for r in rows for t in r.input_ids) == sorted(t for e in items for t in e.input_ids)
+    sizes = [[len(x) for x in _examples(r)] for r in rows]
+    assert all(sum(s) <= 256 for s in sizes)
+    for i, size in enumerate(sizes[:-1]):
+        left = [n for s in sizes[i + 1 :] for n in s]
+        assert max(size) >= max(left) and 256 - sum(size) < min(left)
+    for row in rows:  # no example predicts the next one's first token
+        assert all(row.labels[j] == IGNORE_INDEX for j, p in enumerate(row.position_ids) if p == 0)
+    assert [r.input_ids for r in pack(items, max_length=256)] == [r.input_ids for r in rows]
 
 
 def _examples(row: Encoded) -> list[list[int]]:

@@ -202,7 +202,7 @@ def _joined(items: list[Encoded], task: int | None) -> Encoded:
     row = Encoded([], [], task_id=task, position_ids=[])
     for item in items:
         row.input_ids += item.input_ids
-        row.labels += [IGNORE_INDEX, *item.labels[1:]]
+        row.labels += [IGNORE_INDEX, *item.labels[1:]][: len(item.input_ids)]  # (an empty one adds none)
         row.position_ids += list(range(len(item.input_ids)))  # type: ignore[operator]
     return row
 

@@ -36,7 +36,7 @@ def _lengths(items: list[Encoded]) -> str:
     p95 = sizes[min(len(sizes) - 1, round(0.95 * (len(sizes) - 1)))]
     trained = sum(sum(label != IGNORE_INDEX for label in e.labels) for e in items)
     return (
-        f"{len(items)} examples, tokens min {sizes[0]} / median {statistics.median(sizes):g} / p95 {p95} / "
+        f"{len(items)} {'rows' if items[0].position_ids is not None else 'examples'}, tokens min {sizes[0]} / median {statistics.median(sizes):g} / p95 {p95} / "
         f"max {sizes[-1]}; {trained / max(sum(sizes), 1):.0%} of the tokens are trained"
     )
 
@@ -49,7 +49,8 @@ def preview(config: RunConfig, tokenizer: Any, count: int = 3) -> str:
     lines = [f"template: {template}"]
     lines += [f"note: {note}" for note in data.notes]
     for i, item in enumerate(data.train[:count]):
-        lines += [f"--- train example {i + 1} (trained tokens between {OPEN} and {CLOSE}) ---", marked(tokenizer, item)]
+        what = "packed row" if d.packing else "example"
+        lines += [f"--- train {what} {i + 1} (trained tokens between {OPEN} and {CLOSE}) ---", marked(tokenizer, item)]
     lines += [
         "---",
         f"train: {_lengths(data.train)}" + (" (after packing)" if d.packing else ""),

@@ -7,8 +7,8 @@ For each example config (the quickstart and the multitask example, plus an alpac
 here: alpaca's format with a wide spread of lengths, see ``alpaca_like``) the training split is
 prepared twice, padded (one example per row) and packed (examples concatenated into rows of up to
 ``data.max_length`` with per-example positions), batched as the run batches it (``batch_size`` rows
-in its first epoch's shuffled order), and trained for ``--steps`` optimizer steps each on the config's model, the two regimes
-interleaved in rounds. Writes bench/results/packing.md.
+in its first epoch's shuffled order), and trained for ``--steps`` optimizer steps each on the
+config's model, the two regimes interleaved in rounds. Writes bench/results/packing.md.
 """
 
 from __future__ import annotations

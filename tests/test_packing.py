@@ -126,21 +126,3 @@ def test_best_fit_holds_for_many_examples():
     for row in rows:  # no example predicts the next one's first token
         assert all(row.labels[j] == IGNORE_INDEX for j, p in enumerate(row.position_ids) if p == 0)
     assert [r.input_ids for r in pack(items, max_length=256)] == [r.input_ids for r in rows]
-
-
-def _examples(row: Encoded) -> list[list[int]]:
-    """A packed row's examples, split where positions restart."""
-    starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.input_ids)]
-    return [row.input_ids[a:b] for a, b in itertools.pairwise(starts)]
-
-
-def test_best_fit_holds_for_many_examples():
-    """Every example once, rows within the limit, and no row closed while a later example fit in it."""
-    lengths = torch.randint(1, 200, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
-    items = [Encoded([i] * n, [i] * n) for i, n in enumerate(lengths)]
-    rows = pack(items, max_length=256)
-    assert sorted(t for r in rows for t in r.input_ids) == sorted(t for e in items for t in e.input_ids)
-    sizes = [[len(x) for x in _examples(r)] for r in rows]
-    assert all(sum(s) <= 256 for s in sizes)
-    later_smallest = [min(min(s) for s in sizes[i + 1 :]) for i in range(len(sizes) - 1)]
-    assert all(256 - sum(s) < smallest for s, smallest in zip(sizes, later_smallest, strict=False))

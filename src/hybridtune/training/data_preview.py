@@ -35,8 +35,9 @@ def _lengths(items: list[Encoded]) -> str:
     sizes = sorted(len(e.input_ids) for e in items)
     p95 = sizes[min(len(sizes) - 1, round(0.95 * (len(sizes) - 1)))]
     trained = sum(sum(label != IGNORE_INDEX for label in e.labels) for e in items)
+    what = "examples" if items[0].position_ids is None else "rows"
     return (
-        f"{len(items)} {'rows' if items[0].position_ids is not None else 'examples'}, tokens min {sizes[0]} / median {statistics.median(sizes):g} / p95 {p95} / "
+        f"{len(items)} {what}, tokens min {sizes[0]} / median {statistics.median(sizes):g} / p95 {p95} / "
         f"max {sizes[-1]}; {trained / max(sum(sizes), 1):.0%} of the tokens are trained"
     )
 

@@ -168,14 +168,13 @@ def pack(encoded: list[Encoded], max_length: int) -> list[Encoded]:
     alpaca-like set). Within a row, examples keep their reading order; training shuffles the rows
     every epoch."""
     rows: list[Encoded] = []
-    tasks = sorted({e.task_id for e in encoded}, key=lambda t: -1 if t is None else t)
-    for task in tasks:
-        # the task's examples by length (each length's in reading order), and the lengths present,
-        # ascending: the longest that fits is found by bisection over at most max_length lengths
-        by_length: dict[int, list[int]] = {}
-        for i, e in enumerate(encoded):
-            if e.task_id == task:
-                by_length.setdefault(len(e.input_ids), []).append(i)
+    # each task's examples by length (each length's in reading order); the lengths present,
+    # ascending, let the longest that fits be found by bisection over at most max_length lengths
+    by_task: dict[int | None, dict[int, list[int]]] = {}
+    for i, e in enumerate(encoded):
+        by_task.setdefault(e.task_id, {}).setdefault(len(e.input_ids), []).append(i)
+    for task in sorted(by_task, key=lambda t: -1 if t is None else t):
+        by_length = by_task[task]
         lengths = sorted(by_length)
         while lengths:
             room, members = max_length, []

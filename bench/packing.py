@@ -73,8 +73,7 @@ def batches(config_path: Path, packing: bool):
     _, tokenizer = load_base(config.model)
     prepared = prepare_data(config, tokenizer)
     size = config.training.batch_size
-    # in the order of the run's first epoch (training/recipe.py's loader for stage 0, epoch 0)
-    order = list(EpochSampler(len(prepared.train), config.training.seed * 1_000_003))
+    order = list(EpochSampler(len(prepared.train), EpochSampler.seed_for(config.training.seed, stage=0, epoch=0)))
     rows = [prepared.train[i] for i in order]
     return config, [collate(rows[i : i + size], tokenizer.pad_token_id) for i in range(0, len(rows), size)]
 
@@ -134,8 +133,8 @@ def main() -> None:
         "",
         f"`python bench/packing.py --steps {args.steps} --rounds {args.rounds}`: {platform.machine()} CPU; each "
         "example config's training split, batched as its run batches it (its first epoch's shuffled order), "
-        "trained a few optimizer steps per "
-        "regime with the config's methods, regimes interleaved; real tokens exclude padding (median over rounds).",
+        "trained a few optimizer steps per regime with the config's methods, regimes interleaved; real tokens "
+        "exclude padding (median over rounds).",
         "",
         "| set | model | regime | padding (of batch tokens) | real tokens in the split | batches | real tokens/s |",
         "|---|---|---|---|---|---|---|",

@@ -124,9 +124,6 @@ def main() -> None:
     rows = [json.loads(line) for line in (work / "data" / "train.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.chat_template = EMPTY_TEMPLATE
-    first = rows[0]
-    ours_first = encode(tokenizer, [{"role": "user", "content": f"{first['instruction']}\n{first['input']}"},
-                                    {"role": "assistant", "content": first["output"]}], 128).input_ids  # fmt: skip
     encoded = [encode(tokenizer, [{"role": "user", "content": f"{r['instruction']}\n{r['input']}"},
                                   {"role": "assistant", "content": r["output"]}], 128) for r in rows]  # fmt: skip
     split_tokens = sum(len(e.input_ids) for e in encoded)
@@ -158,7 +155,7 @@ def main() -> None:
                         pads = {tokenizer.pad_token_id, tokenizer.eos_token_id}
                         row_identical = made_of(first_example_ids(log), [e.input_ids for e in encoded], pads)
                     elif identical is None:
-                        identical = first_example_ids(log) == ours_first
+                        identical = first_example_ids(log) == encoded[0].input_ids
                 else:
                     hybridtune = [sys.executable, "-m", "hybridtune"]
                     subprocess.run([*hybridtune, "convert", "lf.yaml", "--out", "ht.yaml"], cwd=where, check=True,

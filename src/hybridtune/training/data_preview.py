@@ -49,8 +49,8 @@ def preview(config: RunConfig, tokenizer: Any, count: int = 3) -> str:
     template = "plain text" if d.template == "none" else d.template or "the tokenizer's chat template"
     lines = [f"template: {template}"]
     lines += [f"note: {note}" for note in data.notes]
+    what = "packed row" if d.packing else "example"
     for i, item in enumerate(data.train[:count]):
-        what = "packed row" if d.packing else "example"
         lines += [f"--- train {what} {i + 1} (trained tokens between {OPEN} and {CLOSE}) ---", marked(tokenizer, item)]
     lines += [
         "---",

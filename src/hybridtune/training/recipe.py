@@ -368,7 +368,7 @@ class Run(RunCheckpoints, RunEvaluation):
 
     def _loader(self, stage_index: int, epoch: int) -> DataLoader:
         t = self.config.training
-        seed = t.seed * 1_000_003 + stage_index * 10_007 + epoch
+        seed = EpochSampler.seed_for(t.seed, stage_index, epoch)
         loader = DataLoader(
             self.data.train,
             batch_size=t.batch_size,

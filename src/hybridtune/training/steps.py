@@ -17,6 +17,11 @@ class EpochSampler(Sampler[int]):
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed = size, seed
 
+    @staticmethod
+    def seed_for(run_seed: int, stage: int, epoch: int) -> int:
+        """The seed of a stage's epoch: one run seed gives each stage and epoch its own order."""
+        return run_seed * 1_000_003 + stage * 10_007 + epoch
+
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed)
         return iter(torch.randperm(self.size, generator=generator).tolist())

@@ -181,6 +181,7 @@ def test_cli_train_eval_generate_merge_export(project, tiny_lm_dir, tmp_path):
     result = runner.invoke(app, ["eval", str(path), "--adapters", str(adapters)])
     assert result.exit_code == 0, result.output
     summary = json.loads((project / "runs" / "run" / "summary.json").read_text())
+    assert summary["loss_kernel"] == "torch"  # auto on the CPU: the chunked loss's own kernel
     lines = dict(re.findall(r"^(\w+): ([-\d.e]+)$", result.output, flags=re.M))
     assert "eval_loss" in lines, result.output
     assert float(lines["eval_loss"]) == pytest.approx(summary["after"]["eval_loss"], rel=1e-4)

@@ -9,11 +9,18 @@ backward. The head is frozen in PEFT, so its weight needs no gradient: that is t
 covers, and ``supports_chunked_loss`` says when a model is in it. The values and gradients equal
 transformers' loss (logits upcast to fp32, labels shifted, -100 ignored, mean over label tokens)
 to fp32 rounding; tests/test_chunked_loss.py checks both.
+
+On CUDA, where liger-kernel is installed (``pip install hybridtune[liger]``), the same loss is
+computed by its fused linear cross-entropy (Triton kernels, chunked the same way): the ``auto``
+kernel. ``torch`` forces the version here, ``liger`` forces liger's (on the CPU only under
+``TRITON_INTERPRET=1``, Triton's interpreter: how the tests compare the two).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib.util
+import os
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +28,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IGNORE_INDEX = -100
+LossKernel = Literal["auto", "liger", "torch"]
 _CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MB in fp32)
 # config attributes that change the logits after the head's matmul (Gemma's softcapping, Cohere's
 # scale, ...): a model with any of them set computes its own logits, so it keeps the plain loss
@@ -51,7 +59,35 @@ def supports_chunked_loss(model: nn.Module) -> bool:
     return not any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_CHANGES)
 
 
-def chunked_causal_lm_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CausalLMOutputWithPast:
+def liger_usable(device: torch.device) -> str | None:
+    """Why liger-kernel's loss cannot run on ``device`` here (None: it can)."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install 'hybridtune[liger]')"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"its Triton kernels need a CUDA device, not {device.type}"
+    return None
+
+
+def resolve_loss_kernel(kernel: LossKernel, device: torch.device) -> Literal["liger", "torch"]:
+    """The kernel ``kernel`` means on ``device``: ``auto`` is liger's on CUDA where it is installed."""
+    if kernel == "auto":
+        return "liger" if device.type == "cuda" and liger_usable(device) is None else "torch"
+    return kernel
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         kernel: LossKernel = "auto") -> torch.Tensor:  # fmt: skip
+    """Mean cross-entropy of ``hidden @ weightᵀ`` against ``labels`` (-100 ignored), never holding
+    the logits; ``weight`` (the frozen head) gets no gradient."""
+    if resolve_loss_kernel(kernel, hidden.device) == "liger" and bool((labels != IGNORE_INDEX).any()):
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)(weight, hidden, labels)
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels)  # also a batch with no label: 0
+
+
+def chunked_causal_lm_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any],
+                              kernel: LossKernel = "auto") -> CausalLMOutputWithPast:  # fmt: skip
     """``model(*args, **kwargs)`` with ``labels``, returning the loss (no logits)."""
     labels = kwargs.pop("labels")
     kwargs.pop("logits_to_keep", None)
@@ -59,7 +95,7 @@ def chunked_causal_lm_forward(model: nn.Module, args: tuple, kwargs: dict[str, A
     hidden = model.get_decoder()(*args, **kwargs)[0]
     head = model.get_output_embeddings()
     shifted = labels[:, 1:].reshape(-1)
-    loss = ChunkedLinearCrossEntropy.apply(hidden[:, :-1].reshape(-1, hidden.shape[-1]), head.weight, shifted)
+    loss = linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), head.weight, shifted, kernel)
     return CausalLMOutputWithPast(loss=loss, logits=None)
 
 

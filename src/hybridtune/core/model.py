@@ -16,7 +16,7 @@ from ..methods import Branch, MethodConfig
 from . import adapter_io
 from .adapter_sets import SET_NAME, AdapterSets
 from .attach import DEFAULT_SET, Attached, attach_config, branch_key, detach, fingerprint, iter_branches
-from .chunked_loss import chunked_causal_lm_forward, supports_chunked_loss
+from .chunked_loss import LossKernel, chunked_causal_lm_forward, supports_chunked_loss
 from .config import HybridConfig
 from .errors import MergeError
 from .merging import Merging
@@ -76,12 +76,13 @@ class HybridModel(AdapterSets, Merging, nn.Module):
 
     # ---- behaving like the base model -------------------------------------------------------
     def _forward(self, *args: Any, adapter_sets: Sequence[str | None] | None = None, task_ids: Any = None,
-                 chunked_loss: bool = False, **kwargs: Any) -> Any:  # fmt: skip
-        """``chunked_loss=True`` with ``labels``: the loss without logits, where the model allows
-        (core/chunked_loss.py); the output then has no logits."""
+                 chunked_loss: bool | LossKernel = False, **kwargs: Any) -> Any:  # fmt: skip
+        """``chunked_loss=True`` (or a kernel's name) with ``labels``: the loss without logits,
+        where the model allows (core/chunked_loss.py); the output then has no logits."""
         with self._call_context(adapter_sets, task_ids):
             if chunked_loss and kwargs.get("labels") is not None and supports_chunked_loss(self.base_model):
-                return chunked_causal_lm_forward(self.base_model, args, kwargs)
+                kernel = "auto" if chunked_loss is True else chunked_loss
+                return chunked_causal_lm_forward(self.base_model, args, kwargs, kernel)
             return self.base_model(*args, **kwargs)
 
     _forward.__signature__ = inspect.Signature(

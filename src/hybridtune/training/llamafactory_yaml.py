@@ -74,6 +74,8 @@ _WHAT_TO_DO = {
     "mask_history": "hybridtune trains every assistant turn, history included",
     "quantization_method": "hybridtune quantizes with bitsandbytes only",
     "warmup_steps": "give warmup_ratio instead (the share of the run's steps)",
+    "enable_liger_kernel": "liger's norm, rotary and SwiGLU kernels are not applied; remove the key (the loss "
+    "already uses liger's fused cross-entropy on CUDA where liger-kernel is installed: training.loss_kernel)",
 }
 
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..core import adapter_io as adapter_io
 from ..core.base_models import load_base, load_skeleton, resolve_model
+from ..core.chunked_loss import resolve_loss_kernel
 from ..core.model import HybridModel, inject
 from ..core.partitioned import is_partitioned
 from ..core.quantization import prepare_for_kbit_training
@@ -139,6 +140,8 @@ class Run(RunCheckpoints, RunEvaluation):
         summary["train_seconds"] = round(time.time() - started, 1)
         summary["steps"] = position.global_step
         summary["peak_memory_mb"] = round(peak_memory_mb(self.accelerator.device), 1)
+        if self.chunked_loss:  # who computed the loss: liger's kernel or the torch one
+            summary["loss_kernel"] = resolve_loss_kernel(self.chunked_loss, self.accelerator.device)
         for note in memory_notes(summary["peak_memory_mb"], self.accelerator.device, config.training):
             self.log(note)
 
@@ -350,10 +353,10 @@ class Run(RunCheckpoints, RunEvaluation):
         if quant is not None:
             prepare_for_kbit_training(base)
         model = inject(base, config.hybrid_config())
-        # DeepSpeed casts a model to its half dtype when it partitions it (its optimizer keeps fp32
-        # masters), but takes a base partitioned at load (and cast then) as it is: the same for the branches
+        # DeepSpeed casts a model to its half dtype when it partitions it (its optimizer keeps fp32 masters),
+        # but takes a base partitioned at load (and cast then) as it is: the same for the branches
         model.cast_branches(partitioned[0] if partitioned else torch.float32)
-        self.chunked_loss = t.chunked_loss and not sharded and not self.deepspeed  # the head whole, on one process
+        self.chunked_loss = t.chunked_loss and not sharded and not self.deepspeed and t.loss_kernel  # one whole head
         if t.gradient_checkpointing:
             model.activation_checkpointing_enable()
             base.config.use_cache = False

@@ -10,6 +10,7 @@ import yaml
 from pydantic import AliasChoices, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from ..core.base_models import EMBEDDED_NAME
+from ..core.chunked_loss import LossKernel
 from ..core.config import HybridConfig
 from ..core.errors import HybridTuneError
 from ..core.quantization import QuantizationConfig
@@ -101,6 +102,7 @@ class TrainingConfig(StrictModel):
     base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # storage of the frozen base weights
     gradient_checkpointing: bool = False
     chunked_loss: bool = True  # the LM head + loss in chunks, never all logits at once (core/chunked_loss.py)
+    loss_kernel: LossKernel = "auto"  # who computes that loss: auto = liger-kernel's on CUDA where installed
     compile: bool = False
     seed: int = 0
     save_every: int | None = Field(None, ge=1)

@@ -91,23 +91,22 @@ def test_llamafactory_defaults_fill_what_the_yaml_leaves_out(workdir, tiny_lm_di
     assert config.data.max_length == 2048 and config.data.eval_split is None
     assert "lora_target not given: LLaMA-Factory's default 'all'" in config.notes
     dora = load_run_config(write(workdir / "dora.yaml", {**minimal, "use_dora": True, "lora_alpha": 4,
-                                                         "disable_gradient_checkpointing": True,
-                                                         "neat_packing": True}))  # fmt: skip
+                                                         "disable_gradient_checkpointing": True, "neat_packing": True,
+                                                         "enable_liger_kernel": True}))  # fmt: skip
     assert dora.methods["lora"].type == "dora" and dora.methods["lora"].alpha == 4
+    assert dora.training.liger_kernels is True and config.training.liger_kernels is False
     assert dora.training.gradient_checkpointing is False and dora.data.packing is True  # neat_packing: ours
 
 
 def test_keys_without_an_equivalent_are_listed_once_each_with_what_to_do(workdir, tiny_lm_dir):
-    config = lf_yaml(tiny_lm_dir, stage="dpo", loraplus_lr_ratio=16.0, warmup_steps=10, some_new_key=1,
-                     enable_liger_kernel=True)  # fmt: skip
+    config = lf_yaml(tiny_lm_dir, stage="dpo", loraplus_lr_ratio=16.0, warmup_steps=10, some_new_key=1)
     result = CliRunner().invoke(app, ["validate", str(write(workdir / "bad.yaml", config))])
     assert result.exit_code == 2
     out = result.output
-    assert "(a LLaMA-Factory config) has 5 problem(s)" in out, out
+    assert "(a LLaMA-Factory config) has 4 problem(s)" in out, out
     for line in ["stage: 'dpo': hybridtune trains supervised fine-tuning (stage: sft) only",
                  "loraplus_lr_ratio: 16.0: LoRA+ learning rates are not supported",
                  "warmup_steps: 10: give warmup_ratio instead",
-                 "enable_liger_kernel: True: liger's norm, rotary and SwiGLU kernels are not applied; remove the key",
                  "some_new_key: a LLaMA-Factory key with no equivalent in hybridtune; remove it"]:  # fmt: skip
         assert out.count(line) == 1, out
     assert "valid keys" not in out  # no list of hybridtune's keys repeated per key

@@ -12,20 +12,20 @@ to fp32 rounding; tests/test_chunked_loss.py checks both.
 
 On CUDA, where liger-kernel is installed (``pip install hybridtune[liger]``), the same loss is
 computed by its fused linear cross-entropy (Triton kernels, chunked the same way): the ``auto``
-kernel. ``torch`` forces the version here, ``liger`` forces liger's (on the CPU only under
-``TRITON_INTERPRET=1``, Triton's interpreter: how the tests compare the two).
+kernel. ``torch`` forces the version here, ``liger`` forces liger's (core/liger.py says where it
+can run; tests/test_liger.py compares the two under Triton's interpreter).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .liger import fused_linear_cross_entropy, liger_problem
 
 IGNORE_INDEX = -100
 LossKernel = Literal["auto", "liger", "torch"]
@@ -59,19 +59,10 @@ def supports_chunked_loss(model: nn.Module) -> bool:
     return not any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_CHANGES)
 
 
-def liger_usable(device: torch.device) -> str | None:
-    """Why liger-kernel's loss cannot run on ``device`` here (None: it can)."""
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "liger-kernel is not installed (pip install 'hybridtune[liger]')"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"its Triton kernels need a CUDA device, not {device.type}"
-    return None
-
-
 def resolve_loss_kernel(kernel: LossKernel, device: torch.device) -> Literal["liger", "torch"]:
     """The kernel ``kernel`` means on ``device``: ``auto`` is liger's on CUDA where it is installed."""
     if kernel == "auto":
-        return "liger" if device.type == "cuda" and liger_usable(device) is None else "torch"
+        return "liger" if device.type == "cuda" and liger_problem(device) is None else "torch"
     return kernel
 
 
@@ -80,9 +71,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """Mean cross-entropy of ``hidden @ weightᵀ`` against ``labels`` (-100 ignored), never holding
     the logits; ``weight`` (the frozen head) gets no gradient."""
     if resolve_loss_kernel(kernel, hidden.device) == "liger" and bool((labels != IGNORE_INDEX).any()):
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)(weight, hidden, labels)
+        return fused_linear_cross_entropy(hidden, weight, labels, IGNORE_INDEX)
     return ChunkedLinearCrossEntropy.apply(hidden, weight, labels)  # also a batch with no label: 0
 
 

@@ -22,10 +22,10 @@ from accelerate.utils import parse_flag_from_env
 from pydantic import ValidationError
 
 from ..core.attach import iter_branches, move_input_hook_last
-from ..core.chunked_loss import liger_usable
 from ..core.model import HybridModel
 from ..core.quantization import DTYPES, quantization_problems
 from ..core.validation import describe_errors
+from .base_setup import kernel_problems
 from .run_config import ConfigError, FSDPConfig, RunConfig
 
 
@@ -50,10 +50,7 @@ def environment_problems(config: RunConfig) -> list[str]:
         )
     if not torch.cuda.is_available() and asked == "fp16" and t.precision == "auto":
         problems.append("accelerate launch --mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    if t.chunked_loss and t.loss_kernel == "liger":
-        reason = liger_usable(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        if reason is not None:
-            problems.append(f"training.loss_kernel: liger, but {reason}; use auto or torch")
+    problems += kernel_problems(config)
     launcher = launcher_deepspeed()
     if launcher is not None and config.deepspeed is not None:
         problems.append(

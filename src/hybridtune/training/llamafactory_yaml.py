@@ -36,7 +36,7 @@ _DIRECT = {
     "weight_decay": "training.weight_decay", "max_grad_norm": "training.max_grad_norm", "seed": "training.seed",
     "logging_steps": "training.log_every", "save_steps": "training.save_every", "eval_steps": "training.eval_every",
     "save_total_limit": "training.keep_checkpoints", "per_device_eval_batch_size": "eval.batch_size",
-    "output_dir": "output", "deepspeed": "deepspeed",
+    "output_dir": "output", "deepspeed": "deepspeed", "enable_liger_kernel": "training.liger_kernels",
 }  # fmt: skip
 # keys convert() reads itself
 _READ = {
@@ -56,7 +56,7 @@ _ONLY: dict[str, tuple] = {
     "resume_from_checkpoint": (None,), "save_strategy": ("steps",), "logging_strategy": ("steps",),
     "mix_strategy": ("concat",), "train_on_prompt": (False,), "mask_history": (False,), "streaming": (False,),
     "quantization_method": ("bnb", "bitsandbytes"), "create_new_adapter": (False,), "additional_target": (None,),
-    "pissa_init": (False,), "loraplus_lr_ratio": (None,), "use_unsloth": (False,), "enable_liger_kernel": (False,),
+    "pissa_init": (False,), "loraplus_lr_ratio": (None,), "use_unsloth": (False,),
     "tokenized_path": (None,), "adapter_name_or_path": (None,),
     "upcast_layernorm": (False,), "use_galore": (False,), "use_badam": (False,), "use_apollo": (False,),
     "use_llama_pro": (False,), "load_best_model_at_end": (False,), "warmup_steps": (0,),
@@ -74,8 +74,6 @@ _WHAT_TO_DO = {
     "mask_history": "hybridtune trains every assistant turn, history included",
     "quantization_method": "hybridtune quantizes with bitsandbytes only",
     "warmup_steps": "give warmup_ratio instead (the share of the run's steps)",
-    "enable_liger_kernel": "liger's norm, rotary and SwiGLU kernels are not applied; remove the key (the loss "
-    "already uses liger's fused cross-entropy on CUDA where liger-kernel is installed: training.loss_kernel)",
 }
 
 

@@ -27,7 +27,7 @@ from ..core.base_models import load_base, load_skeleton, resolve_model
 from ..core.chunked_loss import resolve_loss_kernel
 from ..core.model import HybridModel, inject
 from ..core.partitioned import is_partitioned
-from ..core.quantization import prepare_for_kbit_training
+from .base_setup import prepare_base
 from .checkpoints import (
     Position,
     list_checkpoints,
@@ -350,8 +350,7 @@ class Run(RunCheckpoints, RunEvaluation):
         else:  # under DeepSpeed ZeRO-3 (not quantized): partitioned as it loads, by all processes together
             base, self.tokenizer = load_base(config.model, base_dtype(config), quant, acc.device)
         partitioned = [p.dtype for p in base.parameters() if is_partitioned(p)]
-        if quant is not None:
-            prepare_for_kbit_training(base)
+        prepare_base(base, config)  # k-bit training preparation, liger's kernels
         model = inject(base, config.hybrid_config())
         # DeepSpeed casts a model to its half dtype when it partitions it (its optimizer keeps fp32 masters),
         # but takes a base partitioned at load (and cast then) as it is: the same for the branches

@@ -103,6 +103,7 @@ class TrainingConfig(StrictModel):
     gradient_checkpointing: bool = False
     chunked_loss: bool = True  # the LM head + loss in chunks, never all logits at once (core/chunked_loss.py)
     loss_kernel: LossKernel = "auto"  # who computes that loss: auto = liger-kernel's on CUDA where installed
+    liger_kernels: bool = False  # liger-kernel's RMSNorm, rotary and SwiGLU in the base model (core/liger.py)
     compile: bool = False
     seed: int = 0
     save_every: int | None = Field(None, ge=1)

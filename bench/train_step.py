@@ -32,6 +32,12 @@ REGIMES = ["floor", "full", "peft_lora_qv", "peft_lora_all", "ht_lora_qv", "ht_l
 # (--adapters-python), next to a floor measured with that transformers version, and hybridtune's
 # own adapter regimes in that venv too (ah_ht_*), so peak memory compares on the same transformers.
 ADAPTERHUB = ["ah_floor", "ah_lora_qv", "ah_seqbn", "ah_union", "ah_ht_adapter", "ah_ht_hybrid"]
+# the issue's GPU comparison (LoRA all-linear + an Adapter against peft's LoRA all-linear), named
+# with --regimes; `_liger`: liger-kernel's RMSNorm, rotary and SwiGLU kernels and its fused linear
+# cross-entropy (peft: applied to the model as transformers' Trainer does with use_liger_kernel;
+# hybridtune: training.liger_kernels + loss_kernel liger). liger's kernels need CUDA.
+GPU_REGIMES = ["floor_chunked", "peft_lora_all", "peft_lora_all_liger", "ht_lora_all_adapter_chunked",
+               "ht_lora_all_adapter_liger"]  # fmt: skip
 
 
 # Config-built Llama models: the issue's small CPU model, SmolLM2-135M's architecture (random
@@ -69,6 +75,16 @@ def prepare(regime: str, model, dropout: float):
     """The model to train and its trainable parameters, for one regime."""
     lora = {"r": 8, "alpha": 16, "dropout": dropout}
     regime = regime.removesuffix("_chunked")
+    if regime.endswith("_liger"):
+        regime = regime.removesuffix("_liger")
+        if regime.startswith("peft"):
+            from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+            _apply_liger_kernel_to_instance(model=model)  # its defaults: the fused linear cross-entropy too
+        else:
+            from hybridtune.core.liger import apply_model_kernels
+
+            apply_model_kernels(model)
     adapter = {"type": "adapter", "after": "mlp", "reduction_factor": 16}
     if regime.startswith("ah_ht_"):
         regime = regime.removeprefix("ah_")
@@ -102,6 +118,7 @@ def prepare(regime: str, model, dropout: float):
         "ht_lora_all": {"lora": {"type": "lora", **lora, "targets": "all-linear"}},
         "ht_adapter": {"adapter": adapter},
         "ht_hybrid": {"lora": {"type": "lora", **lora, "targets": ["q_proj", "v_proj"]}, "adapter": adapter},
+        "ht_lora_all_adapter": {"lora": {"type": "lora", **lora, "targets": "all-linear"}, "adapter": adapter},
     }[regime]
     hybrid = ht.inject(model, {"methods": methods})
     return hybrid, hybrid.parameters_to_train()
@@ -156,6 +173,8 @@ def one_step(regime: str, model, embed, ids, optimizer, autocast=None) -> None:
             loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
         else:
             chunked = {"chunked_loss": True} if regime.endswith("_chunked") else {}
+            if regime.startswith("ht_") and regime.endswith("_liger"):
+                chunked = {"chunked_loss": "liger"}
             loss = model(input_ids=ids, labels=ids, use_cache=False, **chunked).loss
     loss.backward()
     if optimizer is not None:

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The training-speed checks that need a CUDA GPU, as one run (about 8 minutes on one H200):
+#   1. liger's loss and base kernels, compiled for the GPU, against the plain loss on the GPU;
+#   2. bench/train_step.py's GPU regimes (LoRA all-linear + an Adapter against peft's LoRA
+#      all-linear, each with and without liger-kernel) on SmolLM2's architecture and on a ~1B
+#      Llama config, bf16; tables land in bench/results/*_cuda.md (and in $OUT when set).
+#
+# On the lent machine (device tool): python3 there has torch, transformers, peft, accelerate,
+# typer and triton, not pydantic or liger-kernel. Fetch their wheels here first, into an ignored
+# folder that travels with `carry: [".whl"]`:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl pydantic==2.14.4 pydantic-core annotated-types typing-inspection liger-kernel==0.8.5
+#   (pydantic-core: the version pydantic 2.14.4 requires, see its METADATA)
+# then run: bash bench/gpu_checks.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+python3 - <<'PY'
+import torch
+import hybridtune as ht
+from transformers import AutoModelForCausalLM, LlamaConfig
+from hybridtune.core.liger import apply_model_kernels
+
+config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=9,
+                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+methods = {"lora": {"type": "lora", "r": 8, "targets": "all-linear"},
+           "adapter": {"type": "adapter", "after": "mlp", "reduction_factor": 16}}
+ids = torch.randint(0, 49152, (4, 256), generator=torch.Generator().manual_seed(0)).cuda()
+results = {}
+for name in ("plain", "liger"):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).cuda()
+    if name == "liger":
+        apply_model_kernels(base)
+    model = ht.inject(base, {"methods": methods})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters_to_train():
+            p.normal_(0, 0.02)
+    model.train()
+    loss = model(input_ids=ids, labels=ids, use_cache=False, chunked_loss="torch" if name == "plain" else "liger").loss
+    loss.backward()
+    results[name] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+(plain, plain_grads), (liger, liger_grads) = results["plain"], results["liger"]
+torch.testing.assert_close(liger, plain, atol=1e-4, rtol=1e-4)
+worst = max(((liger_grads[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item() for n, g in plain_grads.items())
+assert worst < 1e-2, worst
+print(f"liger on CUDA: loss {liger.item():.6f} vs {plain.item():.6f}, worst gradient difference {worst:.2e} of its max")
+PY
+
+regimes="floor,floor_chunked,peft_lora_all,peft_lora_all_liger,ht_lora_all_adapter_chunked,ht_lora_all_adapter_liger"
+python3 bench/train_step.py --device cuda --model smollm2-arch --regimes "$regimes" --rounds 2 --steps 10 \
+  --warmup 3 --batch 8 --seq 1024
+python3 bench/train_step.py --device cuda --model large --regimes "$regimes" --rounds 2 --steps 8 \
+  --warmup 3 --batch 4 --seq 1024
+if [ -n "${OUT:-}" ]; then cp bench/results/train_step_*_cuda.md "$OUT"/; fi

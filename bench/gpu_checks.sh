@@ -54,6 +54,14 @@ torch.testing.assert_close(liger, plain, atol=1e-4, rtol=1e-4)
 worst = max(((liger_grads[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item() for n, g in plain_grads.items())
 assert worst < 1e-2, worst
 print(f"liger on CUDA: loss {liger.item():.6f} vs {plain.item():.6f}, worst gradient difference {worst:.2e} of its max")
+
+from hybridtune.kernels.seeded_dropout import SeededDropout  # the branches' dropout kernel, compiled, in bf16
+x = torch.randn(1 << 20, device="cuda", dtype=torch.bfloat16)
+dropped = SeededDropout.apply(x, 11, 0.25)
+kept = dropped != 0
+assert torch.equal(dropped[kept], (x[kept].float() * (1 / 0.75)).bfloat16()), "kept values are x / (1 - p)"
+assert abs(1 - kept.float().mean().item() - 0.25) < 0.005 and torch.equal(SeededDropout.apply(x, 11, 0.25), dropped)
+print(f"seeded dropout on CUDA (bf16): {1 - kept.float().mean().item():.4f} dropped at p 0.25")
 PY
 
 regimes="floor,floor_chunked,peft_lora_all,peft_lora_all_liger,ht_lora_all_adapter_chunked,ht_lora_all_adapter_liger"

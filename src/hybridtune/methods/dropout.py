@@ -13,6 +13,9 @@ departures for speed:
   ``torch.manual_seed`` still makes runs repeatable), elsewhere ``random_``;
 - it is applied as a multiply by a {0, 1/(1-p)} tensor, whose backward is one more multiply
   (cheaper than ``where``), for 4 bytes per element kept until the backward instead of 1.
+
+On CUDA with Triton, one kernel draws, applies and (in the backward) draws again the mask from a
+seed, and no mask is kept (kernels/seeded_dropout.py); p is then exact.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from pydantic import AliasChoices, Field, PrivateAttr
 
 from ..core.validation import StrictModel
+from ..kernels.seeded_dropout import kernel_runs_on, seeded_dropout
 
 
 class SharedDropout:
@@ -41,7 +45,7 @@ class SharedDropout:
         last = self._last
         if last is not None and last[0]() is x and last[1] == x._version:
             return last[2]
-        dropped = x * keep_mask(x, self.p)
+        dropped = seeded_dropout(x, self.p) if kernel_runs_on(x) else x * keep_mask(x, self.p)
         self._last = (weakref.ref(x), x._version, dropped)
         return dropped
 

@@ -70,6 +70,23 @@ def test_the_function_itself_against_cross_entropy_with_hidden_gradients():
         torch.testing.assert_close(ChunkedLinearCrossEntropy.apply(hidden, weight, labels), expected, **TOL)
 
 
+def test_rows_without_a_label_never_reach_the_head(monkeypatch):
+    """The prompt's and the padding's positions have no label: only the labelled rows are
+    multiplied by the head, and the loss and gradients stay transformers' (the test above)."""
+    seen = []
+    original = ChunkedLinearCrossEntropy.forward
+
+    def counted(ctx, hidden, *rest):
+        seen.append(hidden.shape[0])
+        return original(ctx, hidden, *rest)
+
+    monkeypatch.setattr(ChunkedLinearCrossEntropy, "forward", staticmethod(counted))
+    model = randomize(ht.inject(make_model("llama"), {"methods": METHODS}))
+    labels = batch()["labels"][:, 1:]
+    model(**batch(), chunked_loss=True).loss.backward()
+    assert seen == [int((labels != -100).sum())] and seen[0] < labels.numel()
+
+
 def test_bf16_autocast_matches_the_plain_loss_under_the_same_autocast():
     model = randomize(ht.inject(make_model("llama"), {"methods": METHODS}))
     model.train()

@@ -14,12 +14,13 @@ MODULES = {
 }
 # layer -> the layers it may import at module level (cli may import everything)
 ALLOWED = {
-    "core": {"core", "methods"},
-    "methods": {"methods", "core"},
-    "training": {"training", "core", "methods"},
-    "interop": {"interop", "core", "methods"},
-    "serving": {"serving", "core", "methods", "training"},
-    "ui": {"ui", "core", "methods", "training"},
+    "kernels": {"kernels"},
+    "core": {"core", "methods", "kernels"},
+    "methods": {"methods", "core", "kernels"},
+    "training": {"training", "core", "methods", "kernels"},
+    "interop": {"interop", "core", "methods", "kernels"},
+    "serving": {"serving", "core", "methods", "training", "kernels"},
+    "ui": {"ui", "core", "methods", "training", "kernels"},
 }
 
 

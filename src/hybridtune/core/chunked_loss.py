@@ -69,10 +69,20 @@ def resolve_loss_kernel(kernel: LossKernel, device: torch.device) -> Literal["li
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          kernel: LossKernel = "auto") -> torch.Tensor:  # fmt: skip
     """Mean cross-entropy of ``hidden @ weightᵀ`` against ``labels`` (-100 ignored), never holding
-    the logits; ``weight`` (the frozen head) gets no gradient."""
-    if resolve_loss_kernel(kernel, hidden.device) == "liger" and bool((labels != IGNORE_INDEX).any()):
+    the logits; ``weight`` (the frozen head) gets no gradient.
+
+    Only labelled rows go through the head: a prompt's tokens and the padding have no label, and
+    their logits would be computed only to be masked (transformers' loss and liger's compute them
+    all). In supervised fine-tuning that is often most of a batch."""
+    labelled = labels != IGNORE_INDEX
+    if not bool(labelled.any()):
+        return ChunkedLinearCrossEntropy.apply(hidden, weight, labels)  # 0, and a zero gradient
+    if not bool(labelled.all()):
+        rows = labelled.nonzero().squeeze(1)
+        hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)  # backward: scattered back
+    if resolve_loss_kernel(kernel, hidden.device) == "liger":
         return fused_linear_cross_entropy(hidden, weight, labels, IGNORE_INDEX)
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels)  # also a batch with no label: 0
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels)
 
 
 def chunked_causal_lm_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any],

@@ -125,7 +125,7 @@ def prepare(regime: str, model, dropout: float):
 
 
 def child(regime: str, steps: int, warmup: int, dropout: float, kind: str, threads: int, device: str,
-          batch: int, seq: int) -> dict:  # fmt: skip
+          batch: int, seq: int, labelled: float = 1.0) -> dict:  # fmt: skip
     import torch
 
     torch.set_num_threads(threads)
@@ -140,24 +140,27 @@ def child(regime: str, steps: int, warmup: int, dropout: float, kind: str, threa
             p.data = p.data.float()
     vocab = model.config.vocab_size if hasattr(model, "config") else 4096
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    labels = ids.clone()
+    labels[:, : seq - round(seq * labelled)] = -100  # an SFT batch: the prompt is not trained
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda or None) if params else None
     embed = model.get_input_embeddings()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        one_step(regime, model, embed, ids, optimizer, autocast)
+        one_step(regime, model, embed, ids, labels, optimizer, autocast)
         if cuda:
             torch.cuda.synchronize()
         if step >= warmup:
             times.append((time.perf_counter() - start) * 1000)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
-    tensors = None if cuda else tensor_peak_mb(model, optimizer, lambda: one_step(regime, model, embed, ids, optimizer))
+    profiled = lambda: one_step(regime, model, embed, ids, labels, optimizer)  # noqa: E731
+    tensors = None if cuda else tensor_peak_mb(model, optimizer, profiled)
     return {"times": times, "peak_rss_mb": peak, "peak_tensor_mb": tensors, "trainable": sum(p.numel() for p in params)}
 
 
-def one_step(regime: str, model, embed, ids, optimizer, autocast=None) -> None:
+def one_step(regime: str, model, embed, ids, labels, optimizer, autocast=None) -> None:
     """Forward, backward, AdamW. No KV cache: training has no use for one, and a cache keeps the
     keys and values of layers that need no gradient alive until the step ends."""
     with autocast or contextlib.nullcontext():
@@ -166,16 +169,16 @@ def one_step(regime: str, model, embed, ids, optimizer, autocast=None) -> None:
 
             embeds = embed(ids).detach().requires_grad_(True)
             loss = chunked_causal_lm_forward(
-                model, (), {"inputs_embeds": embeds, "labels": ids, "use_cache": False}
+                model, (), {"inputs_embeds": embeds, "labels": labels, "use_cache": False}
             ).loss
         elif regime in ("floor", "ah_floor"):
             embeds = embed(ids).detach().requires_grad_(True)
-            loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
+            loss = model(inputs_embeds=embeds, labels=labels, use_cache=False).loss
         else:
             chunked = {"chunked_loss": True} if regime.endswith("_chunked") else {}
             if regime.startswith("ht_") and regime.endswith("_liger"):
                 chunked = {"chunked_loss": "liger"}
-            loss = model(input_ids=ids, labels=ids, use_cache=False, **chunked).loss
+            loss = model(input_ids=ids, labels=labels, use_cache=False, **chunked).loss
     loss.backward()
     if optimizer is not None:
         optimizer.step()
@@ -218,13 +221,15 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 base + autocast")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--labelled", type=float, default=1.0,
+                        help="share of each row's tokens with a label (the rest: a prompt, -100)")  # fmt: skip
     parser.add_argument("--regimes", default=",".join(REGIMES))
     parser.add_argument("--adapters-python", default=None, help="python of a venv with `adapters` installed")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.warmup, args.dropout, args.model, args.threads,
-                               args.device, args.batch, args.seq)))  # fmt: skip
+                               args.device, args.batch, args.seq, args.labelled)))  # fmt: skip
         return
     regimes = args.regimes.split(",") + (ADAPTERHUB if args.adapters_python else [])
     results: dict[str, dict] = {
@@ -236,7 +241,7 @@ def main() -> None:
             cmd = [python, __file__, "--child", regime, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--dropout", str(args.dropout), "--model", args.model, "--threads",
                    str(args.threads), "--device", args.device, "--batch", str(args.batch), "--seq",
-                   str(args.seq)]  # fmt: skip
+                   str(args.seq), "--labelled", str(args.labelled)]  # fmt: skip
             env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}  # hybridtune for ah_ht_* in the other venv
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             data = json.loads(out.strip().splitlines()[-1])
@@ -272,11 +277,15 @@ def main() -> None:
     )
     if cuda:
         command += f" --device cuda --batch {args.batch} --seq {args.seq}"
+    if args.labelled != 1.0:
+        command += f" --labelled {args.labelled}"
     peak_name = "peak GPU MB" if cuda else "peak RSS MB"
     lines = [
         f"# Training step, {args.model} model" + (" on a GPU" if cuda else ""),
         "",
-        f"{DESCRIPTIONS[args.model]}; batch {args.batch} x {args.seq} tokens, {where}, AdamW step included, LoRA "
+        f"{DESCRIPTIONS[args.model]}; batch {args.batch} x {args.seq} tokens"
+        + (f" ({args.labelled:.0%} of each row labelled, the rest a prompt)" if args.labelled != 1.0 else "")
+        + f", {where}, AdamW step included, LoRA "
         f"r8 alpha 16 dropout {args.dropout}; {args.rounds} interleaved rounds of {args.steps} steps (after "
         f"{args.warmup} warm-up), one process per regime and round. Command: `{command}`.",
         "",
@@ -306,6 +315,8 @@ def main() -> None:
                      f"{tensors} {data['trainable']:,} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     suffix = "_cuda" if cuda else ""
+    if args.labelled != 1.0:
+        suffix = f"_labelled{args.labelled}{suffix}"
     out_path = HERE / "results" / f"train_step_{args.model}_dropout{args.dropout}{suffix}.md"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(text)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The training-speed checks that need a CUDA GPU, as one run (about 8 minutes on one H200):
-#   1. liger's loss and base kernels, compiled for the GPU, against the plain loss on the GPU;
+#   1. liger's loss and base kernels, compiled for the GPU, against transformers' plain loss, and
+#      the branches' seeded dropout kernel in bf16;
 #   2. bench/train_step.py's GPU regimes (LoRA all-linear + an Adapter against peft's LoRA
 #      all-linear, each with and without liger-kernel) on SmolLM2's architecture and on a ~1B
 #      Llama config, bf16; tables land in bench/results/*_cuda.md (and in $OUT when set).
@@ -34,6 +35,8 @@ config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=
 methods = {"lora": {"type": "lora", "r": 8, "targets": "all-linear"},
            "adapter": {"type": "adapter", "after": "mlp", "reduction_factor": 16}}
 ids = torch.randint(0, 49152, (4, 256), generator=torch.Generator().manual_seed(0)).cuda()
+labels = ids.clone()
+labels[:, :100] = -100  # a prompt: rows the head skips
 results = {}
 for name in ("plain", "liger"):
     torch.manual_seed(0)
@@ -46,7 +49,7 @@ for name in ("plain", "liger"):
         for p in model.parameters_to_train():
             p.normal_(0, 0.02)
     model.train()
-    loss = model(input_ids=ids, labels=ids, use_cache=False, chunked_loss="torch" if name == "plain" else "liger").loss
+    loss = model(input_ids=ids, labels=labels, use_cache=False, chunked_loss=False if name == "plain" else "liger").loss
     loss.backward()
     results[name] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
 (plain, plain_grads), (liger, liger_grads) = results["plain"], results["liger"]
@@ -64,9 +67,8 @@ assert abs(1 - kept.float().mean().item() - 0.25) < 0.005 and torch.equal(Seeded
 print(f"seeded dropout on CUDA (bf16): {1 - kept.float().mean().item():.4f} dropped at p 0.25")
 PY
 
-regimes="floor,floor_chunked,peft_lora_all,peft_lora_all_liger,ht_lora_all_adapter_chunked,ht_lora_all_adapter_liger"
-python3 bench/train_step.py --device cuda --model smollm2-arch --regimes "$regimes" --rounds 2 --steps 10 \
-  --warmup 3 --batch 8 --seq 1024
-python3 bench/train_step.py --device cuda --model large --regimes "$regimes" --rounds 2 --steps 8 \
-  --warmup 3 --batch 4 --seq 1024
+python3 bench/train_step.py --device cuda --model smollm2-arch --regimes gpu --rounds 2 --steps 10 \
+  --warmup 3 --batch 8 --seq 1024 --labelled 0.5
+python3 bench/train_step.py --device cuda --model large --regimes gpu --rounds 2 --steps 8 \
+  --warmup 3 --batch 4 --seq 1024 --labelled 0.5
 if [ -n "${OUT:-}" ]; then cp bench/results/train_step_*_cuda.md "$OUT"/; fi

@@ -36,7 +36,7 @@ ADAPTERHUB = ["ah_floor", "ah_lora_qv", "ah_seqbn", "ah_union", "ah_ht_adapter",
 # with --regimes; `_liger`: liger-kernel's RMSNorm, rotary and SwiGLU kernels and its fused linear
 # cross-entropy (peft: applied to the model as transformers' Trainer does with use_liger_kernel;
 # hybridtune: training.liger_kernels + loss_kernel liger). liger's kernels need CUDA.
-GPU_REGIMES = ["floor_chunked", "peft_lora_all", "peft_lora_all_liger", "ht_lora_all_adapter_chunked",
+GPU_REGIMES = ["floor", "floor_chunked", "peft_lora_all", "peft_lora_all_liger", "ht_lora_all_adapter_chunked",
                "ht_lora_all_adapter_liger"]  # fmt: skip
 
 
@@ -169,13 +169,14 @@ def one_step(regime: str, model, embed, ids, labels, optimizer, autocast=None) -
 
             embeds = embed(ids).detach().requires_grad_(True)
             loss = chunked_causal_lm_forward(
-                model, (), {"inputs_embeds": embeds, "labels": labels, "use_cache": False}
+                model, (), {"inputs_embeds": embeds, "labels": labels, "use_cache": False}, "torch"
             ).loss
         elif regime in ("floor", "ah_floor"):
             embeds = embed(ids).detach().requires_grad_(True)
             loss = model(inputs_embeds=embeds, labels=labels, use_cache=False).loss
         else:
-            chunked = {"chunked_loss": True} if regime.endswith("_chunked") else {}
+            # `_chunked`: the chunked loss's torch kernel (never liger's, even where it is installed)
+            chunked = {"chunked_loss": "torch"} if regime.endswith("_chunked") else {}
             if regime.startswith("ht_") and regime.endswith("_liger"):
                 chunked = {"chunked_loss": "liger"}
             loss = model(input_ids=ids, labels=labels, use_cache=False, **chunked).loss
@@ -223,7 +224,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--labelled", type=float, default=1.0,
                         help="share of each row's tokens with a label (the rest: a prompt, -100)")  # fmt: skip
-    parser.add_argument("--regimes", default=",".join(REGIMES))
+    parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated; gpu: GPU_REGIMES")
     parser.add_argument("--adapters-python", default=None, help="python of a venv with `adapters` installed")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -231,7 +232,8 @@ def main() -> None:
         print(json.dumps(child(args.child, args.steps, args.warmup, args.dropout, args.model, args.threads,
                                args.device, args.batch, args.seq, args.labelled)))  # fmt: skip
         return
-    regimes = args.regimes.split(",") + (ADAPTERHUB if args.adapters_python else [])
+    named = GPU_REGIMES if args.regimes == "gpu" else args.regimes.split(",")
+    regimes = named + (ADAPTERHUB if args.adapters_python else [])
     results: dict[str, dict] = {
         r: {"times": [], "rounds": [], "peak": [], "tensor_peak": [], "trainable": 0} for r in regimes
     }
@@ -275,10 +277,11 @@ def main() -> None:
         f"python bench/train_step.py --model {args.model} --dropout {args.dropout} --rounds {args.rounds} "
         f"--steps {args.steps} --warmup {args.warmup}"
     )
-    if cuda:
-        command += f" --device cuda --batch {args.batch} --seq {args.seq}"
+    command += f" --batch {args.batch} --seq {args.seq}" + (" --device cuda" if cuda else "")
     if args.labelled != 1.0:
         command += f" --labelled {args.labelled}"
+    if args.regimes != ",".join(REGIMES):
+        command += f" --regimes {args.regimes}"
     peak_name = "peak GPU MB" if cuda else "peak RSS MB"
     lines = [
         f"# Training step, {args.model} model" + (" on a GPU" if cuda else ""),

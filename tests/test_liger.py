@@ -172,13 +172,29 @@ def test_liger_where_it_cannot_run_is_one_line_naming_the_key(project, tiny_lm_d
     ]
 
 
-def test_liger_kernels_for_a_model_type_liger_does_not_know_are_refused(project, tiny_lm_dir, monkeypatch):
+def test_liger_kernels_for_a_model_they_do_not_fit_are_refused_once_it_loads(project, tiny_lm_dir, monkeypatch):
+    from transformers import LlamaConfig
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # where the kernels could run
-    config = load_run_config(write_config(project, tiny_lm_dir, liger_kernels=True))
-    assert environment_problems(config) == []  # a llama
     make_model("gpt2").save_pretrained(project / "gpt2")
     make_tokenizer().save_pretrained(project / "gpt2")
-    config.model = str(project / "gpt2")
-    assert environment_problems(config) == [
-        "training.liger_kernels: true, but liger-kernel has no kernels for model type 'gpt2'; remove the key"
-    ]
+    path = set_keys(write_config(project, tiny_lm_dir, liger_kernels=True), model=str(project / "gpt2"))
+    assert environment_problems(load_run_config(path)) == []  # the machine could run them
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "training.liger_kernels: true, but liger-kernel has no kernels for model type 'gpt2'; remove the key" in (
+        result.output
+    )
+    assert liger.model_kernels_problem(LlamaConfig(hidden_act="gelu")) == (
+        "liger's SwiGLU computes SiLU, and this llama model's hidden_act is 'gelu'"
+    )
+    assert liger.model_kernels_problem(LlamaConfig()) is None
+
+
+def test_liger_loss_with_fp16_is_refused_and_auto_takes_the_torch_kernel(project, tiny_lm_dir, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    config = load_run_config(write_config(project, tiny_lm_dir, loss_kernel="liger", base_dtype="fp16"))
+    assert environment_problems(config)[-1].startswith("training.loss_kernel: liger with fp16: liger writes")
+    assert chunked.resolve_loss_kernel("auto", torch.device("cuda"), fp16=True) == "torch"
+    hidden, weight = torch.randn(4, 8, dtype=torch.float16), torch.randn(16, 8, dtype=torch.float16)
+    assert chunked._half_precision(hidden, weight) and not chunked._half_precision(hidden.float(), weight.float())

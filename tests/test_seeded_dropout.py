@@ -86,3 +86,27 @@ def test_on_the_cpu_without_the_interpreter_dropout_stays_the_torch_mask(monkeyp
     x = torch.randn(4, 8, requires_grad=True)
     assert not kernel_runs_on(x)
     assert type(SharedDropout(0.5)(x, True).grad_fn).__name__ == "MulBackward0"
+
+
+def test_a_kernel_that_cannot_launch_falls_back_to_the_torch_mask_once(monkeypatch, caplog):
+    import torch
+
+    import hybridtune.kernels.seeded_dropout as seeded
+    from hybridtune.methods.dropout import SharedDropout
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # where the kernel would run
+    monkeypatch.setattr(seeded, "_failed", [])
+    x = torch.randn(4, 8, requires_grad=True)
+    assert seeded.kernel_runs_on(x)
+    monkeypatch.setenv("HYBRIDTUNE_TRITON_KERNELS", "0")
+    assert not seeded.kernel_runs_on(x)  # switched off
+    monkeypatch.delenv("HYBRIDTUNE_TRITON_KERNELS")
+
+    def no_compiler(*args):
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(seeded, "_apply", no_compiler)
+    dropped = SharedDropout(0.5)(x, True)
+    assert type(dropped.grad_fn).__name__ == "MulBackward0"  # the torch mask instead
+    assert "the Triton dropout kernel cannot run here (RuntimeError: Failed to find C compiler)" in caplog.text
+    assert not seeded.kernel_runs_on(x)  # not tried again

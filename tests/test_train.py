@@ -21,6 +21,7 @@ import hybridtune as ht
 from conftest import quiet, write_config
 from hybridtune.cli import app
 from hybridtune.core.base_models import load_base
+from hybridtune.core.chunked_loss import resolve_loss_kernel
 from hybridtune.training.data import render_prompt
 from hybridtune.training.evaluation import generate_batch
 from hybridtune.training.recipe import TrainingInterrupted, train
@@ -181,7 +182,8 @@ def test_cli_train_eval_generate_merge_export(project, tiny_lm_dir, tmp_path):
     result = runner.invoke(app, ["eval", str(path), "--adapters", str(adapters)])
     assert result.exit_code == 0, result.output
     summary = json.loads((project / "runs" / "run" / "summary.json").read_text())
-    assert summary["loss_kernel"] == "torch"  # auto on the CPU: the chunked loss's own kernel
+    expected = resolve_loss_kernel("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    assert summary["loss_kernel"] == expected  # auto: the torch kernel on the CPU
     lines = dict(re.findall(r"^(\w+): ([-\d.e]+)$", result.output, flags=re.M))
     assert "eval_loss" in lines, result.output
     assert float(lines["eval_loss"]) == pytest.approx(summary["after"]["eval_loss"], rel=1e-4)

@@ -59,10 +59,23 @@ def supports_chunked_loss(model: nn.Module) -> bool:
     return not any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_CHANGES)
 
 
-def resolve_loss_kernel(kernel: LossKernel, device: torch.device) -> Literal["liger", "torch"]:
-    """The kernel ``kernel`` means on ``device``: ``auto`` is liger's on CUDA where it is installed."""
+def _half_precision(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp16 logits: liger writes the logits' gradient in their dtype in the forward, before any
+    loss scaling, and most of it underflows fp16 at a large vocabulary; the torch kernel keeps it
+    in fp32 and scales it with the incoming gradient."""
+    autocast_fp16 = torch.is_autocast_enabled(hidden.device.type) and (
+        torch.get_autocast_dtype(hidden.device.type) == torch.float16
+    )
+    return torch.float16 in (hidden.dtype, weight.dtype) or autocast_fp16
+
+
+def resolve_loss_kernel(kernel: LossKernel, device: torch.device, fp16: bool = False) -> Literal["liger", "torch"]:
+    """The kernel ``kernel`` means on ``device``: ``auto`` is liger's on CUDA where it is installed,
+    except for fp16 logits (``fp16``)."""
+    if kernel not in ("auto", "liger", "torch"):
+        raise ValueError(f"chunked_loss: unknown kernel {kernel!r}; expected auto, liger or torch")
     if kernel == "auto":
-        return "liger" if device.type == "cuda" and liger_problem(device) is None else "torch"
+        return "liger" if device.type == "cuda" and not fp16 and liger_problem(device) is None else "torch"
     return kernel
 
 
@@ -74,15 +87,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     Only labelled rows go through the head: a prompt's tokens and the padding have no label, and
     their logits would be computed only to be masked (transformers' loss and liger's compute them
     all). In supervised fine-tuning that is often most of a batch."""
+    global _last_kernel
+    chosen = _last_kernel = resolve_loss_kernel(kernel, hidden.device, _half_precision(hidden, weight))
     labelled = labels != IGNORE_INDEX
-    if not bool(labelled.any()):
-        return ChunkedLinearCrossEntropy.apply(hidden, weight, labels)  # 0, and a zero gradient
-    if not bool(labelled.all()):
+    if not bool(labelled.all()):  # the gradient of the rows left out is zero (index_select's backward)
         rows = labelled.nonzero().squeeze(1)
-        hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)  # backward: scattered back
-    if resolve_loss_kernel(kernel, hidden.device) == "liger":
+        hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
+    if chosen == "liger" and labels.numel():
         return fused_linear_cross_entropy(hidden, weight, labels, IGNORE_INDEX)
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels)
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels)  # no label at all: 0
 
 
 def chunked_causal_lm_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any],
@@ -93,9 +106,19 @@ def chunked_causal_lm_forward(model: nn.Module, args: tuple, kwargs: dict[str, A
     kwargs.pop("num_items_in_batch", None)
     hidden = model.get_decoder()(*args, **kwargs)[0]
     head = model.get_output_embeddings()
-    shifted = labels[:, 1:].reshape(-1)
-    loss = linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), head.weight, shifted, kernel)
+    # position t predicts label t + 1; a row's last position predicts nothing (no copy of the hidden states)
+    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, shifted.reshape(-1), kernel)
     return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+def last_loss_kernel() -> str:
+    """What computed the last chunked loss in this process, ``liger`` or ``torch``; ``plain``
+    when none ran (the model computes its own logits): what summary.json reports."""
+    return _last_kernel
+
+
+_last_kernel = "plain"
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -81,8 +81,8 @@ class HybridModel(AdapterSets, Merging, nn.Module):
         where the model allows (core/chunked_loss.py); the output then has no logits."""
         with self._call_context(adapter_sets, task_ids):
             if chunked_loss and kwargs.get("labels") is not None and supports_chunked_loss(self.base_model):
-                kernel = "auto" if chunked_loss is True else chunked_loss
-                return chunked_causal_lm_forward(self.base_model, args, kwargs, kernel)
+                return chunked_causal_lm_forward(self.base_model, args, kwargs,
+                                                 "auto" if chunked_loss is True else chunked_loss)  # fmt: skip
             return self.base_model(*args, **kwargs)
 
     _forward.__signature__ = inspect.Signature(

@@ -9,19 +9,26 @@ more tensor the size of each dropped input (q/k/v's, gate/up's, o's and down's, 
 in one kernel instead of three.
 
 The seed comes from torch's CPU generator, so ``torch.manual_seed`` makes runs repeatable and
-activation checkpointing's recompute (which restores the RNG state) draws the same mask.
+activation checkpointing's recompute (which restores the RNG state) draws the same mask. The
+kernel is skipped (the torch mask is used) under ``torch.compile``'s tracing, for tensors of 2³¹
+elements or more, with ``HYBRIDTUNE_TRITON_KERNELS=0``, and for the rest of the process once a
+launch fails (a GPU Triton does not support, no C compiler for its launcher), with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import logging
 import os
 from typing import Any
 
 import torch
 
+log = logging.getLogger("hybridtune")
 BLOCK = 1024
+_failed: list[str] = []  # the first launch's error, once one failed
 
 
 @functools.cache
@@ -29,7 +36,7 @@ def _kernel() -> Any:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def dropout_kernel(x_ptr, out_ptr, count, seed, p, scale, BLOCK: tl.constexpr):
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < count
@@ -47,8 +54,12 @@ def _triton_installed() -> bool:
 
 def kernel_runs_on(x: torch.Tensor) -> bool:
     """Whether the kernel serves ``x``: a CUDA tensor where Triton is installed, or any tensor
-    under Triton's interpreter (the tests)."""
-    return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and _triton_installed()
+    under Triton's interpreter (the tests); see the module docstring for when it does not."""
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or _failed or x.numel() >= 2**31:
+        return False
+    if os.environ.get("HYBRIDTUNE_TRITON_KERNELS") == "0" or torch.compiler.is_compiling():
+        return False
+    return _triton_installed()
 
 
 def _apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
@@ -56,7 +67,8 @@ def _apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     out = torch.empty_like(x)
     count = x.numel()
     if count:
-        _kernel()[(-(-count // BLOCK),)](x, out, count, seed, p, 1.0 / (1.0 - p), BLOCK=BLOCK)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # launch on x's GPU
+            _kernel()[(-(-count // BLOCK),)](x, out, count, seed, p, 1.0 / (1.0 - p), BLOCK=BLOCK)
     return out
 
 
@@ -74,7 +86,13 @@ class SeededDropout(torch.autograd.Function):
         return _apply(grad, ctx.seed, ctx.p), None, None
 
 
-def seeded_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout of ``x`` with a fresh seed from torch's CPU generator."""
+def seeded_dropout(x: torch.Tensor, p: float) -> torch.Tensor | None:
+    """Dropout of ``x`` with a fresh seed from torch's CPU generator; None when the kernel cannot
+    launch here (it is then not tried again in this process)."""
     seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
-    return SeededDropout.apply(x, seed, p)
+    try:
+        return SeededDropout.apply(x, seed, p)
+    except Exception as exc:  # any launch failure: the torch mask serves instead
+        _failed.append(f"{type(exc).__name__}: {exc}")
+        log.warning("the Triton dropout kernel cannot run here (%s); using torch's dropout mask", _failed[0])
+        return None

@@ -45,7 +45,9 @@ class SharedDropout:
         last = self._last
         if last is not None and last[0]() is x and last[1] == x._version:
             return last[2]
-        dropped = seeded_dropout(x, self.p) if kernel_runs_on(x) else x * keep_mask(x, self.p)
+        dropped = seeded_dropout(x, self.p) if kernel_runs_on(x) else None
+        if dropped is None:
+            dropped = x * keep_mask(x, self.p)
         self._last = (weakref.ref(x), x._version, dropped)
         return dropped
 

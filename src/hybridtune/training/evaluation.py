@@ -24,9 +24,10 @@ def loss_metrics(total: float, tokens: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def loss_sums(model: nn.Module, encoded: list[Encoded], pad_id: int, batch_size: int) -> tuple[float, int]:
+def loss_sums(model: nn.Module, encoded: list[Encoded], pad_id: int, batch_size: int,
+              kernel: str = "auto") -> tuple[float, int]:  # fmt: skip
     """The summed loss of the assistant tokens and their count: what ``eval_loss`` averages, and
-    what processes that each evaluate a share add up."""
+    what processes that each evaluate a share add up. ``kernel``: the chunked loss's (a run's own)."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -36,7 +37,7 @@ def loss_sums(model: nn.Module, encoded: list[Encoded], pad_id: int, batch_size:
         batch = {k: v.to(device) for k, v in batch.items()}
         extra = {"task_ids": batch["task_ids"]} if "task_ids" in batch else {}
         if isinstance(model, HybridModel):  # the loss without logits where the model allows
-            extra |= {"labels": batch["labels"], "chunked_loss": True}
+            extra |= {"labels": batch["labels"], "chunked_loss": kernel}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
         shift_labels = batch["labels"][:, 1:]
         count = int((shift_labels != -100).sum())

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..core import adapter_io as adapter_io
 from ..core.base_models import load_base, load_skeleton, resolve_model
-from ..core.chunked_loss import resolve_loss_kernel
+from ..core.chunked_loss import last_loss_kernel
 from ..core.model import HybridModel, inject
 from ..core.partitioned import is_partitioned
 from .base_setup import prepare_base
@@ -140,8 +140,7 @@ class Run(RunCheckpoints, RunEvaluation):
         summary["train_seconds"] = round(time.time() - started, 1)
         summary["steps"] = position.global_step
         summary["peak_memory_mb"] = round(peak_memory_mb(self.accelerator.device), 1)
-        if self.chunked_loss:  # who computed the loss: liger's kernel or the torch one
-            summary["loss_kernel"] = resolve_loss_kernel(self.chunked_loss, self.accelerator.device)
+        summary["loss_kernel"] = last_loss_kernel()  # liger's, the torch one, or transformers' plain loss
         for note in memory_notes(summary["peak_memory_mb"], self.accelerator.device, config.training):
             self.log(note)
 

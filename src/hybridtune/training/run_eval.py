@@ -39,7 +39,8 @@ class RunEvaluation:
         sharded = any(is_partitioned(p) for p in model.parameters())
         split = acc.num_processes > 1 and not sharded
         share = slice(acc.process_index, None, acc.num_processes) if split else slice(None)
-        sums = loss_sums(model, self.data.eval[share], self.tokenizer.pad_token_id, ev.batch_size)
+        kernel = self.chunked_loss or "torch"  # the run's own loss kernel (its chunked loss is off: torch's)
+        sums = loss_sums(model, self.data.eval[share], self.tokenizer.pad_token_id, ev.batch_size, kernel)
         if split:
             sums = acc.reduce(torch.tensor(sums, dtype=torch.float64, device=acc.device), "sum").tolist()
         result: dict[str, Any] = loss_metrics(*sums)

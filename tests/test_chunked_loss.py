@@ -109,8 +109,10 @@ def test_bf16_autocast_matches_the_plain_loss_under_the_same_autocast():
 def test_models_that_need_their_own_logits_keep_the_plain_loss(methods):
     model = randomize(ht.inject(make_model("llama"), {"methods": methods}))
     assert not supports_chunked_loss(model.base_model)
+    chunked.last_loss_kernel(forget=True)
     out = model(**batch(), chunked_loss=True)
     assert out.logits is not None  # the plain path, whose loss transformers computed
+    assert chunked.last_loss_kernel() == "plain"  # what summary.json reports
     assert not supports_chunked_loss(make_model("llama", final_logit_softcapping=30.0))
     trained_head = copy.deepcopy(make_model("llama"))
     trained_head.lm_head.weight.requires_grad_(True)

@@ -112,9 +112,13 @@ def chunked_causal_lm_forward(model: nn.Module, args: tuple, kwargs: dict[str, A
     return CausalLMOutputWithPast(loss=loss, logits=None)
 
 
-def last_loss_kernel() -> str:
+def last_loss_kernel(forget: bool = False) -> str:
     """What computed the last chunked loss in this process, ``liger`` or ``torch``; ``plain``
-    when none ran (the model computes its own logits): what summary.json reports."""
+    when none ran (the model computes its own logits): what summary.json reports. ``forget``:
+    start over (a run's beginning)."""
+    global _last_kernel
+    if forget:
+        _last_kernel = "plain"
     return _last_kernel
 
 

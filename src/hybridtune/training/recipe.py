@@ -95,6 +95,7 @@ class Run(RunCheckpoints, RunEvaluation):
             remove_leftovers(self.run_dir)  # of a save that was killed half-way
             adapter_io.atomic_write(self.run_dir / CONFIG_COPY, yaml.safe_dump(config.dump(), sort_keys=False).encode())
         set_seed(t.seed)
+        last_loss_kernel(forget=True)
         self.model = self._build_model()
         self.data = prepare_data(config, self.tokenizer)
         self.tracker = Tracker(self.run_dir, enabled=self.main)

@@ -89,9 +89,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     all). In supervised fine-tuning that is often most of a batch."""
     global _last_kernel
     chosen = _last_kernel = resolve_loss_kernel(kernel, hidden.device, _half_precision(hidden, weight))
-    labelled = labels != IGNORE_INDEX
-    if not bool(labelled.all()):  # the gradient of the rows left out is zero (index_select's backward)
-        rows = labelled.nonzero().squeeze(1)
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    if len(rows) < len(labels):  # the gradient of the rows left out is zero (index_select's backward)
         hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
     if chosen == "liger" and labels.numel():
         return fused_linear_cross_entropy(hidden, weight, labels, IGNORE_INDEX)

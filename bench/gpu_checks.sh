@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The training-speed checks that need a CUDA GPU, as one run (about 8 minutes on one H200):
-#   1. liger's loss and base kernels, compiled for the GPU, against transformers' plain loss, and
-#      the branches' seeded dropout kernel in bf16;
+#   1. liger's loss and base kernels, compiled for the GPU, against transformers' plain loss, the
+#      branches' seeded dropout kernel in bf16, and activation offload (same gradients, peak memory,
+#      step time) on a ~1B Llama config;
 #   2. bench/train_step.py's GPU regimes (LoRA all-linear + an Adapter against peft's LoRA
 #      all-linear, each with and without liger-kernel) on SmolLM2's architecture and on a ~1B
 #      Llama config, bf16; tables land in bench/results/*_cuda.md (and in $OUT when set).
@@ -65,6 +66,31 @@ kept = dropped != 0
 assert torch.equal(dropped[kept], (x[kept].float() * (1 / 0.75)).bfloat16()), "kept values are x / (1 - p)"
 assert abs(1 - kept.float().mean().item() - 0.25) < 0.005 and torch.equal(SeededDropout.apply(x, 11, 0.25), dropped)
 print(f"seeded dropout on CUDA (bf16): {1 - kept.float().mean().item():.4f} dropped at p 0.25")
+
+import time  # activation offload under checkpointing: same gradients, lower peak, what it costs
+config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                     num_key_value_heads=4, vocab_size=32000)
+ids = torch.randint(0, 32000, (4, 2048), generator=torch.Generator().manual_seed(0)).cuda()
+torch.manual_seed(0)
+model = ht.inject(AutoModelForCausalLM.from_config(config).cuda().bfloat16(), {"methods": methods})
+model.cast_branches(torch.float32)
+model.train()
+seen = {}
+for offload in (False, True, False, True):
+    model.activation_checkpointing_enable(offload_to_cpu=offload)
+    for p in model.parameters_to_train():
+        p.grad = None
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); start = time.perf_counter()
+    with torch.autocast("cuda", torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids, use_cache=False, chunked_loss="torch").loss
+    loss.backward()
+    torch.cuda.synchronize()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    seen[offload] = (loss.item(), grads, torch.cuda.max_memory_allocated() / 2**20, time.perf_counter() - start)
+(kept_loss, kept, kept_mb, kept_s), (off_loss, off, off_mb, off_s) = seen[False], seen[True]
+assert kept_loss == off_loss and all(torch.equal(off[n], g) for n, g in kept.items()), "offload changed the result"
+print(f"offload (1B Llama, 4 x 2048, checkpointing): peak {kept_mb:.0f} -> {off_mb:.0f} MB, "
+      f"step {kept_s:.2f} -> {off_s:.2f} s ({off_s / kept_s:.2f}x)")
 PY
 
 python3 bench/train_step.py --device cuda --model smollm2-arch --regimes gpu --rounds 2 --steps 10 \

@@ -92,10 +92,16 @@ def test_llamafactory_defaults_fill_what_the_yaml_leaves_out(workdir, tiny_lm_di
     assert "lora_target not given: LLaMA-Factory's default 'all'" in config.notes
     dora = load_run_config(write(workdir / "dora.yaml", {**minimal, "use_dora": True, "lora_alpha": 4,
                                                          "disable_gradient_checkpointing": True, "neat_packing": True,
-                                                         "enable_liger_kernel": True}))  # fmt: skip
+                                                         "enable_liger_kernel": True,
+                                                         "use_unsloth_gc": True}))  # fmt: skip
     assert dora.methods["lora"].type == "dora" and dora.methods["lora"].alpha == 4
     assert dora.training.liger_kernels is True and config.training.liger_kernels is False
     assert dora.training.gradient_checkpointing is False and dora.data.packing is True  # neat_packing: ours
+    # Unsloth's checkpointing: offloaded layer inputs; without checkpointing LLaMA-Factory ignores it
+    assert dora.training.offload_activations is False and config.training.offload_activations is False
+    assert "use_unsloth_gc: true has no effect with disable_gradient_checkpointing: true (LLaMA-Factory)" in dora.notes
+    unsloth = load_run_config(write(workdir / "unsloth.yaml", {**minimal, "use_unsloth_gc": True}))
+    assert unsloth.training.gradient_checkpointing is True and unsloth.training.offload_activations is True
 
 
 def test_keys_without_an_equivalent_are_listed_once_each_with_what_to_do(workdir, tiny_lm_dir):

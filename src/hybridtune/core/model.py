@@ -14,6 +14,7 @@ from torch import nn
 
 from ..methods import Branch, MethodConfig
 from . import adapter_io
+from .activation_offload import checkpointing_is_on, offloaded_activations
 from .adapter_sets import SET_NAME, AdapterSets
 from .attach import DEFAULT_SET, Attached, attach_config, branch_key, detach, fingerprint, iter_branches
 from .chunked_loss import LossKernel, chunked_causal_lm_forward, supports_chunked_loss
@@ -73,13 +74,15 @@ class HybridModel(AdapterSets, Merging, nn.Module):
         self.active_set: str | None = set_name
         self._current = set_name  # the set entry-level methods act on (the active one, or the last)
         self._unloaded = False
+        self.offload_activations = False  # see activation_checkpointing_enable
 
     # ---- behaving like the base model -------------------------------------------------------
     def _forward(self, *args: Any, adapter_sets: Sequence[str | None] | None = None, task_ids: Any = None,
                  chunked_loss: bool | LossKernel = False, **kwargs: Any) -> Any:  # fmt: skip
         """``chunked_loss=True`` (or a kernel's name) with ``labels``: the loss without logits,
         where the model allows (core/chunked_loss.py); the output then has no logits."""
-        with self._call_context(adapter_sets, task_ids):
+        offload = self.offload_activations and checkpointing_is_on(self.base_model)
+        with self._call_context(adapter_sets, task_ids), offloaded_activations(offload and self.training):
             if chunked_loss and kwargs.get("labels") is not None and supports_chunked_loss(self.base_model):
                 return chunked_causal_lm_forward(self.base_model, args, kwargs,
                                                  "auto" if chunked_loss is True else chunked_loss)  # fmt: skip
@@ -113,10 +116,13 @@ class HybridModel(AdapterSets, Merging, nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        offload_to_cpu: bool = False, **options) -> None:  # fmt: skip
         """Non-reentrant checkpointing by default: it needs no grad-requiring inputs, which a frozen
         embedding layer would not give. Defined here (not left to the base) because transformers'
-        Trainer calls it on the model it is given, and the base's own default may be reentrant."""
+        Trainer calls it on the model it is given, and the base's own default may be reentrant.
+        ``offload_to_cpu``: the layer inputs it keeps wait in host memory (core/activation_offload.py)."""
+        self.offload_activations = offload_to_cpu
         kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         if kwargs["use_reentrant"]:
             self.base_model.enable_input_require_grads()

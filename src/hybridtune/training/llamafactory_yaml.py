@@ -24,7 +24,7 @@ _DEFAULTS = {
     "learning_rate": 5e-5, "num_train_epochs": 3.0, "lr_scheduler_type": "linear", "warmup_ratio": 0.0,
     "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 42, "logging_steps": 500, "save_steps": 500,
     "save_total_limit": None, "per_device_eval_batch_size": 8, "disable_gradient_checkpointing": False,
-    "output_dir": "trainer_output", "packing": False,
+    "output_dir": "trainer_output", "packing": False, "use_unsloth_gc": False,
 }  # fmt: skip
 # key -> where it goes in the hybridtune YAML
 _DIRECT = {
@@ -42,6 +42,7 @@ _DIRECT = {
 _READ = {
     "val_size", "max_steps", "lr_scheduler_type", "bf16", "fp16", "pure_bf16", "quantization_bit", "quantization_type",
     "double_quantization", "template", "disable_gradient_checkpointing", "neat_packing",
+    "use_unsloth_gc",
 }  # fmt: skip
 # keys that change nothing a hybridtune run computes, at any value
 _NO_EFFECT = {
@@ -163,6 +164,12 @@ def convert(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
     if values.get("pure_bf16"):
         _put(out, "training.base_dtype", "bf16")
     _put(out, "training.gradient_checkpointing", not values["disable_gradient_checkpointing"])
+    if values["use_unsloth_gc"] and values["disable_gradient_checkpointing"]:  # read only with checkpointing
+        shown.append("use_unsloth_gc: true has no effect with disable_gradient_checkpointing: true (LLaMA-Factory)")
+    elif values["use_unsloth_gc"]:  # Unsloth's checkpointing keeps each layer's input in CPU memory
+        _put(out, "training.offload_activations", True)
+        shown.append("use_unsloth_gc: true -> training.offload_activations: the checkpointed layer inputs wait in "
+                     "CPU memory, as in Unsloth's gradient checkpointing")  # fmt: skip
     if values.get("quantization_bit"):
         _put(out, "model_quantization", {
             "bits": values["quantization_bit"], "type": values.get("quantization_type") or "nf4",

@@ -357,7 +357,7 @@ class Run(RunCheckpoints, RunEvaluation):
         model.cast_branches(partitioned[0] if partitioned else torch.float32)
         self.chunked_loss = t.chunked_loss and not sharded and not self.deepspeed and t.loss_kernel  # one whole head
         if t.gradient_checkpointing:
-            model.activation_checkpointing_enable()
+            model.activation_checkpointing_enable(offload_to_cpu=t.offload_activations)
             base.config.use_cache = False
         # partitions sit on their devices already; new branches were made next to them
         return model if quant is not None or sharded or partitioned else model.to(acc.device)

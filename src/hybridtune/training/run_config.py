@@ -101,6 +101,7 @@ class TrainingConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # compute (autocast); fp16 adds loss scaling
     base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # storage of the frozen base weights
     gradient_checkpointing: bool = False
+    offload_activations: bool = False  # the inputs checkpointing keeps wait in CPU memory (core/activation_offload.py)
     chunked_loss: bool = True  # the LM head + loss in chunks, never all logits at once (core/chunked_loss.py)
     loss_kernel: LossKernel = "auto"  # who computes that loss: auto = liger-kernel's on CUDA where installed
     liger_kernels: bool = False  # liger-kernel's RMSNorm, rotary and SwiGLU in the base model (core/liger.py)
@@ -110,6 +111,16 @@ class TrainingConfig(StrictModel):
     eval_every: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _offload_with_checkpointing(self) -> TrainingConfig:
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("offload_activations: true moves the layer inputs that gradient checkpointing keeps to "
+                             "CPU memory; set gradient_checkpointing: true too")  # fmt: skip
+        if self.offload_activations and self.compile:
+            raise ValueError("offload_activations: true cannot be combined with compile: true (torch.compile does "
+                             "not trace the offload's saved-tensor hooks); drop one of them")  # fmt: skip
+        return self
 
 
 class EvalConfig(StrictModel):

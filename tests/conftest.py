@@ -138,14 +138,14 @@ def make_tokenizer(chat_template: bool = True):
 def save_tiny_lm(directory, seed: int = 0, chat_template: bool = True, tied: bool = False, **sizes):
     """A tiny Llama + tokenizer saved as a normal transformers directory (what `model:` points at);
     ``tied``: one embedding matrix for input and output, as SmolLM2 has; ``sizes`` override
-    _LLAMA_LIKE (hidden_size=64, ...)."""
+    _LLAMA_LIKE (hidden_size=64, ...) and the 256 positions."""
     tokenizer = make_tokenizer(chat_template)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=tied,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-        **{**_LLAMA_LIKE, **sizes},
-    )  # fmt: skip
+    config = LlamaConfig(**{
+        "vocab_size": len(tokenizer), "max_position_embeddings": 256, "initializer_range": 0.2,
+        "tie_word_embeddings": tied, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None, **_LLAMA_LIKE, **sizes,
+    })  # fmt: skip
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

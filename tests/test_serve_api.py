@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from conftest import hybridtune_server, save_random_sets, wait_for
+from conftest import hybridtune_server, save_random_sets, save_tiny_lm, wait_for
 from hybridtune.core.adapter_io import WEIGHTS_NAME
 from hybridtune.core.base_models import load_base
 
@@ -242,8 +242,21 @@ def test_a_short_request_is_served_while_a_long_one_runs(url, client, eos):
     assert during <= 3 * alone + 0.05, f"alone {alone:.3f}s, beside a long request {during:.3f}s"
 
 
-def test_clients_that_hang_up_are_dropped_at_the_next_step(url, client, eos):
-    body = {"model": "alpha", "messages": QUESTION, "max_tokens": 220, "logit_bias": {str(eos): -100}}
+@pytest.fixture(scope="module")
+def long_url(tmp_path_factory):
+    """A server whose tiny model takes 4,000-token replies: a row that is not dropped runs for
+    seconds, far longer than noticing a client that left takes, on any machine."""
+    root = tmp_path_factory.mktemp("long")
+    base = save_tiny_lm(root / "base", max_position_embeddings=4096)
+    save_random_sets(root / "sets", base, {"alpha": LORA})
+    with hybridtune_server(base, root / "sets", "--max-tokens", "4000") as address:
+        yield address, load_base(str(base))[1].eos_token_id
+
+
+def test_clients_that_hang_up_are_dropped_at_the_next_step(long_url):
+    url, eos = long_url
+    tokens = 4000
+    body = {"model": "alpha", "messages": QUESTION, "max_tokens": tokens, "logit_bias": {str(eos): -100}}
 
     def hang_up():
         with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=30) as response:
@@ -251,25 +264,28 @@ def test_clients_that_hang_up_are_dropped_at_the_next_step(url, client, eos):
                 if count == 5:
                     return
 
-    wait_for(lambda: httpx.get(f"{url}/health").json()["live"] == 0, timeout=30, every=0.02)
-    steps = httpx.get(f"{url}/health").json()["row_steps"]
+    def health():
+        return httpx.get(f"{url}/health").json()
+
+    wait_for(lambda: health()["live"] == 0, timeout=30, every=0.02)
+    before = health()
     threads = [threading.Thread(target=hang_up) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    wait_for(lambda: httpx.get(f"{url}/health").json()["live"] == 0, timeout=5, every=0.02)
-    time.sleep(0.5)
-    run = httpx.get(f"{url}/health").json()["row_steps"] - steps
-    assert run < 4 * 220 / 4, f"{run} row-steps: the hung-up rows were not dropped"
-    steps = httpx.get(f"{url}/health").json()["row_steps"]
+    wait_for(lambda: health()["live"] == 0, timeout=5, every=0.02)
+    after = health()
+    assert after["cancelled"] - before["cancelled"] == 4, "the hung-up rows were not dropped"
+    assert after["row_steps"] - before["row_steps"] < 4 * tokens / 4, "the hung-up rows ran on"
     with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
         post(url, "/v1/chat/completions", body, timeout=0.1)
-    wait_for(lambda: httpx.get(f"{url}/health").json()["live"] == 0, timeout=30, every=0.02)
-    run = httpx.get(f"{url}/health").json()["row_steps"] - steps
-    assert run < 220 / 2, f"{run} row-steps: the row of the client that gave up was not dropped"
+    wait_for(lambda: health()["live"] == 0, timeout=5, every=0.02)
+    end = health()
+    assert end["cancelled"] - after["cancelled"] == 1, "the row of the client that gave up was not dropped"
+    assert end["row_steps"] - after["row_steps"] < tokens / 4, "the row of the client that gave up ran on"
     start = time.monotonic()
-    client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=4, temperature=0)
+    post(url, "/v1/chat/completions", {**body, "max_tokens": 4, "temperature": 0})
     assert time.monotonic() - start < 2
 
 

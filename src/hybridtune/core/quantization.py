@@ -100,4 +100,20 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     """
     for param in model.parameters():
         param.requires_grad_(False)
-    return keep_norms_fp32(model)
+    return keep_norms_fp32(keep_training_layout(model))
+
+
+def keep_training_layout(model: nn.Module) -> nn.Module:
+    """Keep bitsandbytes' 4-bit layers on the path they train with, in eval mode too.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for an inference kernel the
+    first time the layer runs in eval mode without gradients (the evaluation before training does),
+    and from then on computes through that kernel: it has no backward, so training after it gets
+    no gradient through the base, and it computes in bf16, whatever the compute dtype (logits 0.13
+    off the training path's on a test model). ``load_base`` does this for every quantized base, so
+    evaluation, serving and training compute the same thing on every CPU.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
+    return model

@@ -160,6 +160,8 @@ def test_engine_replies_with_other_products_equal_each_set_alone(sets_dir, tiny_
         # one set loaded at a time: sets were unloaded (their branches detached) along the way,
         # and every layer still takes its product
         assert all(decode_linear._ours(m.__dict__.get("forward")) for m in linears)
+        packed = [m.__dict__["forward"].keywords["packed"] is not None for m in linears]
+        assert packed == [product == "packed"] * len(linears)
     finally:
         engine.close()
     assert not any("forward" in m.__dict__ for m in base.modules() if type(m) is nn.Linear)
@@ -174,3 +176,21 @@ def test_a_layer_whose_forward_was_replaced_is_left_alone_and_detaching_branches
     assert replaced.forward is own
     attach._remove_inside(plain)  # what detaching the last branch of a target does
     assert decode_linear._ours(plain.__dict__.get("forward"))
+
+
+def test_an_unknown_product_or_a_failed_install_stops_the_engine_with_its_cause(tiny_lm_dir, sets_dir, monkeypatch):  # noqa: F811
+    base, tokenizer = load_base(str(tiny_lm_dir))
+    with pytest.raises(ValueError, match="decode_product 'pack': expected measured, linear, weight_first or packed"):
+        Engine(base, tokenizer, AdaptersDir(sets_dir), decode_product="pack")
+
+    real_install = decode_linear.install
+
+    def half_then_fail(model, *args):
+        real_install(decode_linear._eligible(model)[0], 8, False)
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(decode_linear, "install", half_then_fail)
+    with pytest.raises(RuntimeError, match="worker failed to start") as info:
+        Engine(base, tokenizer, AdaptersDir(sets_dir))
+    assert isinstance(info.value.__cause__, MemoryError)
+    assert not any("forward" in m.__dict__ for m in base.modules() if type(m) is nn.Linear)  # put back

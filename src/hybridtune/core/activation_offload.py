@@ -1,13 +1,15 @@
 """Activation offload: the tensors autograd keeps for the backward wait in CPU memory instead of on
 the accelerator, and come back when the backward needs them.
 
-With activation checkpointing this is the memory that is left on the device: each checkpointed
-layer keeps only its inputs (the hidden states), and those are what goes to the host. It is what
-Unsloth's "offloaded gradient checkpointing" does (LLaMA-Factory's ``use_unsloth_gc``), built on
-torch's saved-tensor hooks. Compared with torch's own ``save_on_cpu``, weights stay where they
-are (autograd also keeps each frozen weight it multiplied by, and copying it to the host every step
-would cost a transfer and save nothing), small tensors too, and the copies do not block: the
-device-to-host copy goes into pinned memory in stream order, the copy back likewise.
+With activation checkpointing most of the memory left on the device is each checkpointed layer's
+input (the hidden states): those go to the host, with any other tensor of 1 MiB or more that
+autograd keeps outside the checkpointed layers (the final norm's input, say). It is what Unsloth's
+"offloaded gradient checkpointing" does (LLaMA-Factory's ``use_unsloth_gc``), built on torch's
+saved-tensor hooks. Compared with torch's own ``save_on_cpu``, weights stay where they are
+(autograd also keeps each frozen weight it multiplied by, and copying it to the host every step
+would cost a transfer and save nothing), small tensors too, and the host never waits: on CUDA the
+device-to-host copy goes into pinned memory in stream order, the copy back likewise (the device's
+stream does wait for each copy). Other accelerators copy without pinning.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     def _pack(self, tensor: torch.Tensor):
         if not self.offloads(tensor):
             return tensor
-        pinned = tensor.device.type != "cpu"
+        pinned = tensor.device.type == "cuda"
         host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=pinned)
         host.copy_(tensor, non_blocking=pinned)
         self.offloaded_bytes += tensor.numel() * tensor.element_size()
@@ -59,7 +61,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         if isinstance(packed, torch.Tensor):
             return packed
         device, host = packed  # autograd gives the result back its grad_fn or requires_grad
-        return host.to(device, non_blocking=device.type != "cpu")
+        return host.to(device, non_blocking=device.type == "cuda")
 
 
 def checkpointing_is_on(model: nn.Module) -> bool:

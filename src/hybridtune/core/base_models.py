@@ -71,7 +71,12 @@ def embedded_model_dir() -> Path:
         return target
     import transformers.modeling_gguf_pytorch_utils as gguf_reader
 
-    gguf = embedded_gguf()
+    try:
+        gguf = embedded_gguf()
+    except ModelNotFoundError:
+        if (target / "model.safetensors").is_file():  # an older cache, and nothing to convert again: use it
+            return target
+        raise
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers' GGUF reader draws a tqdm bar of its own that disable_progress_bar() does not reach
     with mock.patch.object(gguf_reader, "tqdm", lambda items, **_: items):

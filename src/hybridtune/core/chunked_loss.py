@@ -149,10 +149,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad[start : start + rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         denominator = count.clamp(min=1).float()
         if wants_grad:
-            ctx.save_for_backward(grad, denominator)
+            # kept on ctx, not saved: intermediates (neither input nor output) may be, and saved-tensor
+            # hooks (activation offload) would send this gradient to the host and straight back
+            ctx.grad, ctx.denominator = grad, denominator
         return total / denominator
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        grad, denominator = ctx.saved_tensors
+        grad, denominator = ctx.grad, ctx.denominator
         return grad * (grad_output / denominator).to(grad.dtype), None, None

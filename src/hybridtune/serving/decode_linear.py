@@ -12,7 +12,7 @@ numbers:
   more than 2: one or two rows already run at the memory's speed) is padded to ``most_rows``. On an
   AVX-512 Xeon ``F.linear`` reads SmolLM2's weights for 8 rows at 11 GB/s, the packed product at
   16 GB/s (a plain sum over them at 21-23 GB/s). It costs a second copy of each packed weight, so
-  it is used only while those copies take at most a quarter of the machine's memory.
+  it is used only where those copies fit in half the memory free at start.
 
 Whether either pays is a property of the CPU, its BLAS and the weight's shape, so ``install``
 measures the products once per weight shape of the model and changes only the layers whose shape
@@ -28,7 +28,10 @@ not bit for bit. Branches' hooks run as before: only the layer's own product cha
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,6 +40,8 @@ from torch.nn import functional as F
 from ..core.forward_slot import replace_forward, replaced_forward, restore_forward
 
 __all__ = ["PRODUCTS", "install", "measured_choice", "uninstall"]
+
+log = logging.getLogger("hybridtune.serve")
 
 MIN_GAIN = 1.1  # another product must be this much faster to be used (the choice is measured once)
 PRODUCTS = ("weight_first", "packed")
@@ -61,12 +66,18 @@ def _packed_product(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor,
     return torch.ops.mkl._mkl_linear(x, packed, weight, bias, most_rows)[:rows]
 
 
+def _origin(weight: torch.Tensor) -> tuple:
+    """What a packed copy was made from: a weight replaced, moved, cast or written in place (other
+    than through ``.data``) no longer matches."""
+    return weight.data_ptr(), weight._version, weight.dtype, weight.device
+
+
 def _forward(module: nn.Linear, x: torch.Tensor, most_rows: int, packed: torch.Tensor | None = None,
-             packed_from: tuple[int, int] | None = None, from_rows: int = 2) -> torch.Tensor:  # fmt: skip
-    """``from_rows``: the fewest rows the other product takes (fewer padded rows cost the packed
-    product more than it saves)."""
+             packed_from: tuple | None = None, from_rows: int = 2) -> torch.Tensor:  # fmt: skip
+    """``from_rows``: the fewest rows the other product takes (below it, padding the rows up to
+    ``most_rows`` costs the packed product more than it saves)."""
     rows = x.numel() // x.shape[-1] if x.dim() else 0
-    if packed is not None and packed_from != (id(module.weight), module.weight._version):
+    if packed is not None and packed_from != _origin(module.weight):
         packed = None  # the weight changed since it was packed: the copy is stale
     if not from_rows <= rows <= most_rows or (packed is None and from_rows > 2):
         return F.linear(x, module.weight, module.bias)
@@ -100,7 +111,7 @@ def measured_choice(layers: list[nn.Linear], rows: int, packed: dict[int, torch.
     """Per weight shape, the product measured fastest here, and the fewest rows it takes: packed
     from the fewest rows at which it beats ``F.linear`` by ``MIN_GAIN`` at every measured count up
     to ``rows`` (padding a few rows to ``rows`` costs more than it saves), else weight-first where
-    it wins by ``MIN_GAIN`` over 3 to ``rows`` rows, else None. ``packed``: the layers' packed
+    it wins by ``MIN_GAIN`` over 2 to ``rows`` rows, else None. ``packed``: the layers' packed
     copies by ``id``, where packing is possible. Each product runs over every layer in model order,
     as a step streams them, so the weights come from memory as in a step (one weight repeated stays
     in cache, and a server CPU's last-level cache can hold hundreds of MB); products interleave, and
@@ -109,7 +120,7 @@ def measured_choice(layers: list[nn.Linear], rows: int, packed: dict[int, torch.
             "weight_first": lambda m, x: torch.mm(m.weight, x.t()).t().contiguous()}  # fmt: skip
     if packed:
         runs["packed"] = lambda m, x: _packed_product(x, packed[id(m)], m.weight, None, rows)
-    counts = sorted({*range(min(3, rows), rows + 1, max(1, (rows - 3) // 5)), rows})
+    counts = sorted({min(2, rows), min(3, rows), (3 + rows) // 2, rows})  # the products' costs change slowly
     seconds: dict[tuple[tuple[int, ...], str, int], float] = {}  # (shape, product, rows) -> time
     with torch.inference_mode():
         for count in counts:
@@ -142,24 +153,36 @@ def measured_choice(layers: list[nn.Linear], rows: int, packed: dict[int, torch.
     return choice
 
 
-def _memory_bytes() -> int | None:
+def _free_memory_bytes() -> int:
+    """Memory free for new allocations now: the machine's available pages, or the container's
+    limit less its use where that is lower (0 where neither can be read)."""
     try:
-        import os
-
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
-        return None
+        return 0
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(0, free)
 
 
 def install(model: nn.Module, most_rows: int, measure: bool = True, product: str = "weight_first") -> int:
     """Give the model's plain CPU float32 linear layers another product for 2 to ``most_rows``
-    rows. With ``measure``, each weight shape gets the product measured fastest here (at
-    ``most_rows`` rows), if any is; otherwise every layer gets ``product``. Packed copies are
-    made only while they fit in a quarter of the machine's memory. Returns how many layers changed."""
+    rows. With ``measure``, each weight shape gets the product measured fastest here (for 2 to
+    ``most_rows`` rows), if any is; otherwise every layer gets ``product``. Packed copies (made of
+    every layer to measure them, kept for the layers that take them) are made only when they fit
+    in half the memory free now; otherwise the packed product is not considered (``product``
+    packed: weight-first, logged). Returns how many layers changed."""
     layers = _eligible(model) if most_rows >= 2 else []
     packs = (measure or product == "packed") and packing_available()
-    if packs and sum(m.weight.nbytes for m in layers) > (_memory_bytes() or 0) // 4:
+    if packs and sum(m.weight.nbytes for m in layers) > _free_memory_bytes() // 2:
         packs = False  # no room for a second copy of the weights
+        if product == "packed" and not measure:
+            log.warning("no memory free for packed copies of the weights: weight-first products instead")
     packed = {id(m): pack(m.weight, most_rows) for m in layers} if packs else {}
     if measure:
         chosen = measured_choice(layers, most_rows, packed)
@@ -172,7 +195,7 @@ def install(model: nn.Module, most_rows: int, measure: bool = True, product: str
             continue
         kind, from_rows = chosen[tuple(module.weight.shape)]
         copy = packed.get(id(module)) if kind == "packed" else None
-        origin = (id(module.weight), module.weight._version)
+        origin = _origin(module.weight)
         runner = functools.partial(_forward, module, most_rows=most_rows, packed=copy, packed_from=origin,
                                    from_rows=from_rows)  # fmt: skip
         replace_forward(module, runner)

@@ -91,12 +91,14 @@ class Engine:
         self.device = next(base.parameters()).device
         self._cache_keyword = cache_keyword(base)
         self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        if decode_product not in ("measured", "linear", *decode_linear.PRODUCTS):
+            raise ValueError(f"decode_product {decode_product!r}: expected measured, linear, weight_first or packed")
         self._thread = threading.Thread(target=self._run, args=(decode_product,), name="hybridtune-engine", daemon=True)
-        self._started = threading.Event()
+        self._started, self._start_error = threading.Event(), None
         self._thread.start()
         self._started.wait()  # the decoding products are chosen (and measured) in the worker itself
-        if not self._thread.is_alive():
-            raise RuntimeError("the engine's worker failed to start (see the log)")
+        if self._start_error is not None:
+            raise RuntimeError("the engine's worker failed to start") from self._start_error
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -133,8 +135,9 @@ class Engine:
                 most_rows = min(self.max_batch, 32)
                 layers = decode_linear.install(self.base, most_rows, decode_product == "measured", decode_product)
                 self.stats["decode_product_layers"] = layers
-        except Exception:
-            log.exception("the decoding products could not be installed")
+        except Exception as exc:
+            decode_linear.uninstall(self.base)
+            self._start_error = exc
             return
         finally:
             self._started.set()
@@ -284,12 +287,13 @@ class Engine:
         if not self._live:
             return
         keep = [i for i, j in enumerate(self._live) if not (j.done or j.cancelled)]
-        if len(keep) == len(self._live):
-            return
-        self.stats["cancelled"] += sum(j.cancelled and not j.done for j in self._live)
+        if len(keep) == len(self._live) or (keep and not self._splicable):
+            return  # (rows of a cache that cannot be spliced stay in place until the whole batch is done)
+        kept = set(keep)
+        self.stats["cancelled"] += sum(j.cancelled and not j.done for i, j in enumerate(self._live) if i not in kept)
         if not keep:
             self._live, self._cache = [], None
-        elif self._splicable:
+        else:
             assert self._cache is not None
             self._cache.keep(keep)
             self._live = [self._live[i] for i in keep]

@@ -154,12 +154,18 @@ def measured_choice(layers: list[nn.Linear], rows: int, packed: dict[int, torch.
 
 
 def _free_memory_bytes() -> int:
-    """Memory free for new allocations now: the machine's available pages, or the container's
-    limit less its use where that is lower (0 where neither can be read)."""
+    """Memory free for new allocations now: the kernel's estimate of what is available (free
+    pages and reclaimable cache), or the container's limit less its use where that is lower; 0
+    where neither can be read."""
+    free = 0
     try:
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
-        return 0
+        meminfo = Path("/proc/meminfo").read_text().split()
+        free = int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024
+    except (OSError, ValueError, IndexError):
+        try:
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+            return 0
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         used = int(Path("/sys/fs/cgroup/memory.current").read_text())

@@ -77,9 +77,8 @@ def _forward(module: nn.Linear, x: torch.Tensor, most_rows: int, packed: torch.T
     """``from_rows``: the fewest rows the other product takes (below it, padding the rows up to
     ``most_rows`` costs the packed product more than it saves)."""
     rows = x.numel() // x.shape[-1] if x.dim() else 0
-    if packed is not None and packed_from != _origin(module.weight):
-        packed = None  # the weight changed since it was packed: the copy is stale
-    if not from_rows <= rows <= most_rows or (packed is None and from_rows > 2):
+    stale = packed is not None and packed_from != _origin(module.weight)  # the weight changed since
+    if not from_rows <= rows <= most_rows or stale:
         return F.linear(x, module.weight, module.bias)
     flat = x.reshape(rows, x.shape[-1])
     if packed is not None:
@@ -201,7 +200,7 @@ def install(model: nn.Module, most_rows: int, measure: bool = True, product: str
             continue
         kind, from_rows = chosen[tuple(module.weight.shape)]
         copy = packed.get(id(module)) if kind == "packed" else None
-        origin = _origin(module.weight)
+        origin = _origin(module.weight) if copy is not None else None
         runner = functools.partial(_forward, module, most_rows=most_rows, packed=copy, packed_from=origin,
                                    from_rows=from_rows)  # fmt: skip
         replace_forward(module, runner)
